@@ -1,0 +1,115 @@
+//! Refusals decided before and right after the freeze.
+use super::{proc_err, DumpError, DumpOptions};
+use crate::procfs;
+
+/// Facts gathered before the freeze.
+pub struct Preflight {
+    pub pgid: i32,
+    pub sid: i32,
+}
+
+const NAMESPACES: [&str; 8] = ["mnt", "pid", "net", "ipc", "uts", "user", "cgroup", "time"];
+
+pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
+    if pid <= 0 {
+        return Err(DumpError::NoProcess { pid });
+    }
+    if pid as u32 == std::process::id() {
+        return Err(DumpError::Refused {
+            pid,
+            what: "floe cannot dump itself".into(),
+        });
+    }
+    if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        return Err(DumpError::NoProcess { pid });
+    }
+    let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
+    if st.tgid != pid {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("it is a thread of process {}; pass that pid", st.tgid),
+        });
+    }
+    if st.state == 'Z' || st.state == 'X' {
+        return Err(DumpError::Refused {
+            pid,
+            what: "it is a zombie".into(),
+        });
+    }
+    if st.tracer_pid != 0 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!(
+                "it is traced by {}; detach the debugger or tracer first",
+                procfs::describe(st.tracer_pid)
+            ),
+        });
+    }
+    check_threads(pid, st.threads)?;
+    check_children(pid)?;
+    if st.seccomp != 0 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!(
+                "it runs under seccomp (mode {}), which this version cannot restore",
+                st.seccomp
+            ),
+        });
+    }
+    for ns in NAMESPACES {
+        let theirs = procfs::readlink(pid, &format!("ns/{ns}")).map_err(proc_err(pid, "ns"))?;
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"))
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !ours.is_empty() && theirs != ours {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!("it runs in another {ns} namespace ({theirs}, floe is in {ours}); run floe inside the same namespaces"),
+            });
+        }
+    }
+    let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
+    let pgid = procfs::stat_field(&sf, 5) as i32;
+    let sid = procfs::stat_field(&sf, 6) as i32;
+    if sid != pid && !opts.shell_job {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!(
+                "it belongs to session {sid} (process group {pgid}) whose leader is not dumped; start it with setsid, or pass --shell-job to restore it into floe's session"
+            ),
+        });
+    }
+    Ok(Preflight { pgid, sid })
+}
+
+fn check_threads(pid: i32, threads: u32) -> Result<(), DumpError> {
+    if threads > 1 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("it has {threads} threads; multi-threaded processes are not supported yet (single-threaded only)"),
+        });
+    }
+    Ok(())
+}
+
+fn check_children(pid: i32) -> Result<(), DumpError> {
+    let kids = procfs::children(pid).map_err(proc_err(pid, "children"))?;
+    if !kids.is_empty() {
+        let list: Vec<String> = kids.iter().map(|k| procfs::describe(*k)).collect();
+        return Err(DumpError::Refused {
+            pid,
+            what: format!(
+                "it has child processes ({}); process trees are not supported yet",
+                list.join(", ")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Repeats the checks that could have changed between preflight and freeze.
+pub fn after_freeze(pid: i32) -> Result<(), DumpError> {
+    let tids = procfs::tids(pid).map_err(proc_err(pid, "task"))?;
+    check_threads(pid, tids.len() as u32)?;
+    check_children(pid)
+}

@@ -1,0 +1,495 @@
+//! Mappings and page contents.
+//!
+//! Only pages that hold data are saved: present or swapped anonymous pages,
+//! and the privately modified (copy-on-write) pages of private file
+//! mappings. Holes are never faulted in and the shared zero page is skipped.
+use super::{proc_err, DumpError};
+use crate::procfs::{self, MapEntry};
+use crate::sys::memory::{self as mem, PageRegion, Range, ScanQuery};
+use floe_proto::image as pb;
+use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+use std::sync::mpsc;
+
+pub const PAGE: u64 = 4096;
+/// Largest run of pages checksummed as one unit.
+const RUN_PAGES: u64 = 512;
+/// Bytes copied per process_vm_readv batch.
+const BATCH: usize = 16 << 20;
+const BUFFERS: usize = 3;
+
+pub struct VdsoInfo {
+    pub vdso_start: u64,
+    pub vdso_end: u64,
+    pub pb: pb::VdsoBlock,
+}
+
+pub fn is_vdso_part(name: &str) -> bool {
+    matches!(name, "[vvar]" | "[vvar_vclock]" | "[vdso]")
+}
+
+/// Finds the [vvar]/[vvar_vclock]/[vdso] block and fingerprints the vdso code.
+pub fn vdso_block(pid: i32, maps: &[MapEntry]) -> Result<VdsoInfo, DumpError> {
+    let parts: Vec<&MapEntry> = maps.iter().filter(|m| is_vdso_part(&m.path)).collect();
+    let vdso = parts
+        .iter()
+        .find(|m| m.path == "[vdso]")
+        .ok_or_else(|| DumpError::Refused {
+            pid,
+            what: "it has no [vdso] mapping, which this version needs to drive it".into(),
+        })?;
+    for w in parts.windows(2) {
+        if w[0].end != w[1].start {
+            return Err(DumpError::Refused {
+                pid,
+                what: "its vvar/vdso mappings are not contiguous (moved by the program)".into(),
+            });
+        }
+    }
+    let mut code = vec![0u8; vdso.len() as usize];
+    let n = mem::read_remote(
+        pid,
+        &mut code,
+        &[Range {
+            addr: vdso.start,
+            len: vdso.len(),
+        }],
+    )
+    .map_err(|source| DumpError::Memory {
+        pid,
+        addr: vdso.start,
+        source,
+    })?;
+    code.truncate(n);
+    let first = parts.first().map(|m| m.start).unwrap_or(vdso.start);
+    let last = parts.last().map(|m| m.end).unwrap_or(vdso.end);
+    Ok(VdsoInfo {
+        vdso_start: vdso.start,
+        vdso_end: vdso.end,
+        pb: pb::VdsoBlock {
+            start: first,
+            end: last,
+            parts: parts
+                .iter()
+                .map(|m| pb::Vma {
+                    start: m.start,
+                    end: m.end,
+                    prot: m.prot(),
+                    name: m.path.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            vdso_blake3: blake3::hash(&code).as_bytes().to_vec(),
+        },
+    })
+}
+
+/// A mapping to save, with the page query that selects its data pages.
+pub struct VmaPlan {
+    pub pb: pb::Vma,
+    pub scan: Option<ScanQuery>,
+    pub readable: bool,
+}
+
+const ADVICE: [&str; 5] = ["hg", "nh", "dd", "dc", "wf"];
+
+pub fn classify(
+    pid: i32,
+    maps: &[MapEntry],
+    _blobs: &mut Vec<Vec<u8>>,
+) -> Result<Vec<VmaPlan>, DumpError> {
+    let mut out = Vec::new();
+    for m in maps {
+        if m.path == "[vsyscall]" || is_vdso_part(&m.path) {
+            continue;
+        }
+        let refuse = |what: String| DumpError::Refused {
+            pid,
+            what: format!("mapping {:#x}-{:#x} {}: {what}", m.start, m.end, m.path),
+        };
+        if m.has_flag("ht") {
+            return Err(refuse("hugetlbfs mappings are not supported yet".into()));
+        }
+        if m.has_flag("io") || m.has_flag("pf") {
+            return Err(refuse(
+                "device (I/O) mappings cannot be checkpointed".into(),
+            ));
+        }
+        let present_any = mem::PAGE_IS_PRESENT | mem::PAGE_IS_SWAPPED;
+        let ret =
+            mem::PAGE_IS_PRESENT | mem::PAGE_IS_SWAPPED | mem::PAGE_IS_FILE | mem::PAGE_IS_PFNZERO;
+        let anon_private = ScanQuery {
+            category_inverted: mem::PAGE_IS_PFNZERO,
+            category_mask: mem::PAGE_IS_PFNZERO,
+            category_anyof_mask: present_any,
+            return_mask: ret,
+            flags: 0,
+        };
+        let file_private = ScanQuery {
+            category_inverted: mem::PAGE_IS_PFNZERO | mem::PAGE_IS_FILE,
+            category_mask: mem::PAGE_IS_PFNZERO | mem::PAGE_IS_FILE,
+            ..anon_private
+        };
+        let shared = ScanQuery {
+            category_inverted: 0,
+            category_mask: 0,
+            ..anon_private
+        };
+        let mut v = pb::Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            growsdown: m.has_flag("gd"),
+            advice: m
+                .vmflags
+                .iter()
+                .filter(|f| ADVICE.contains(&f.as_str()))
+                .cloned()
+                .collect(),
+            deleted_blob: -1,
+            ..Default::default()
+        };
+        let anon_like = m.path.is_empty()
+            || m.path.starts_with("[anon:")
+            || m.path == "[heap]"
+            || m.path == "[stack]";
+        let scan;
+        if anon_like {
+            if m.shared {
+                return Err(refuse("unnamed shared mapping of unknown kind".into()));
+            }
+            v.kind = pb::VmaKind::AnonPrivate as i32;
+            v.name = m.path.clone();
+            scan = Some(anon_private);
+        } else if m.shared
+            && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:"))
+        {
+            v.kind = pb::VmaKind::AnonShared as i32;
+            v.name = m.path.clone();
+            scan = Some(shared);
+        } else if m.path.starts_with('/') {
+            if m.path.ends_with(" (deleted)") {
+                let what = if m.path.starts_with("/SYSV") {
+                    "System V shared memory is not supported yet"
+                } else if m.path.starts_with("/memfd:") {
+                    "memfd mappings are not supported yet"
+                } else {
+                    "mappings of deleted files are not supported yet"
+                };
+                return Err(refuse(what.into()));
+            }
+            let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
+            let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
+            if !meta.file_type().is_file() {
+                return Err(refuse(
+                    "only regular files can be mapped by a restorable process".into(),
+                ));
+            }
+            match std::fs::metadata(&m.path) {
+                Ok(p) if p.dev() == meta.dev() && p.ino() == meta.ino() => {}
+                Ok(_) => {
+                    return Err(refuse(
+                        "the file at this path was replaced after it was mapped".into(),
+                    ))
+                }
+                Err(e) => {
+                    return Err(refuse(format!(
+                        "the mapped file cannot be reached from floe ({e})"
+                    )))
+                }
+            }
+            v.path = m.path.clone();
+            v.pgoff = m.offset;
+            v.file = Some(super::files::file_id(&meta));
+            if m.shared {
+                v.kind = pb::VmaKind::FileShared as i32;
+                scan = None;
+            } else {
+                v.kind = pb::VmaKind::FilePrivate as i32;
+                scan = Some(file_private);
+            }
+        } else {
+            return Err(refuse("special mapping is not supported".into()));
+        }
+        out.push(VmaPlan {
+            pb: v,
+            scan,
+            readable: m.read,
+        });
+    }
+    Ok(out)
+}
+
+pub struct PagesOut {
+    pub runs: Vec<pb::PageRun>,
+    pub blobs: Vec<pb::Blob>,
+    pub file_size: u64,
+    pub page_bytes: u64,
+    pub file: File,
+}
+
+struct RunPlan {
+    vaddr: u64,
+    len: u64,
+    readable: bool,
+}
+
+/// Finds each mapping's data pages.
+fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
+    let pm_path = procfs::path(pid, "pagemap");
+    let pagemap = File::open(&pm_path).map_err(proc_err(pid, "pagemap"))?;
+    let mut runs = Vec::new();
+    let mut regions: Vec<PageRegion> = Vec::new();
+    for v in vmas {
+        let Some(q) = v.scan else { continue };
+        regions.clear();
+        match mem::pagemap_scan(&pagemap, v.pb.start, v.pb.end, &q, &mut regions) {
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
+                classic_scan(pid, &pagemap, v, &mut regions)?;
+            }
+            Err(source) => {
+                return Err(DumpError::Proc {
+                    pid,
+                    path: "pagemap (PAGEMAP_SCAN)".into(),
+                    source,
+                })
+            }
+        }
+        for r in &regions {
+            let mut a = r.start.max(v.pb.start);
+            let end = r.end.min(v.pb.end);
+            while a < end {
+                let len = (end - a).min(RUN_PAGES * PAGE);
+                runs.push(RunPlan {
+                    vaddr: a,
+                    len,
+                    readable: v.readable,
+                });
+                a += len;
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Pre-6.7 kernels: read 8 bytes per page from /proc/PID/pagemap.
+fn classic_scan(
+    pid: i32,
+    pagemap: &File,
+    v: &VmaPlan,
+    out: &mut Vec<PageRegion>,
+) -> Result<(), DumpError> {
+    let private_file = v.pb.kind == pb::VmaKind::FilePrivate as i32;
+    let pages = (v.pb.end - v.pb.start) / PAGE;
+    let mut buf = vec![0u8; (pages * 8) as usize];
+    pagemap
+        .read_exact_at(&mut buf, v.pb.start / PAGE * 8)
+        .map_err(|source| DumpError::Proc {
+            pid,
+            path: "pagemap".into(),
+            source,
+        })?;
+    for (i, e) in buf.chunks_exact(8).enumerate() {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(e);
+        let e = u64::from_le_bytes(a);
+        let present = e & (1 << 63) != 0 || e & (1 << 62) != 0;
+        let file_page = e & (1 << 61) != 0;
+        if present && !(private_file && file_page) {
+            let s = v.pb.start + i as u64 * PAGE;
+            match out.last_mut() {
+                Some(l) if l.end == s => l.end += PAGE,
+                _ => out.push(PageRegion {
+                    start: s,
+                    end: s + PAGE,
+                    categories: 0,
+                }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Copies the data pages into `file` (a pages.img opened by the image
+/// writer): this thread reads and checksums, a second thread writes.
+pub fn write_pages(
+    pid: i32,
+    vmas: &[VmaPlan],
+    file: File,
+    path: &Path,
+    blobs: &[Vec<u8>],
+) -> Result<PagesOut, DumpError> {
+    let runs = plan_runs(pid, vmas)?;
+    let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
+    let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, usize, u64)>(BUFFERS - 1);
+    let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+    let wpath = path.to_path_buf();
+    let writer = std::thread::Builder::new()
+        .name("floe-pages-writer".into())
+        .spawn(move || -> std::io::Result<File> {
+            for (buf, len, off) in rx {
+                file.write_all_at(&buf[..len], off)?;
+                let _ = ret_tx.send(buf);
+            }
+            Ok(file)
+        })
+        .map_err(|source| DumpError::Io {
+            pid,
+            what: "cannot start the page writer thread".into(),
+            source,
+        })?;
+
+    let mut out_runs = Vec::with_capacity(runs.len());
+    let mut offset = crate::image::PAGES_DATA_OFFSET;
+    let mut allocated = 0usize;
+    let mut page_bytes = 0u64;
+    let mut i = 0usize;
+    let mut read_result: Result<(), DumpError> = Ok(());
+    while i < runs.len() {
+        // Take as many runs as fit in one batch.
+        let mut j = i;
+        let mut total = 0usize;
+        while j < runs.len()
+            && (j == i || total + runs[j].len as usize <= BATCH)
+            && j - i < mem::MAX_IOV
+        {
+            total += runs[j].len as usize;
+            j += 1;
+        }
+        let mut buf = match ret_rx.try_recv() {
+            Ok(b) => b,
+            Err(_) if allocated < BUFFERS => {
+                allocated += 1;
+                vec![0u8; BATCH.max(total)]
+            }
+            Err(_) => match ret_rx.recv() {
+                Ok(b) => b,
+                Err(_) => break, // writer died; its error is reported below
+            },
+        };
+        if buf.len() < total {
+            buf.resize(total, 0);
+        }
+        if let Err(e) = read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total]) {
+            read_result = Err(e);
+            break;
+        }
+        let mut o = 0usize;
+        for r in &runs[i..j] {
+            let data = &buf[o..o + r.len as usize];
+            out_runs.push(pb::PageRun {
+                vaddr: r.vaddr,
+                nr_pages: r.len / PAGE,
+                file_offset: offset + o as u64,
+                blake3: blake3::hash(data).as_bytes().to_vec(),
+            });
+            o += r.len as usize;
+        }
+        if tx.send((buf, total, offset)).is_err() {
+            break;
+        }
+        offset += total as u64;
+        page_bytes += total as u64;
+        i = j;
+    }
+    drop(tx);
+    let file = match writer.join() {
+        Ok(Ok(f)) => f,
+        Ok(Err(source)) => {
+            return Err(DumpError::Io {
+                pid,
+                what: format!("cannot write {}", wpath.display()),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(DumpError::Io {
+                pid,
+                what: "page writer thread panicked".into(),
+                source: std::io::Error::other("panic"),
+            })
+        }
+    };
+    read_result?;
+    let mut out_blobs = Vec::new();
+    for b in blobs {
+        file.write_all_at(b, offset)
+            .map_err(|source| DumpError::Io {
+                pid,
+                what: format!("cannot write {}", wpath.display()),
+                source,
+            })?;
+        out_blobs.push(pb::Blob {
+            file_offset: offset,
+            len: b.len() as u64,
+            blake3: blake3::hash(b).as_bytes().to_vec(),
+        });
+        offset += b.len() as u64;
+    }
+    Ok(PagesOut {
+        runs: out_runs,
+        blobs: out_blobs,
+        file_size: offset,
+        page_bytes,
+        file,
+    })
+}
+
+fn read_batch(
+    pid: i32,
+    mem_file: &File,
+    runs: &[RunPlan],
+    buf: &mut [u8],
+) -> Result<(), DumpError> {
+    let mut o = 0usize;
+    let mut k = 0usize;
+    while k < runs.len() {
+        if !runs[k].readable {
+            // Not readable by the process itself: /proc/PID/mem can still read it.
+            let r = &runs[k];
+            mem_file
+                .read_exact_at(&mut buf[o..o + r.len as usize], r.vaddr)
+                .map_err(|source| DumpError::Memory {
+                    pid,
+                    addr: r.vaddr,
+                    source,
+                })?;
+            o += r.len as usize;
+            k += 1;
+            continue;
+        }
+        let mut e = k;
+        let mut len = 0usize;
+        while e < runs.len() && runs[e].readable {
+            len += runs[e].len as usize;
+            e += 1;
+        }
+        let ranges: Vec<Range> = runs[k..e]
+            .iter()
+            .map(|r| Range {
+                addr: r.vaddr,
+                len: r.len,
+            })
+            .collect();
+        let n = mem::read_remote(pid, &mut buf[o..o + len], &ranges).map_err(|source| {
+            DumpError::Memory {
+                pid,
+                addr: runs[k].vaddr,
+                source,
+            }
+        })?;
+        if n != len {
+            let addr = runs[k].vaddr + n as u64;
+            return Err(DumpError::Memory {
+                pid,
+                addr,
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            });
+        }
+        o += len;
+        k = e;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! State only the process itself can report, read by injecting syscalls
+//! into it while it is stopped. A scratch page is mapped for the results and
+//! unmapped before anything else is read, so the dumped layout is untouched.
+use super::DumpError;
+use crate::inject::Injector;
+use crate::sys::ptrace;
+use floe_proto::image as pb;
+
+pub struct Collected {
+    pub sigactions: Vec<pb::SigAction>,
+    pub altstack: pb::Altstack,
+    pub clear_child_tid: u64,
+    pub itimers: Vec<pb::ITimer>,
+    pub brk: u64,
+    pub pdeathsig: i32,
+    pub child_subreaper: bool,
+    pub thp_disabled: bool,
+    pub dumpable: i32,
+}
+
+const SCRATCH: u64 = 4096;
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_le_bytes(a)
+}
+
+pub fn collect(inj: &mut Injector, sigmask: u64) -> Result<Collected, DumpError> {
+    let pid = inj.pid();
+    // Keep every signal pending (not delivered) while we work.
+    ptrace::set_sigmask(pid, u64::MAX).map_err(|source| DumpError::Ptrace {
+        pid,
+        op: "setsigmask",
+        source,
+    })?;
+    let result = (|| {
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        // MAP_SHARED anonymous memory never merges with the process's own mappings.
+        let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+        let scratch = inj.call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
+        let out = query(inj, scratch);
+        let unmap = inj.call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
+        let out = out?;
+        unmap?;
+        Ok::<_, DumpError>(out)
+    })();
+    let restore_mask = ptrace::set_sigmask(pid, sigmask).map_err(|source| DumpError::Ptrace {
+        pid,
+        op: "setsigmask",
+        source,
+    });
+    let out = result?;
+    restore_mask?;
+    Ok(out)
+}
+
+fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
+    let mut buf = [0u8; 64];
+    let mut sigactions = Vec::new();
+    for sig in 1..=64u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+            continue;
+        }
+        inj.call(libc::SYS_rt_sigaction, [sig as u64, 0, scratch, 8, 0, 0])?;
+        inj.read_mem(scratch, &mut buf[..32])?;
+        let act = pb::SigAction {
+            signo: sig,
+            handler: u64_at(&buf, 0),
+            flags: u64_at(&buf, 8),
+            restorer: u64_at(&buf, 16),
+            mask: u64_at(&buf, 24),
+        };
+        if act.handler != 0 || act.flags != 0 || act.mask != 0 {
+            sigactions.push(act);
+        }
+    }
+    inj.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
+    inj.read_mem(scratch, &mut buf[..24])?;
+    let altstack = pb::Altstack {
+        sp: u64_at(&buf, 0),
+        flags: (u64_at(&buf, 8) as u32 as i32) & !libc::SS_ONSTACK,
+        size: u64_at(&buf, 16),
+    };
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    inj.call(libc::SYS_prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0])?;
+    inj.read_mem(scratch, &mut buf[..8])?;
+    let clear_child_tid = u64_at(&buf, 0);
+    let mut itimers = Vec::new();
+    for which in 0..3u32 {
+        inj.call(libc::SYS_getitimer, [which as u64, scratch, 0, 0, 0, 0])?;
+        inj.read_mem(scratch, &mut buf[..32])?;
+        let us = |o: usize| u64_at(&buf, o) * 1_000_000 + u64_at(&buf, o + 8);
+        let t = pb::ITimer {
+            which,
+            interval_us: us(0),
+            value_us: us(16),
+        };
+        if t.interval_us != 0 || t.value_us != 0 {
+            itimers.push(t);
+        }
+    }
+    let brk = inj.call(libc::SYS_brk, [0; 6])?;
+    inj.call(
+        libc::SYS_prctl,
+        [libc::PR_GET_PDEATHSIG as u64, scratch, 0, 0, 0, 0],
+    )?;
+    inj.read_mem(scratch, &mut buf[..4])?;
+    let pdeathsig = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    inj.call(
+        libc::SYS_prctl,
+        [libc::PR_GET_CHILD_SUBREAPER as u64, scratch, 0, 0, 0, 0],
+    )?;
+    inj.read_mem(scratch, &mut buf[..4])?;
+    let child_subreaper = buf[..4] != [0, 0, 0, 0];
+    let thp_disabled = inj.call(
+        libc::SYS_prctl,
+        [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
+    )? != 0;
+    let dumpable = inj.call(
+        libc::SYS_prctl,
+        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
+    )? as i32;
+    Ok(Collected {
+        sigactions,
+        altstack,
+        clear_child_tid,
+        itimers,
+        brk,
+        pdeathsig,
+        child_subreaper,
+        thp_disabled,
+        dumpable,
+    })
+}

@@ -1,0 +1,286 @@
+//! Parsers for the /proc files the engine reads.
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+
+pub fn path(pid: i32, rest: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/{rest}"))
+}
+
+/// Fields of /proc/PID/status the engine uses.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    pub name: String,
+    pub state: char,
+    pub tgid: i32,
+    pub ppid: i32,
+    pub tracer_pid: i32,
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub groups: Vec<u32>,
+    pub threads: u32,
+    pub sig_pnd: u64,
+    pub shd_pnd: u64,
+    pub sig_blk: u64,
+    pub sig_ign: u64,
+    pub cap_inh: u64,
+    pub cap_prm: u64,
+    pub cap_eff: u64,
+    pub cap_bnd: u64,
+    pub no_new_privs: bool,
+    pub seccomp: u32,
+    pub umask: u32,
+    pub nspid: Vec<i32>,
+}
+
+fn four(v: &str) -> [u32; 4] {
+    let mut out = [0u32; 4];
+    for (i, x) in v.split_whitespace().take(4).enumerate() {
+        out[i] = x.parse().unwrap_or(0);
+    }
+    out
+}
+
+pub fn status(pid: i32) -> io::Result<Status> {
+    let text = fs::read_to_string(path(pid, "status"))?;
+    let mut s = Status::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        let hex = || u64::from_str_radix(v, 16).unwrap_or(0);
+        match k {
+            "Name" => s.name = v.to_string(),
+            "State" => s.state = v.chars().next().unwrap_or('?'),
+            "Tgid" => s.tgid = v.parse().unwrap_or(0),
+            "PPid" => s.ppid = v.parse().unwrap_or(0),
+            "TracerPid" => s.tracer_pid = v.parse().unwrap_or(0),
+            "Uid" => s.uids = four(v),
+            "Gid" => s.gids = four(v),
+            "Groups" => {
+                s.groups = v
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            }
+            "Threads" => s.threads = v.parse().unwrap_or(0),
+            "SigPnd" => s.sig_pnd = hex(),
+            "ShdPnd" => s.shd_pnd = hex(),
+            "SigBlk" => s.sig_blk = hex(),
+            "SigIgn" => s.sig_ign = hex(),
+            "CapInh" => s.cap_inh = hex(),
+            "CapPrm" => s.cap_prm = hex(),
+            "CapEff" => s.cap_eff = hex(),
+            "CapBnd" => s.cap_bnd = hex(),
+            "NoNewPrivs" => s.no_new_privs = v == "1",
+            "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
+            "Umask" => s.umask = u32::from_str_radix(v, 8).unwrap_or(0o022),
+            "NSpid" => {
+                s.nspid = v
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            }
+            _ => {}
+        }
+    }
+    Ok(s)
+}
+
+/// One line of /proc/PID/smaps (header plus VmFlags).
+#[derive(Debug, Clone, Default)]
+pub struct MapEntry {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub offset: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
+    pub inode: u64,
+    pub path: String,
+    pub vmflags: Vec<String>,
+}
+
+impl MapEntry {
+    pub fn prot(&self) -> u32 {
+        let mut p = 0;
+        if self.read {
+            p |= libc::PROT_READ as u32;
+        }
+        if self.write {
+            p |= libc::PROT_WRITE as u32;
+        }
+        if self.exec {
+            p |= libc::PROT_EXEC as u32;
+        }
+        p
+    }
+
+    pub fn has_flag(&self, f: &str) -> bool {
+        self.vmflags.iter().any(|x| x == f)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+}
+
+fn parse_map_header(line: &str) -> Option<MapEntry> {
+    let mut it = line.splitn(6, ' ');
+    let range = it.next()?;
+    let perms = it.next()?.as_bytes();
+    let offset = it.next()?;
+    let dev = it.next()?;
+    let inode = it.next()?;
+    let path = it.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-')?;
+    let (maj, min) = dev.split_once(':')?;
+    if perms.len() < 4 {
+        return None;
+    }
+    Some(MapEntry {
+        start: u64::from_str_radix(s, 16).ok()?,
+        end: u64::from_str_radix(e, 16).ok()?,
+        read: perms[0] == b'r',
+        write: perms[1] == b'w',
+        exec: perms[2] == b'x',
+        shared: perms[3] == b's',
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev_major: u32::from_str_radix(maj, 16).ok()?,
+        dev_minor: u32::from_str_radix(min, 16).ok()?,
+        inode: inode.parse().ok()?,
+        path,
+        vmflags: Vec::new(),
+    })
+}
+
+/// Parses /proc/PID/smaps (for VmFlags) or /proc/PID/maps.
+pub fn maps(pid: i32, with_flags: bool) -> io::Result<Vec<MapEntry>> {
+    let text = fs::read_to_string(path(pid, if with_flags { "smaps" } else { "maps" }))?;
+    let mut out: Vec<MapEntry> = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            if let Some(last) = out.last_mut() {
+                last.vmflags = rest.split_whitespace().map(str::to_string).collect();
+            }
+            continue;
+        }
+        let first = line.split(' ').next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            if let Some(m) = parse_map_header(line) {
+                out.push(m);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Fields of /proc/PID/stat after the command name, indexed from field 3 (state) = 0.
+pub fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
+    let text = fs::read_to_string(path(pid, "stat"))?;
+    let after = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+    Ok(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// Returns stat field number `n` (1-based, as in proc(5)) as u64.
+pub fn stat_field(fields: &[String], n: usize) -> u64 {
+    fields
+        .get(n - 3)
+        .and_then(|f| f.parse::<i64>().ok())
+        .map(|v| v as u64)
+        .unwrap_or(0)
+}
+
+/// pos and flags of /proc/PID/fdinfo/FD.
+#[derive(Debug, Clone, Default)]
+pub struct FdInfo {
+    pub pos: i64,
+    pub flags: u32,
+}
+
+pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
+    let text = fs::read_to_string(path(pid, &format!("fdinfo/{fd}")))?;
+    let mut info = FdInfo::default();
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("pos:") {
+            info.pos = v.trim().parse().unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("flags:") {
+            info.flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
+        }
+    }
+    Ok(info)
+}
+
+/// Open descriptor numbers of a process, sorted.
+pub fn fds(pid: i32) -> io::Result<Vec<i32>> {
+    let mut v: Vec<i32> = fs::read_dir(path(pid, "fd"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Thread ids of a process.
+pub fn tids(pid: i32) -> io::Result<Vec<i32>> {
+    let mut v: Vec<i32> = fs::read_dir(path(pid, "task"))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
+        .collect();
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Children of a process (all its threads).
+pub fn children(pid: i32) -> io::Result<Vec<i32>> {
+    let mut out = Vec::new();
+    for tid in tids(pid)? {
+        let text = fs::read_to_string(path(pid, &format!("task/{tid}/children")))?;
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|x| x.parse::<i32>().ok()),
+        );
+    }
+    Ok(out)
+}
+
+pub fn cmdline(pid: i32) -> io::Result<Vec<String>> {
+    let raw = fs::read(path(pid, "cmdline"))?;
+    Ok(raw
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect())
+}
+
+pub fn readlink(pid: i32, rest: &str) -> io::Result<String> {
+    Ok(fs::read_link(path(pid, rest))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// Short description of a process for error messages: "1234 (name)".
+pub fn describe(pid: i32) -> String {
+    match status(pid) {
+        Ok(s) => {
+            let cmd = cmdline(pid).map(|c| c.join(" ")).unwrap_or_default();
+            if cmd.is_empty() {
+                format!("{pid} ({}, state {})", s.name, s.state)
+            } else {
+                format!("{pid} ({}, state {}: {cmd})", s.name, s.state)
+            }
+        }
+        Err(_) => format!("{pid}"),
+    }
+}

@@ -1,0 +1,113 @@
+//! Stage b driver: streams page runs from pages.img into the stub.
+//!
+//! A reader thread reads batches of runs and verifies each run's blake3
+//! while this thread copies the previous batch into the stub, so checksum
+//! cost overlaps with the page faults of the copy.
+use super::{RestoreError, Stub};
+use crate::image::{ImageError, ImageReader};
+use crate::sys::memory::{Range, MAX_IOV};
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+
+const BATCH: u64 = 16 << 20;
+const BUFFERS: usize = 3;
+
+struct Batch {
+    buf: Vec<u8>,
+    len: usize,
+    ranges: Vec<Range>,
+}
+
+/// Copies every page of the image into the stub, verifying checksums.
+/// Returns the number of bytes written.
+pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreError> {
+    let runs = &img.manifest.page_runs;
+    let file = &img.pages;
+    let path = &img.pages_path;
+    let (tx, rx) = mpsc::sync_channel::<Result<Batch, ImageError>>(BUFFERS - 1);
+    let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+    let mut written = 0u64;
+    std::thread::scope(|s| -> Result<(), RestoreError> {
+        // Owned by this closure so an early error return unblocks the reader.
+        let ret_tx = ret_tx;
+        s.spawn(move || {
+            let mut i = 0usize;
+            let mut allocated = 0usize;
+            while i < runs.len() {
+                // Runs laid out back to back in the file are read in one pread.
+                let start = runs[i].file_offset;
+                let mut j = i;
+                let mut len = 0u64;
+                while j < runs.len()
+                    && runs[j].file_offset == start + len
+                    && (j == i || len + runs[j].nr_pages * 4096 <= BATCH)
+                    && j - i < MAX_IOV
+                {
+                    len += runs[j].nr_pages * 4096;
+                    j += 1;
+                }
+                let mut buf = match ret_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if allocated < BUFFERS => {
+                        allocated += 1;
+                        vec![0u8; BATCH.max(len) as usize]
+                    }
+                    Err(_) => match ret_rx.recv() {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    },
+                };
+                if (buf.len() as u64) < len {
+                    buf.resize(len as usize, 0);
+                }
+                let res = file
+                    .read_exact_at(&mut buf[..len as usize], start)
+                    .map_err(|source| ImageError::Io {
+                        path: path.clone(),
+                        what: "cannot read page data (file truncated?)",
+                        source,
+                    });
+                let res = res.and_then(|()| {
+                    let mut o = 0usize;
+                    let mut ranges = Vec::with_capacity(j - i);
+                    for r in &runs[i..j] {
+                        let n = (r.nr_pages * 4096) as usize;
+                        if blake3::hash(&buf[o..o + n]).as_bytes()[..] != r.blake3[..] {
+                            return Err(ImageError::Checksum {
+                                path: path.clone(),
+                                what: format!(
+                                    "pages at {:#x} (+{} pages, file offset {})",
+                                    r.vaddr, r.nr_pages, r.file_offset
+                                ),
+                            });
+                        }
+                        ranges.push(Range {
+                            addr: r.vaddr,
+                            len: n as u64,
+                        });
+                        o += n;
+                    }
+                    Ok(ranges)
+                });
+                let failed = res.is_err();
+                let msg = res.map(|ranges| Batch {
+                    buf,
+                    len: len as usize,
+                    ranges,
+                });
+                if tx.send(msg).is_err() || failed {
+                    return;
+                }
+                i = j;
+            }
+        });
+        for msg in rx {
+            let b = msg?;
+            stub.write_pages(&b.buf[..b.len], &b.ranges)?;
+            written += b.len as u64;
+            let _ = ret_tx.send(b.buf);
+        }
+        Ok(())
+    })?;
+    Ok(written)
+}

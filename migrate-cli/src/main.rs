@@ -1,0 +1,191 @@
+//! `floe`: checkpoint/restore and live migration of Linux processes.
+mod inspect;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use floe_engine::{check, dump, restore};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "floe",
+    version,
+    about = "Checkpoint, restore and live-migrate Linux processes"
+)]
+struct Cli {
+    /// Log verbosity (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Probe the running kernel for everything floe needs.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a running process into an image directory.
+    Dump {
+        /// PID of the process to dump.
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// Image directory (created if missing).
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Keep the process running after the dump (default: kill it).
+        #[arg(long)]
+        leave_running: bool,
+        /// Allow a process attached to a terminal or to a session led outside the dump.
+        #[arg(long)]
+        shell_job: bool,
+        /// Overwrite an existing image in the directory.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring a process back from an image directory.
+    Restore {
+        /// Image directory.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Exit once the process runs instead of waiting for it.
+        #[arg(short = 'd', long)]
+        restore_detached: bool,
+        /// Attach the process's terminal descriptors to floe's terminal.
+        #[arg(long)]
+        shell_job: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what an image holds.
+    Inspect {
+        /// Image directory.
+        dir: PathBuf,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_level.clone()));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("floe: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.cmd {
+        Cmd::Check { json } => {
+            let report = check::run_checks();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+            Ok(if report.looks_good() { 0 } else { 1 })
+        }
+        Cmd::Dump {
+            pid,
+            dir,
+            leave_running,
+            shell_job,
+            force,
+            json,
+        } => {
+            let opts = dump::DumpOptions {
+                pid,
+                dir: dir.clone(),
+                leave_running,
+                shell_job,
+                force,
+            };
+            let report = dump::dump(&opts)
+                .with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let t = &report.timings;
+                println!(
+                    "dumped pid {} into {}: {} mappings, {} fds, {:.1} MiB of pages, image {:.1} MiB",
+                    report.pid,
+                    report.dir.display(),
+                    report.vmas,
+                    report.fds,
+                    report.page_bytes as f64 / 1048576.0,
+                    report.image_bytes as f64 / 1048576.0
+                );
+                println!(
+                    "  freeze {:.1} ms, collect {:.1} ms, memory {:.1} ms, commit {:.1} ms; stopped {:.1} ms, total {:.1} ms; process {}",
+                    t.freeze_ms,
+                    t.collect_ms,
+                    t.memory_ms,
+                    t.commit_ms,
+                    t.frozen_ms,
+                    t.total_ms,
+                    if report.left_running { "left running" } else { "killed" }
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Restore {
+            dir,
+            restore_detached,
+            shell_job,
+            json,
+        } => {
+            let opts = restore::RestoreOptions {
+                dir: dir.clone(),
+                shell_job,
+            };
+            let report = restore::restore(&opts)
+                .with_context(|| format!("restore from {} failed", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else if restore_detached {
+                let t = &report.timings;
+                println!(
+                    "restored pid {} ({:.1} MiB of pages): create {:.1} ms, pages {:.1} ms, finish {:.1} ms, total {:.1} ms",
+                    report.pid,
+                    report.page_bytes as f64 / 1048576.0,
+                    t.create_ms,
+                    t.pages_ms,
+                    t.finish_ms,
+                    t.total_ms
+                );
+            }
+            if restore_detached {
+                return Ok(0);
+            }
+            let code = restore::wait_exit(report.pid)?;
+            Ok(code)
+        }
+        Cmd::Inspect { dir, json } => {
+            let img = floe_engine::image::ImageReader::open(&dir)
+                .with_context(|| format!("cannot open image {}", dir.display()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspect::to_json(&img))?);
+            } else {
+                print!("{}", inspect::to_text(&img));
+            }
+            Ok(0)
+        }
+    }
+}

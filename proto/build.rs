@@ -1,0 +1,13 @@
+//! Compiles the .proto files with protox (pure Rust) so no `protoc` binary is needed.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["proto/image.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let fds = protox::compile(files, ["proto"])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    prost_build::Config::new().out_dir(&out).compile_fds(fds)?;
+    Ok(())
+}
