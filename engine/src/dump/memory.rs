@@ -347,6 +347,7 @@ pub fn write_pages(
     let mut page_bytes = 0u64;
     let mut i = 0usize;
     let mut read_result: Result<(), DumpError> = Ok(());
+    let (mut t_read, mut t_hash, mut t_wait) = (0f64, 0f64, 0f64);
     while i < runs.len() {
         // Take as many runs as fit in one batch.
         let mut j = i;
@@ -358,6 +359,7 @@ pub fn write_pages(
             total += runs[j].len as usize;
             j += 1;
         }
+        let t = std::time::Instant::now();
         let mut buf = match ret_rx.try_recv() {
             Ok(b) => b,
             Err(_) if allocated < BUFFERS => {
@@ -372,10 +374,14 @@ pub fn write_pages(
         if buf.len() < total {
             buf.resize(total, 0);
         }
+        t_wait += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
         if let Err(e) = read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total]) {
             read_result = Err(e);
             break;
         }
+        t_read += t.elapsed().as_secs_f64();
+        let t = std::time::Instant::now();
         let mut o = 0usize;
         for r in &runs[i..j] {
             let data = &buf[o..o + r.len as usize];
@@ -387,6 +393,7 @@ pub fn write_pages(
             });
             o += r.len as usize;
         }
+        t_hash += t.elapsed().as_secs_f64();
         if tx.send((buf, total, offset)).is_err() {
             break;
         }
@@ -395,6 +402,13 @@ pub fn write_pages(
         i = j;
     }
     drop(tx);
+    tracing::debug!(
+        pid,
+        read_s = t_read,
+        hash_s = t_hash,
+        wait_s = t_wait,
+        "page copy breakdown"
+    );
     let file = match writer.join() {
         Ok(Ok(f)) => f,
         Ok(Err(source)) => {
