@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sys::probe::{
-    self, AnonMapping, AsyncWpUffd, Child, PageRegion, ScanRequest, SysError, WaitEvent,
-};
+use crate::sys::probe::{self, AnonMapping, AsyncWpUffd, Child, PageRegion, ScanRequest, SysError, WaitEvent};
 
 /// Result of `floe check`.
 #[derive(Debug, Clone, Serialize)]
@@ -66,12 +64,7 @@ impl CheckReport {
                 format!("{} (optional)", f.name)
             }
         };
-        let width = self
-            .features
-            .iter()
-            .map(|f| label(f).len())
-            .max()
-            .unwrap_or(0);
+        let width = self.features.iter().map(|f| label(f).len()).max().unwrap_or(0);
         for f in &self.features {
             let mark = match (f.ok, f.required) {
                 (true, _) => "ok  ",
@@ -84,11 +77,7 @@ impl CheckReport {
         for f in self.features.iter().filter(|f| !f.ok && !f.required) {
             let _ = writeln!(out, "no {}: {}", f.name, f.disables);
         }
-        let missing: Vec<&FeatureCheck> = self
-            .features
-            .iter()
-            .filter(|f| !f.ok && f.required)
-            .collect();
+        let missing: Vec<&FeatureCheck> = self.features.iter().filter(|f| !f.ok && f.required).collect();
         if missing.is_empty() {
             out.push_str("Looks good\n");
         } else {
@@ -115,24 +104,9 @@ pub fn run_checks() -> CheckReport {
         .unwrap_or_else(|e| format!("unknown ({})", probe::describe_io(&e)));
 
     let mut features = vec![
-        run_probe(
-            "ptrace",
-            true,
-            "tasks cannot be seized or stopped: no checkpoint",
-            probe_ptrace,
-        ),
-        run_probe(
-            "pidfd-getfd",
-            true,
-            "fds of running tasks cannot be taken: no fd dump",
-            probe_pidfd,
-        ),
-        run_probe(
-            "clone3-set-tid",
-            true,
-            "tasks cannot be restored with their original pids",
-            probe_clone3,
-        ),
+        run_probe("ptrace", true, "tasks cannot be seized or stopped: no checkpoint", probe_ptrace),
+        run_probe("pidfd-getfd", true, "fds of running tasks cannot be taken: no fd dump", probe_pidfd),
+        run_probe("clone3-set-tid", true, "tasks cannot be restored with their original pids", probe_clone3),
         run_probe(
             "pr-set-mm-map",
             true,
@@ -140,29 +114,14 @@ pub fn run_checks() -> CheckReport {
             probe_set_mm_map,
         ),
         run_probe("uffd-wp", true, "", probe_uffd_wp),
-        run_probe(
-            "vdso-layout",
-            true,
-            "the vdso block cannot be placed where restored tasks had it",
-            probe_vdso,
-        ),
+        run_probe("vdso-layout", true, "the vdso block cannot be placed where restored tasks had it", probe_vdso),
     ];
     let (caps, sys_resource) = check_caps();
     features.push(caps);
     features.push(sys_resource);
     features.push(run_probe("soft-dirty", false, "", probe_soft_dirty));
-    features.push(run_probe(
-        "tcp-repair",
-        false,
-        "--tcp-established is unavailable",
-        probe_tcp_repair,
-    ));
-    features.push(run_probe(
-        "nftables",
-        false,
-        "no TCP connection lock during migration",
-        probe_nftables,
-    ));
+    features.push(run_probe("tcp-repair", false, "--tcp-established is unavailable", probe_tcp_repair));
+    features.push(run_probe("nftables", false, "no TCP connection lock during migration", probe_nftables));
     features.push(run_probe(
         "cgroup-freezer",
         false,
@@ -178,16 +137,10 @@ pub fn run_checks() -> CheckReport {
     } else {
         "hash"
     };
-    let fallback = if dirty_tracker == "hash" {
-        "pre-dump falls back to page hashing"
-    } else {
-        "pre-dump uses soft-dirty"
-    };
-    let soft_dirty_fallback = if dirty_tracker == "uffd" {
-        "pre-dump uses uffd-wp"
-    } else {
-        "pre-dump falls back to page hashing"
-    };
+    let fallback =
+        if dirty_tracker == "hash" { "pre-dump falls back to page hashing" } else { "pre-dump uses soft-dirty" };
+    let soft_dirty_fallback =
+        if dirty_tracker == "uffd" { "pre-dump uses uffd-wp" } else { "pre-dump falls back to page hashing" };
     for f in &mut features {
         match f.name.as_str() {
             "uffd-wp" => f.disables = format!("no live dirty tracking: {fallback}"),
@@ -196,11 +149,7 @@ pub fn run_checks() -> CheckReport {
         }
     }
 
-    CheckReport {
-        kernel,
-        features,
-        dirty_tracker: dirty_tracker.to_string(),
-    }
+    CheckReport { kernel, features, dirty_tracker: dirty_tracker.to_string() }
 }
 
 // ---------------------------------------------------------------------------
@@ -235,13 +184,7 @@ fn io_fail(what: &str, err: &io::Error) -> Fail {
 type ProbeResult = Result<String, Fail>;
 
 fn feature(name: &str, ok: bool, required: bool, detail: String, disables: &str) -> FeatureCheck {
-    FeatureCheck {
-        name: name.to_string(),
-        ok,
-        required,
-        detail,
-        disables: disables.to_string(),
-    }
+    FeatureCheck { name: name.to_string(), ok, required, detail, disables: disables.to_string() }
 }
 
 /// Runs one probe, timing it and turning a panic into a failed feature.
@@ -255,13 +198,7 @@ fn run_probe(name: &str, required: bool, disables: &str, f: fn() -> ProbeResult)
         Err(_) => (false, "probe panicked".to_string()),
     };
     tracing::debug!(feature = name, ok, took_ms = took, "{detail}");
-    feature(
-        name,
-        ok,
-        required,
-        format!("{detail} [{took:.2} ms]"),
-        disables,
-    )
+    feature(name, ok, required, format!("{detail} [{took:.2} ms]"), disables)
 }
 
 const WAIT: Duration = Duration::from_millis(500);
@@ -272,18 +209,14 @@ fn read_text(path: &str) -> Result<String, Fail> {
 
 fn read_number(path: &str) -> Result<i64, Fail> {
     let text = read_text(path)?;
-    text.trim()
-        .parse()
-        .map_err(|_| Fail(format!("{path}: not a number: {:?}", text.trim())))
+    text.trim().parse().map_err(|_| Fail(format!("{path}: not a number: {:?}", text.trim())))
 }
 
 /// Fields of /proc/PID/stat after the command name; index 0 is field 3 (state).
 fn stat_fields(path: &str) -> Result<Vec<String>, Fail> {
     let text = read_text(path)?;
-    let rest = text
-        .rfind(')')
-        .map(|i| &text[i + 1..])
-        .ok_or_else(|| Fail(format!("{path}: no closing parenthesis")))?;
+    let rest =
+        text.rfind(')').map(|i| &text[i + 1..]).ok_or_else(|| Fail(format!("{path}: no closing parenthesis")))?;
     Ok(rest.split_whitespace().map(str::to_string).collect())
 }
 
@@ -306,9 +239,7 @@ fn wait_until_sleeping(pid: i32, timeout: Duration) -> Result<(), Fail> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Fail(format!(
-                "child {pid} never went to sleep in pause() (state {state})"
-            )));
+            return Err(Fail(format!("child {pid} never went to sleep in pause() (state {state})")));
         }
         std::thread::sleep(Duration::from_micros(50));
     }
@@ -318,9 +249,7 @@ fn wait_exit_code(child: &mut Child, what: &str) -> Result<i32, Fail> {
     match child.wait_timeout(WAIT)? {
         WaitEvent::Exited(code) => Ok(code),
         WaitEvent::Signaled(sig) => Err(Fail(format!("{what}: child killed by signal {sig}"))),
-        WaitEvent::Stopped { sig, .. } => {
-            Err(Fail(format!("{what}: child stopped by signal {sig}")))
-        }
+        WaitEvent::Stopped { sig, .. } => Err(Fail(format!("{what}: child stopped by signal {sig}"))),
     }
 }
 
@@ -343,8 +272,7 @@ fn probe_ptrace() -> ProbeResult {
     let event = child.wait_timeout(WAIT)?;
     let to_stop = started.elapsed();
     match event {
-        WaitEvent::Stopped { sig, event }
-            if sig == libc::SIGTRAP && event == probe::PTRACE_EVENT_STOP => {}
+        WaitEvent::Stopped { sig, event } if sig == libc::SIGTRAP && event == probe::PTRACE_EVENT_STOP => {}
         other => return Err(Fail(format!("expected PTRACE_EVENT_STOP, got {other:?}"))),
     }
     let regs = probe::ptrace_get_prstatus(pid)?;
@@ -356,10 +284,7 @@ fn probe_ptrace() -> ProbeResult {
         )));
     }
     if regs.rax != -ERESTARTNOHAND {
-        return Err(Fail(format!(
-            "pause() interrupted with rax={} instead of -ERESTARTNOHAND",
-            regs.rax
-        )));
+        return Err(Fail(format!("pause() interrupted with rax={} instead of -ERESTARTNOHAND", regs.rax)));
     }
     Ok(format!(
         "seized a child in pause(), PTRACE_EVENT_STOP after {}, NT_PRSTATUS orig_rax={} rax={} rip={:#x}",
@@ -383,24 +308,16 @@ fn probe_pidfd() -> ProbeResult {
     let ino_read = reader.metadata().map_err(|e| io_fail("fstat", &e))?.ino();
     let ino_stolen = writer.metadata().map_err(|e| io_fail("fstat", &e))?.ino();
     if ino_read != ino_stolen {
-        return Err(Fail(format!(
-            "stolen fd {target_fd} is another file (inode {ino_stolen}, pipe is {ino_read})"
-        )));
+        return Err(Fail(format!("stolen fd {target_fd} is another file (inode {ino_stolen}, pipe is {ino_read})")));
     }
-    writer
-        .write_all(b"floe")
-        .map_err(|e| io_fail("write through stolen fd", &e))?;
+    writer.write_all(b"floe").map_err(|e| io_fail("write through stolen fd", &e))?;
     let mut buf = [0u8; 4];
-    reader
-        .read_exact(&mut buf)
-        .map_err(|e| io_fail("read pipe", &e))?;
+    reader.read_exact(&mut buf).map_err(|e| io_fail("read pipe", &e))?;
     if &buf != b"floe" {
         return Err(Fail(format!("pipe returned {buf:?}")));
     }
     drop(child);
-    Ok(format!(
-        "took fd {target_fd} (a pipe) from child via pidfd_getfd and wrote through it"
-    ))
+    Ok(format!("took fd {target_fd} (a pipe) from child via pidfd_getfd and wrote through it"))
 }
 
 /// Finds a free pid at or after `from`, below `pid_max`, wrapping to 301.
@@ -426,11 +343,8 @@ fn probe_clone3() -> ProbeResult {
     let pid_max = read_number("/proc/sys/kernel/pid_max")?;
     let mut from = last + 1;
     for _ in 0..8 {
-        let tid = next_free_pid(from, pid_max).ok_or_else(|| {
-            Fail(format!(
-                "no free pid found after {last} (pid_max {pid_max})"
-            ))
-        })?;
+        let tid = next_free_pid(from, pid_max)
+            .ok_or_else(|| Fail(format!("no free pid found after {last} (pid_max {pid_max})")))?;
         let mut child = match probe::clone3_with_tid(tid) {
             Ok(child) => child,
             // taken between our look and the clone: try the next one
@@ -441,10 +355,7 @@ fn probe_clone3() -> ProbeResult {
             Err(err) => return Err(Fail(format!("{err} (requested pid {tid})"))),
         };
         if child.pid() != tid {
-            return Err(Fail(format!(
-                "clone3 asked for pid {tid}, returned {}",
-                child.pid()
-            )));
+            return Err(Fail(format!("clone3 asked for pid {tid}, returned {}", child.pid())));
         }
         return match wait_exit_code(&mut child, "clone3 child")? {
             probe::CLONE3_PID_MATCH => Ok(format!(
@@ -454,19 +365,14 @@ fn probe_clone3() -> ProbeResult {
             code => Err(Fail(format!("clone3 child exited with {code}"))),
         };
     }
-    Err(Fail(
-        "every candidate pid was taken (EEXIST) before clone3 got it".to_string(),
-    ))
+    Err(Fail("every candidate pid was taken (EEXIST) before clone3 got it".to_string()))
 }
 
 /// PR_SET_MM_MAP_SIZE, then PR_SET_MM_MAP in a forked child with its own current values.
 fn probe_set_mm_map() -> ProbeResult {
     let size = probe::prctl_mm_map_size()?;
     if size != probe::PRCTL_MM_MAP_SIZE {
-        return Err(Fail(format!(
-            "kernel prctl_mm_map is {size} bytes, floe knows {}",
-            probe::PRCTL_MM_MAP_SIZE
-        )));
+        return Err(Fail(format!("kernel prctl_mm_map is {size} bytes, floe knows {}", probe::PRCTL_MM_MAP_SIZE)));
     }
     let fields = stat_fields("/proc/self/stat")?;
     let values = probe::MmMapValues {
@@ -491,10 +397,7 @@ fn probe_set_mm_map() -> ProbeResult {
             "map size {size}; PR_SET_MM_MAP with unchanged values, auxv ({} bytes) and exe_fd -1 accepted in a child",
             auxv.len()
         )),
-        errno => Err(Fail(format!(
-            "prctl(PR_SET_MM_MAP) in a child: {}",
-            probe::errno_name(errno)
-        ))),
+        errno => Err(Fail(format!("prctl(PR_SET_MM_MAP) in a child: {}", probe::errno_name(errno)))),
     }
 }
 
@@ -523,9 +426,7 @@ fn scan_written(pagemap: &File, mapping: &AnonMapping) -> Result<Vec<(u64, u64)>
             return Ok(found);
         }
         if walk_end <= req.start {
-            return Err(Fail(format!(
-                "PAGEMAP_SCAN made no progress at {walk_end:#x}"
-            )));
+            return Err(Fail(format!("PAGEMAP_SCAN made no progress at {walk_end:#x}")));
         }
         req.start = walk_end;
     }
@@ -539,8 +440,7 @@ fn probe_uffd_wp() -> ProbeResult {
     let mut mapping = AnonMapping::new(4)?;
     mapping.touch(0, 1); // one populated page, three holes
     uffd.register_wp(&mapping)?;
-    let pagemap =
-        File::open("/proc/self/pagemap").map_err(|e| io_fail("open /proc/self/pagemap", &e))?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(|e| io_fail("open /proc/self/pagemap", &e))?;
     let page = probe::page_size() as u64;
 
     let first = scan_written(&pagemap, &mapping)?;
@@ -577,10 +477,8 @@ fn describe_ranges(ranges: &[(u64, u64)], base: u64, page: u64) -> String {
     if ranges.is_empty() {
         return "nothing".to_string();
     }
-    let parts: Vec<String> = ranges
-        .iter()
-        .map(|(s, e)| format!("pages {}..{}", (s - base) / page, (e - base) / page))
-        .collect();
+    let parts: Vec<String> =
+        ranges.iter().map(|(s, e)| format!("pages {}..{}", (s - base) / page, (e - base) / page)).collect();
     parts.join(", ")
 }
 
@@ -593,10 +491,7 @@ struct Area {
 
 fn parse_range(range: &str) -> Option<Area> {
     let (s, e) = range.split_once('-')?;
-    Some(Area {
-        start: u64::from_str_radix(s, 16).ok()?,
-        end: u64::from_str_radix(e, 16).ok()?,
-    })
+    Some(Area { start: u64::from_str_radix(s, 16).ok()?, end: u64::from_str_radix(e, 16).ok()? })
 }
 
 fn auxv_value(auxv: &[u8], key: u64) -> Option<u64> {
@@ -655,23 +550,15 @@ fn probe_vdso() -> ProbeResult {
     let auxv = fs::read("/proc/self/auxv").map_err(|e| io_fail("read /proc/self/auxv", &e))?;
     let ehdr = auxv_value(&auxv, libc::AT_SYSINFO_EHDR).ok_or("no AT_SYSINFO_EHDR in auxv")?;
     if ehdr != vdso.start {
-        return Err(Fail(format!(
-            "AT_SYSINFO_EHDR {ehdr:#x} is not the [vdso] start {:#x}",
-            vdso.start
-        )));
+        return Err(Fail(format!("AT_SYSINFO_EHDR {ehdr:#x} is not the [vdso] start {:#x}", vdso.start)));
     }
     let mem = File::open("/proc/self/mem").map_err(|e| io_fail("open /proc/self/mem", &e))?;
     let mut magic = [0u8; 4];
-    mem.read_exact_at(&mut magic, vdso.start)
-        .map_err(|e| io_fail("read [vdso]", &e))?;
+    mem.read_exact_at(&mut magic, vdso.start).map_err(|e| io_fail("read [vdso]", &e))?;
     if &magic != b"\x7fELF" {
-        return Err(Fail(format!(
-            "[vdso] does not start with an ELF header: {magic:02x?}"
-        )));
+        return Err(Fail(format!("[vdso] does not start with an ELF header: {magic:02x?}")));
     }
-    Ok(format!(
-        "{layout}; AT_SYSINFO_EHDR points at its ELF header"
-    ))
+    Ok(format!("{layout}; AT_SYSINFO_EHDR points at its ELF header"))
 }
 
 const CAP_SYS_ADMIN: u32 = 21;
@@ -681,10 +568,7 @@ const CAP_CHECKPOINT_RESTORE: u32 = 40;
 
 fn effective_caps() -> Result<u64, Fail> {
     let status = read_text("/proc/self/status")?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .ok_or("no CapEff in /proc/self/status")?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).ok_or("no CapEff in /proc/self/status")?;
     u64::from_str_radix(hex.trim(), 16).map_err(|_| Fail(format!("bad CapEff {:?}", hex.trim())))
 }
 
@@ -692,8 +576,7 @@ fn effective_caps() -> Result<u64, Fail> {
 /// CAP_SYS_RESOURCE is reported on its own, as optional.
 fn check_caps() -> (FeatureCheck, FeatureCheck) {
     const CAPS_DISABLES: &str = "other processes cannot be traced or restored";
-    const RESOURCE_DISABLES: &str =
-        "pipe buffers above fs.pipe-max-size, RLIMIT_NOFILE above the hard limit \
+    const RESOURCE_DISABLES: &str = "pipe buffers above fs.pipe-max-size, RLIMIT_NOFILE above the hard limit \
         and single-field PR_SET_MM calls are not restorable (PR_SET_MM_MAP still works)";
     let caps = match effective_caps() {
         Ok(caps) => caps,
@@ -719,14 +602,8 @@ fn check_caps() -> (FeatureCheck, FeatureCheck) {
         }
     }
     let ok = has(CAP_SYS_PTRACE) && (has(CAP_CHECKPOINT_RESTORE) || has(CAP_SYS_ADMIN));
-    let mut detail = format!(
-        "CapEff {caps:#x}: has {}",
-        if have.is_empty() {
-            "none".to_string()
-        } else {
-            have.join(", ")
-        }
-    );
+    let mut detail =
+        format!("CapEff {caps:#x}: has {}", if have.is_empty() { "none".to_string() } else { have.join(", ") });
     if !lack.is_empty() {
         let _ = write!(detail, "; lacks {}", lack.join(", "));
     }
@@ -736,13 +613,7 @@ fn check_caps() -> (FeatureCheck, FeatureCheck) {
     } else {
         "CAP_SYS_RESOURCE absent from CapEff".to_string()
     };
-    let resource_check = feature(
-        "cap-sys-resource",
-        has(CAP_SYS_RESOURCE),
-        false,
-        resource,
-        RESOURCE_DISABLES,
-    );
+    let resource_check = feature("cap-sys-resource", has(CAP_SYS_RESOURCE), false, resource, RESOURCE_DISABLES);
     (caps_check, resource_check)
 }
 
@@ -756,13 +627,9 @@ fn probe_soft_dirty() -> ProbeResult {
     let mut child = probe::spawn_soft_dirty_child(&mapping)?;
     match wait_exit_code(&mut child, "soft-dirty child")? {
         probe::SOFT_DIRTY_SET => Ok("pagemap bit 55 set by a write after clear_refs=4".to_string()),
-        probe::SOFT_DIRTY_CLEAR => {
-            Err("pagemap bit 55 stayed clear after clear_refs=4 and a write".into())
-        }
+        probe::SOFT_DIRTY_CLEAR => Err("pagemap bit 55 stayed clear after clear_refs=4 and a write".into()),
         probe::SOFT_DIRTY_NOT_PRESENT => Err("written page not present in pagemap".into()),
-        probe::SOFT_DIRTY_CLEAR_REFS_FAILED => {
-            Err("writing 4 to /proc/self/clear_refs failed".into())
-        }
+        probe::SOFT_DIRTY_CLEAR_REFS_FAILED => Err("writing 4 to /proc/self/clear_refs failed".into()),
         probe::SOFT_DIRTY_PAGEMAP_FAILED => Err("reading /proc/self/pagemap failed".into()),
         code => Err(Fail(format!("soft-dirty child exited with {code}"))),
     }
@@ -788,9 +655,7 @@ fn probe_tcp_repair() -> ProbeResult {
     probe::setsockopt_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ, SEQ)?;
     let seq = probe::getsockopt_int(fd, libc::SOL_TCP, TCP_QUEUE_SEQ)?;
     if seq != SEQ {
-        return Err(Fail(format!(
-            "TCP_QUEUE_SEQ reads back {seq:#x}, set {SEQ:#x}"
-        )));
+        return Err(Fail(format!("TCP_QUEUE_SEQ reads back {seq:#x}, set {SEQ:#x}")));
     }
     probe::setsockopt_int(fd, libc::SOL_TCP, TCP_REPAIR, 0)?;
     Ok("TCP_REPAIR=1 accepted; send-queue seq set and read back".to_string())
@@ -830,18 +695,13 @@ fn probe_nftables() -> ProbeResult {
         let mut off = 0;
         while off + NLMSG_HDRLEN <= len {
             let word = |at: usize| {
-                buf.get(off + at..off + at + 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_ne_bytes)
-                    .unwrap_or(0)
+                buf.get(off + at..off + at + 4).and_then(|b| b.try_into().ok()).map(u32::from_ne_bytes).unwrap_or(0)
             };
             let msg_len = word(0) as usize;
             let msg_type = (word(4) & 0xffff) as u16;
             let msg_seq = word(8);
             if msg_len < NLMSG_HDRLEN || off + msg_len > len {
-                return Err(Fail(format!(
-                    "malformed netlink message (length {msg_len})"
-                )));
+                return Err(Fail(format!("malformed netlink message (length {msg_len})")));
             }
             if msg_seq == seq {
                 match msg_type {
@@ -851,10 +711,7 @@ fn probe_nftables() -> ProbeResult {
                     NLMSG_ERROR if word(NLMSG_HDRLEN) == 0 => {} // an ack, not an error
                     NLMSG_ERROR => {
                         let errno = -(word(NLMSG_HDRLEN) as i32);
-                        return Err(Fail(format!(
-                            "NFT_MSG_GETTABLE dump refused: {}",
-                            probe::errno_name(errno)
-                        )));
+                        return Err(Fail(format!("NFT_MSG_GETTABLE dump refused: {}", probe::errno_name(errno))));
                     }
                     t if t == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE => tables += 1,
                     _ => {}
@@ -965,11 +822,7 @@ fn freeze_child_in(root: &Path, kind: Freezer) -> ProbeResult {
     let serial = SERIAL.fetch_add(1, Ordering::Relaxed);
     let dir = root.join(format!("floe-check-{}-{serial}", std::process::id()));
     fs::create_dir(&dir).map_err(|e| io_fail(&format!("mkdir {}", dir.display()), &e))?;
-    let mut cg = ProbeCgroup {
-        dir,
-        kind,
-        child: None,
-    };
+    let mut cg = ProbeCgroup { dir, kind, child: None };
     let child = probe::spawn_pausing_child(None)?;
     let pid = child.pid();
     cg.child = Some(child);
@@ -978,11 +831,7 @@ fn freeze_child_in(root: &Path, kind: Freezer) -> ProbeResult {
     let to_freeze = cg.wait_frozen(true)?;
     cg.freeze(false)?;
     let to_thaw = cg.wait_frozen(false)?;
-    Ok(format!(
-        "froze a child in {}, thawed in {}",
-        fmt_us(to_freeze),
-        fmt_us(to_thaw)
-    ))
+    Ok(format!("froze a child in {}, thawed in {}", fmt_us(to_freeze), fmt_us(to_thaw)))
 }
 
 /// Freeze and thaw a child in a fresh cgroup: v1 freezer and cgroup2 cgroup.freeze.
@@ -1048,8 +897,7 @@ mod tests {
     fn check_set_mm_map_child_reports_kernel_rejection() {
         // all-zero addresses fail the kernel's validation: the child must report EINVAL,
         // which shows the probe really reaches prctl(PR_SET_MM_MAP)
-        let mut child =
-            probe::spawn_set_mm_map_child(&probe::MmMapValues::default(), &[]).expect("fork");
+        let mut child = probe::spawn_set_mm_map_child(&probe::MmMapValues::default(), &[]).expect("fork");
         let code = wait_exit_code(&mut child, "test child").map_err(|Fail(d)| d);
         assert_eq!(code, Ok(libc::EINVAL));
     }
@@ -1086,10 +934,7 @@ mod tests {
         assert!(report.looks_good(), "{text}");
         assert!(text.trim_end().ends_with("Looks good"), "{text}");
         for f in report.features.iter().filter(|f| !f.ok) {
-            assert!(
-                text.contains(&format!("no {}: {}", f.name, f.disables)),
-                "{text}"
-            );
+            assert!(text.contains(&format!("no {}: {}", f.name, f.disables)), "{text}");
         }
         let soft_dirty = report.features.iter().find(|f| f.name == "soft-dirty");
         if let Some(f) = soft_dirty.filter(|f| !f.ok) {
@@ -1132,9 +977,7 @@ mod tests {
         const RUNS: usize = 20;
         let _ = run_checks();
         let fds = count("/proc/self/fd");
-        let maps = read_text("/proc/self/maps")
-            .map(|m| m.lines().count())
-            .unwrap_or(0);
+        let maps = read_text("/proc/self/maps").map(|m| m.lines().count()).unwrap_or(0);
         let kids = children();
         let started = Instant::now();
         for _ in 0..RUNS {
@@ -1142,18 +985,10 @@ mod tests {
         }
         let per_run = started.elapsed() / RUNS as u32;
         assert!(count("/proc/self/fd") < fds + RUNS, "fd leak");
-        let maps_after = read_text("/proc/self/maps")
-            .map(|m| m.lines().count())
-            .unwrap_or(0);
-        assert!(
-            maps_after < maps + RUNS,
-            "mapping leak: {maps} -> {maps_after}"
-        );
+        let maps_after = read_text("/proc/self/maps").map(|m| m.lines().count()).unwrap_or(0);
+        assert!(maps_after < maps + RUNS, "mapping leak: {maps} -> {maps_after}");
         assert!(children() < kids + RUNS, "child leak");
-        assert!(
-            per_run < Duration::from_secs(1),
-            "run_checks took {per_run:?}"
-        );
+        assert!(per_run < Duration::from_secs(1), "run_checks took {per_run:?}");
         let leftover: Vec<_> = fs::read_dir("/sys/fs/cgroup/freezer")
             .map(|d| {
                 d.filter_map(|e| e.ok())

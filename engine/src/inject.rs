@@ -55,13 +55,7 @@ impl Injector {
     /// `base` supplies the registers not used for arguments (segment
     /// registers, flags); `gadget` is the address of a `syscall` instruction.
     pub fn new(pid: i32, base: UserRegs, gadget: u64) -> Self {
-        Self {
-            pid,
-            base,
-            gadget,
-            count: 0,
-            swallowed: Vec::new(),
-        }
+        Self { pid, base, gadget, count: 0, swallowed: Vec::new() }
     }
 
     pub fn pid(&self) -> i32 {
@@ -80,26 +74,12 @@ impl Injector {
     pub fn find_gadget(pid: i32, vdso_start: u64, vdso_end: u64) -> Result<u64, InjectError> {
         let len = (vdso_end - vdso_start) as usize;
         let mut buf = vec![0u8; len];
-        read_remote(
-            pid,
-            &mut buf,
-            &[Range {
-                addr: vdso_start,
-                len: len as u64,
-            }],
-        )
-        .map_err(|source| InjectError::Memory {
-            pid,
-            addr: vdso_start,
-            source,
-        })?;
+        read_remote(pid, &mut buf, &[Range { addr: vdso_start, len: len as u64 }])
+            .map_err(|source| InjectError::Memory { pid, addr: vdso_start, source })?;
         buf.windows(2)
             .position(|w| w == [0x0f, 0x05])
             .map(|off| vdso_start + off as u64)
-            .ok_or(InjectError::NoGadget {
-                pid,
-                start: vdso_start,
-            })
+            .ok_or(InjectError::NoGadget { pid, start: vdso_start })
     }
 
     /// Runs one syscall and returns the raw result (negative errno on failure).
@@ -143,18 +123,8 @@ impl Injector {
         loop {
             match ptrace::wait(pid).map_err(pt("wait", pid))? {
                 Stop::Syscall => return Ok(()),
-                Stop::Exited(code) => {
-                    return Err(InjectError::Died {
-                        pid,
-                        how: format!("exit status {code}"),
-                    })
-                }
-                Stop::Killed(sig) => {
-                    return Err(InjectError::Died {
-                        pid,
-                        how: format!("killed by signal {sig}"),
-                    })
-                }
+                Stop::Exited(code) => return Err(InjectError::Died { pid, how: format!("exit status {code}") }),
+                Stop::Killed(sig) => return Err(InjectError::Died { pid, how: format!("killed by signal {sig}") }),
                 Stop::Signal(sig) => {
                     // Only unblockable signals get here; keep going and report it.
                     tracing::warn!(pid, sig, "signal arrived during syscall injection");
@@ -170,19 +140,8 @@ impl Injector {
 
     /// Copies bytes into the task's memory.
     pub fn write_mem(&self, addr: u64, data: &[u8]) -> Result<(), InjectError> {
-        let n = write_remote(
-            self.pid,
-            data,
-            &[Range {
-                addr,
-                len: data.len() as u64,
-            }],
-        )
-        .map_err(|source| InjectError::Memory {
-            pid: self.pid,
-            addr,
-            source,
-        })?;
+        let n = write_remote(self.pid, data, &[Range { addr, len: data.len() as u64 }])
+            .map_err(|source| InjectError::Memory { pid: self.pid, addr, source })?;
         if n != data.len() {
             return Err(InjectError::Memory {
                 pid: self.pid,
@@ -195,19 +154,8 @@ impl Injector {
 
     /// Copies bytes out of the task's memory.
     pub fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Result<(), InjectError> {
-        let n = read_remote(
-            self.pid,
-            buf,
-            &[Range {
-                addr,
-                len: buf.len() as u64,
-            }],
-        )
-        .map_err(|source| InjectError::Memory {
-            pid: self.pid,
-            addr,
-            source,
-        })?;
+        let n = read_remote(self.pid, buf, &[Range { addr, len: buf.len() as u64 }])
+            .map_err(|source| InjectError::Memory { pid: self.pid, addr, source })?;
         if n != buf.len() {
             return Err(InjectError::Memory {
                 pid: self.pid,
@@ -232,26 +180,14 @@ pub fn resume_with_restart(pid: i32, regs: &UserRegs, injected: bool) -> Result<
         loop {
             match ptrace::wait(pid).map_err(pt("wait", pid))? {
                 Stop::Event => break,
-                Stop::Exited(code) => {
-                    return Err(InjectError::Died {
-                        pid,
-                        how: format!("exit status {code}"),
-                    })
-                }
-                Stop::Killed(sig) => {
-                    return Err(InjectError::Died {
-                        pid,
-                        how: format!("killed by signal {sig}"),
-                    })
-                }
+                Stop::Exited(code) => return Err(InjectError::Died { pid, how: format!("exit status {code}") }),
+                Stop::Killed(sig) => return Err(InjectError::Died { pid, how: format!("killed by signal {sig}") }),
                 Stop::Signal(sig) => {
                     // A real signal: deliver it on detach rather than lose it.
                     ptrace::detach(pid, sig).map_err(pt("detach", pid))?;
                     return Ok(());
                 }
-                Stop::Syscall | Stop::OtherEvent(_) => {
-                    ptrace::cont(pid, 0).map_err(pt("cont", pid))?
-                }
+                Stop::Syscall | Stop::OtherEvent(_) => ptrace::cont(pid, 0).map_err(pt("cont", pid))?,
             }
         }
     }

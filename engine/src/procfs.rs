@@ -27,6 +27,7 @@ pub struct Status {
     pub cap_prm: u64,
     pub cap_eff: u64,
     pub cap_bnd: u64,
+    pub cap_amb: u64,
     pub no_new_privs: bool,
     pub seccomp: u32,
     pub umask: u32,
@@ -58,12 +59,7 @@ pub fn status(pid: i32) -> io::Result<Status> {
             "TracerPid" => s.tracer_pid = v.parse().unwrap_or(0),
             "Uid" => s.uids = four(v),
             "Gid" => s.gids = four(v),
-            "Groups" => {
-                s.groups = v
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            }
+            "Groups" => s.groups = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             "Threads" => s.threads = v.parse().unwrap_or(0),
             "SigPnd" => s.sig_pnd = hex(),
             "ShdPnd" => s.shd_pnd = hex(),
@@ -73,15 +69,11 @@ pub fn status(pid: i32) -> io::Result<Status> {
             "CapPrm" => s.cap_prm = hex(),
             "CapEff" => s.cap_eff = hex(),
             "CapBnd" => s.cap_bnd = hex(),
+            "CapAmb" => s.cap_amb = hex(),
             "NoNewPrivs" => s.no_new_privs = v == "1",
             "Seccomp" => s.seccomp = v.parse().unwrap_or(0),
             "Umask" => s.umask = u32::from_str_radix(v, 8).unwrap_or(0o022),
-            "NSpid" => {
-                s.nspid = v
-                    .split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            }
+            "NSpid" => s.nspid = v.split_whitespace().filter_map(|x| x.parse().ok()).collect(),
             _ => {}
         }
     }
@@ -195,11 +187,7 @@ pub fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
 
 /// Returns stat field number `n` (1-based, as in proc(5)) as u64.
 pub fn stat_field(fields: &[String], n: usize) -> u64 {
-    fields
-        .get(n - 3)
-        .and_then(|f| f.parse::<i64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or(0)
+    fields.get(n - 3).and_then(|f| f.parse::<i64>().ok()).map(|v| v as u64).unwrap_or(0)
 }
 
 /// pos and flags of /proc/PID/fdinfo/FD.
@@ -207,6 +195,8 @@ pub fn stat_field(fields: &[String], n: usize) -> u64 {
 pub struct FdInfo {
     pub pos: i64,
     pub flags: u32,
+    /// First "lock:" line, when the descriptor holds a lock.
+    pub lock: Option<String>,
 }
 
 pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
@@ -217,6 +207,10 @@ pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
             info.pos = v.trim().parse().unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("flags:") {
             info.flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("lock:") {
+            if info.lock.is_none() {
+                info.lock = Some(v.split_whitespace().skip(1).take(3).collect::<Vec<_>>().join(" "));
+            }
         }
     }
     Ok(info)
@@ -247,27 +241,18 @@ pub fn children(pid: i32) -> io::Result<Vec<i32>> {
     let mut out = Vec::new();
     for tid in tids(pid)? {
         let text = fs::read_to_string(path(pid, &format!("task/{tid}/children")))?;
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|x| x.parse::<i32>().ok()),
-        );
+        out.extend(text.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
     }
     Ok(out)
 }
 
 pub fn cmdline(pid: i32) -> io::Result<Vec<String>> {
     let raw = fs::read(path(pid, "cmdline"))?;
-    Ok(raw
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect())
+    Ok(raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
 }
 
 pub fn readlink(pid: i32, rest: &str) -> io::Result<String> {
-    Ok(fs::read_link(path(pid, rest))?
-        .to_string_lossy()
-        .into_owned())
+    Ok(fs::read_link(path(pid, rest))?.to_string_lossy().into_owned())
 }
 
 /// Short description of a process for error messages: "1234 (name)".

@@ -35,12 +35,7 @@ fn fd_kind(k: i32) -> &'static str {
 }
 
 fn stored(img: &ImageReader, v: &pb::Vma) -> u64 {
-    img.manifest
-        .page_runs
-        .iter()
-        .filter(|r| r.vaddr >= v.start && r.vaddr < v.end)
-        .map(|r| r.nr_pages * 4096)
-        .sum()
+    img.manifest.page_runs.iter().filter(|r| r.vaddr >= v.start && r.vaddr < v.end).map(|r| r.nr_pages * 4096).sum()
 }
 
 fn size(b: u64) -> String {
@@ -68,19 +63,11 @@ pub fn to_text(img: &ImageReader) -> String {
         m.hostname,
         m.kernel_release
     );
-    let _ = writeln!(
-        o,
-        "process    pid {} ppid {} pgid {} sid {}  comm {:?}",
-        p.pid, p.ppid, p.pgid, p.sid, p.comm
-    );
+    let _ = writeln!(o, "process    pid {} ppid {} pgid {} sid {}  comm {:?}", p.pid, p.ppid, p.pgid, p.sid, p.comm);
     let _ = writeln!(o, "exe        {}", p.exe_path);
     let _ = writeln!(o, "cmdline    {}", p.cmdline.join(" "));
     let _ = writeln!(o, "cwd        {}  root {}", p.cwd, p.root);
-    let _ = writeln!(
-        o,
-        "creds      uid {} gid {}  groups {:?}",
-        p.uid, p.gid, p.groups
-    );
+    let _ = writeln!(o, "creds      uid {} gid {}  groups {:?}", p.uid, p.gid, p.groups);
     let _ = writeln!(
         o,
         "registers  rip {:#x} rsp {:#x} rax {:#x} orig_rax {} fs_base {:#x}  xstate {} bytes",
@@ -99,17 +86,9 @@ pub fn to_text(img: &ImageReader) -> String {
         th.pending.len() + p.shared_pending.len()
     );
     let _ = writeln!(o, "mappings   {}", m.vmas.len());
-    let _ = writeln!(
-        o,
-        "  {:<29} {:<4} {:>8} {:>8}  {:<13} path",
-        "range", "prot", "size", "stored", "kind"
-    );
+    let _ = writeln!(o, "  {:<29} {:<4} {:>8} {:>8}  {:<13} path", "range", "prot", "size", "stored", "kind");
     for v in &m.vmas {
-        let name = if v.path.is_empty() {
-            v.name.clone()
-        } else {
-            v.path.clone()
-        };
+        let name = if v.path.is_empty() { v.name.clone() } else { v.path.clone() };
         let _ = writeln!(
             o,
             "  {:012x}-{:012x} {:<4} {:>8} {:>8}  {:<13} {}",
@@ -127,15 +106,7 @@ pub fn to_text(img: &ImageReader) -> String {
     }
     let _ = writeln!(o, "fds        {}", m.fds.len());
     for f in &m.fds {
-        let _ = writeln!(
-            o,
-            "  {:>4} {:<12} flags {:#o} pos {:<10} {}",
-            f.fd,
-            fd_kind(f.kind),
-            f.flags,
-            f.pos,
-            f.path
-        );
+        let _ = writeln!(o, "  {:>4} {:<12} flags {:#o} pos {:<10} {}", f.fd, fd_kind(f.kind), f.flags, f.pos, f.path);
     }
     let pages: u64 = img.page_bytes();
     let _ = writeln!(

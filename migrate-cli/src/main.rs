@@ -7,11 +7,7 @@ use floe_engine::{check, dump, restore};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(
-    name = "floe",
-    version,
-    about = "Checkpoint, restore and live-migrate Linux processes"
-)]
+#[command(name = "floe", version, about = "Checkpoint, restore and live-migrate Linux processes")]
 struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "warn")]
@@ -78,10 +74,7 @@ fn main() {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.log_level.clone()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
@@ -102,23 +95,10 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if report.looks_good() { 0 } else { 1 })
         }
-        Cmd::Dump {
-            pid,
-            dir,
-            leave_running,
-            shell_job,
-            force,
-            json,
-        } => {
-            let opts = dump::DumpOptions {
-                pid,
-                dir: dir.clone(),
-                leave_running,
-                shell_job,
-                force,
-            };
-            let report = dump::dump(&opts)
-                .with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
+        Cmd::Dump { pid, dir, leave_running, shell_job, force, json } => {
+            let opts = dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force };
+            let report =
+                dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -145,18 +125,9 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Restore {
-            dir,
-            restore_detached,
-            shell_job,
-            json,
-        } => {
-            let opts = restore::RestoreOptions {
-                dir: dir.clone(),
-                shell_job,
-            };
-            let report = restore::restore(&opts)
-                .with_context(|| format!("restore from {} failed", dir.display()))?;
+        Cmd::Restore { dir, restore_detached, shell_job, json } => {
+            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job };
+            let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if restore_detached {

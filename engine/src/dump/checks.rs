@@ -15,34 +15,22 @@ pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
         return Err(DumpError::NoProcess { pid });
     }
     if pid as u32 == std::process::id() {
-        return Err(DumpError::Refused {
-            pid,
-            what: "floe cannot dump itself".into(),
-        });
+        return Err(DumpError::Refused { pid, what: "floe cannot dump itself".into() });
     }
     if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(DumpError::NoProcess { pid });
     }
     let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
     if st.tgid != pid {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!("it is a thread of process {}; pass that pid", st.tgid),
-        });
+        return Err(DumpError::Refused { pid, what: format!("it is a thread of process {}; pass that pid", st.tgid) });
     }
     if st.state == 'Z' || st.state == 'X' {
-        return Err(DumpError::Refused {
-            pid,
-            what: "it is a zombie".into(),
-        });
+        return Err(DumpError::Refused { pid, what: "it is a zombie".into() });
     }
     if st.tracer_pid != 0 {
         return Err(DumpError::Refused {
             pid,
-            what: format!(
-                "it is traced by {}; detach the debugger or tracer first",
-                procfs::describe(st.tracer_pid)
-            ),
+            what: format!("it is traced by {}; detach the debugger or tracer first", procfs::describe(st.tracer_pid)),
         });
     }
     check_threads(pid, st.threads)?;
@@ -50,10 +38,7 @@ pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
     if st.seccomp != 0 {
         return Err(DumpError::Refused {
             pid,
-            what: format!(
-                "it runs under seccomp (mode {}), which this version cannot restore",
-                st.seccomp
-            ),
+            what: format!("it runs under seccomp (mode {}), which this version cannot restore", st.seccomp),
         });
     }
     for ns in NAMESPACES {
@@ -86,7 +71,9 @@ fn check_threads(pid: i32, threads: u32) -> Result<(), DumpError> {
     if threads > 1 {
         return Err(DumpError::Refused {
             pid,
-            what: format!("it has {threads} threads; multi-threaded processes are not supported yet (single-threaded only)"),
+            what: format!(
+                "it has {threads} threads; multi-threaded processes are not supported yet (single-threaded only)"
+            ),
         });
     }
     Ok(())
@@ -98,10 +85,7 @@ fn check_children(pid: i32) -> Result<(), DumpError> {
         let list: Vec<String> = kids.iter().map(|k| procfs::describe(*k)).collect();
         return Err(DumpError::Refused {
             pid,
-            what: format!(
-                "it has child processes ({}); process trees are not supported yet",
-                list.join(", ")
-            ),
+            what: format!("it has child processes ({}); process trees are not supported yet", list.join(", ")),
         });
     }
     Ok(())
@@ -111,5 +95,14 @@ fn check_children(pid: i32) -> Result<(), DumpError> {
 pub fn after_freeze(pid: i32) -> Result<(), DumpError> {
     let tids = procfs::tids(pid).map_err(proc_err(pid, "task"))?;
     check_threads(pid, tids.len() as u32)?;
-    check_children(pid)
+    check_children(pid)?;
+    let timers = std::fs::read_to_string(procfs::path(pid, "timers")).map_err(proc_err(pid, "timers"))?;
+    let n = timers.lines().filter(|l| l.starts_with("ID:")).count();
+    if n > 0 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("it has {n} POSIX timer(s) (timer_create); POSIX timers are not supported yet"),
+        });
+    }
+    Ok(())
 }

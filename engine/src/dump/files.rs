@@ -40,18 +40,11 @@ pub fn is_tty(rdev: u64) -> bool {
     (136..=143).contains(&ma) || ma == 4 || (ma == 5 && mi == 0)
 }
 
-pub fn collect(
-    pid: i32,
-    shell_job: bool,
-    blobs: &mut Vec<Vec<u8>>,
-) -> Result<Vec<pb::FileDesc>, DumpError> {
+pub fn collect(pid: i32, shell_job: bool, blobs: &mut Vec<Vec<u8>>) -> Result<Vec<pb::FileDesc>, DumpError> {
     let mut out = Vec::new();
     for fd in procfs::fds(pid).map_err(proc_err(pid, "fd"))? {
         let link = procfs::readlink(pid, &format!("fd/{fd}")).map_err(proc_err(pid, "fd"))?;
-        let refuse = |what: String| DumpError::Refused {
-            pid,
-            what: format!("fd {fd} ({link}): {what}"),
-        };
+        let refuse = |what: String| DumpError::Refused { pid, what: format!("fd {fd} ({link}): {what}") };
         if link.starts_with("pipe:") {
             return Err(refuse("pipes are not supported yet".into()));
         }
@@ -61,6 +54,9 @@ pub fn collect(
         if link.contains("io_uring") {
             return Err(refuse("io_uring instances cannot be checkpointed".into()));
         }
+        if link.starts_with("/memfd:") {
+            return Err(refuse("memfd descriptors are not supported yet".into()));
+        }
         if link.starts_with("anon_inode:") {
             return Err(refuse(format!(
                 "{} descriptors are not supported yet",
@@ -68,6 +64,9 @@ pub fn collect(
             )));
         }
         let info = procfs::fdinfo(pid, fd).map_err(proc_err(pid, "fdinfo"))?;
+        if let Some(lock) = &info.lock {
+            return Err(refuse(format!("it holds a file lock ({lock}); file locks are not supported yet")));
+        }
         let fpath = procfs::path(pid, &format!("fd/{fd}"));
         let meta = std::fs::metadata(&fpath).map_err(proc_err(pid, "fd"))?;
         let ft = meta.file_type();
@@ -82,18 +81,11 @@ pub fn collect(
             blob: -1,
         };
         if ft.is_file() {
-            if let Some(orig) = link
-                .strip_suffix(" (deleted)")
-                .filter(|_| meta.nlink() == 0)
-            {
+            if let Some(orig) = link.strip_suffix(" (deleted)").filter(|_| meta.nlink() == 0) {
                 let mut data = Vec::new();
-                std::fs::File::open(&fpath)
-                    .and_then(|mut f| f.read_to_end(&mut data))
-                    .map_err(|source| DumpError::Io {
-                        pid,
-                        what: format!("cannot save deleted file {orig} (fd {fd})"),
-                        source,
-                    })?;
+                std::fs::File::open(&fpath).and_then(|mut f| f.read_to_end(&mut data)).map_err(|source| {
+                    DumpError::Io { pid, what: format!("cannot save deleted file {orig} (fd {fd})"), source }
+                })?;
                 d.kind = pb::FdKind::DeletedFile as i32;
                 d.path = orig.to_string();
                 d.blob = blobs.len() as i32;
@@ -110,7 +102,9 @@ pub fn collect(
                 d.kind = pb::FdKind::CharDevice as i32;
             } else if is_tty(meta.rdev()) {
                 if !shell_job {
-                    return Err(refuse("it is a terminal; pass --shell-job to dump a process attached to a terminal".into()));
+                    return Err(refuse(
+                        "it is a terminal; pass --shell-job to dump a process attached to a terminal".into(),
+                    ));
                 }
                 d.kind = pb::FdKind::Tty as i32;
             } else {
@@ -133,9 +127,7 @@ pub fn collect(
 fn check_same_file(path: &str, meta: &std::fs::Metadata) -> Result<(), String> {
     match std::fs::metadata(path) {
         Ok(m) if m.dev() == meta.dev() && m.ino() == meta.ino() => Ok(()),
-        Ok(_) => Err(format!(
-            "the path {path} now names a different file than the open one"
-        )),
+        Ok(_) => Err(format!("the path {path} now names a different file than the open one")),
         Err(e) => Err(format!("the path {path} cannot be reached from floe ({e})")),
     }
 }

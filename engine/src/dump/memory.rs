@@ -32,13 +32,10 @@ pub fn is_vdso_part(name: &str) -> bool {
 /// Finds the [vvar]/[vvar_vclock]/[vdso] block and fingerprints the vdso code.
 pub fn vdso_block(pid: i32, maps: &[MapEntry]) -> Result<VdsoInfo, DumpError> {
     let parts: Vec<&MapEntry> = maps.iter().filter(|m| is_vdso_part(&m.path)).collect();
-    let vdso = parts
-        .iter()
-        .find(|m| m.path == "[vdso]")
-        .ok_or_else(|| DumpError::Refused {
-            pid,
-            what: "it has no [vdso] mapping, which this version needs to drive it".into(),
-        })?;
+    let vdso = parts.iter().find(|m| m.path == "[vdso]").ok_or_else(|| DumpError::Refused {
+        pid,
+        what: "it has no [vdso] mapping, which this version needs to drive it".into(),
+    })?;
     for w in parts.windows(2) {
         if w[0].end != w[1].start {
             return Err(DumpError::Refused {
@@ -48,19 +45,8 @@ pub fn vdso_block(pid: i32, maps: &[MapEntry]) -> Result<VdsoInfo, DumpError> {
         }
     }
     let mut code = vec![0u8; vdso.len() as usize];
-    let n = mem::read_remote(
-        pid,
-        &mut code,
-        &[Range {
-            addr: vdso.start,
-            len: vdso.len(),
-        }],
-    )
-    .map_err(|source| DumpError::Memory {
-        pid,
-        addr: vdso.start,
-        source,
-    })?;
+    let n = mem::read_remote(pid, &mut code, &[Range { addr: vdso.start, len: vdso.len() }])
+        .map_err(|source| DumpError::Memory { pid, addr: vdso.start, source })?;
     code.truncate(n);
     let first = parts.first().map(|m| m.start).unwrap_or(vdso.start);
     let last = parts.last().map(|m| m.end).unwrap_or(vdso.end);
@@ -92,13 +78,9 @@ pub struct VmaPlan {
     pub readable: bool,
 }
 
-const ADVICE: [&str; 5] = ["hg", "nh", "dd", "dc", "wf"];
+const ADVICE: [&str; 6] = ["hg", "nh", "dd", "dc", "wf", "lo"];
 
-pub fn classify(
-    pid: i32,
-    maps: &[MapEntry],
-    _blobs: &mut Vec<Vec<u8>>,
-) -> Result<Vec<VmaPlan>, DumpError> {
+pub fn classify(pid: i32, maps: &[MapEntry], _blobs: &mut Vec<Vec<u8>>) -> Result<Vec<VmaPlan>, DumpError> {
     let mut out = Vec::new();
     for m in maps {
         if m.path == "[vsyscall]" || is_vdso_part(&m.path) {
@@ -112,13 +94,10 @@ pub fn classify(
             return Err(refuse("hugetlbfs mappings are not supported yet".into()));
         }
         if m.has_flag("io") || m.has_flag("pf") {
-            return Err(refuse(
-                "device (I/O) mappings cannot be checkpointed".into(),
-            ));
+            return Err(refuse("device (I/O) mappings cannot be checkpointed".into()));
         }
         let present_any = mem::PAGE_IS_PRESENT | mem::PAGE_IS_SWAPPED;
-        let ret =
-            mem::PAGE_IS_PRESENT | mem::PAGE_IS_SWAPPED | mem::PAGE_IS_FILE | mem::PAGE_IS_PFNZERO;
+        let ret = mem::PAGE_IS_PRESENT | mem::PAGE_IS_SWAPPED | mem::PAGE_IS_FILE | mem::PAGE_IS_PFNZERO;
         let anon_private = ScanQuery {
             category_inverted: mem::PAGE_IS_PFNZERO,
             category_mask: mem::PAGE_IS_PFNZERO,
@@ -131,29 +110,17 @@ pub fn classify(
             category_mask: mem::PAGE_IS_PFNZERO | mem::PAGE_IS_FILE,
             ..anon_private
         };
-        let shared = ScanQuery {
-            category_inverted: 0,
-            category_mask: 0,
-            ..anon_private
-        };
+        let shared = ScanQuery { category_inverted: 0, category_mask: 0, ..anon_private };
         let mut v = pb::Vma {
             start: m.start,
             end: m.end,
             prot: m.prot(),
             growsdown: m.has_flag("gd"),
-            advice: m
-                .vmflags
-                .iter()
-                .filter(|f| ADVICE.contains(&f.as_str()))
-                .cloned()
-                .collect(),
+            advice: m.vmflags.iter().filter(|f| ADVICE.contains(&f.as_str())).cloned().collect(),
             deleted_blob: -1,
             ..Default::default()
         };
-        let anon_like = m.path.is_empty()
-            || m.path.starts_with("[anon:")
-            || m.path == "[heap]"
-            || m.path == "[stack]";
+        let anon_like = m.path.is_empty() || m.path.starts_with("[anon:") || m.path == "[heap]" || m.path == "[stack]";
         let scan;
         if anon_like {
             if m.shared {
@@ -162,9 +129,7 @@ pub fn classify(
             v.kind = pb::VmaKind::AnonPrivate as i32;
             v.name = m.path.clone();
             scan = Some(anon_private);
-        } else if m.shared
-            && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:"))
-        {
+        } else if m.shared && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:")) {
             v.kind = pb::VmaKind::AnonShared as i32;
             v.name = m.path.clone();
             scan = Some(shared);
@@ -182,22 +147,12 @@ pub fn classify(
             let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
             let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
             if !meta.file_type().is_file() {
-                return Err(refuse(
-                    "only regular files can be mapped by a restorable process".into(),
-                ));
+                return Err(refuse("only regular files can be mapped by a restorable process".into()));
             }
             match std::fs::metadata(&m.path) {
                 Ok(p) if p.dev() == meta.dev() && p.ino() == meta.ino() => {}
-                Ok(_) => {
-                    return Err(refuse(
-                        "the file at this path was replaced after it was mapped".into(),
-                    ))
-                }
-                Err(e) => {
-                    return Err(refuse(format!(
-                        "the mapped file cannot be reached from floe ({e})"
-                    )))
-                }
+                Ok(_) => return Err(refuse("the file at this path was replaced after it was mapped".into())),
+                Err(e) => return Err(refuse(format!("the mapped file cannot be reached from floe ({e})"))),
             }
             v.path = m.path.clone();
             v.pgoff = m.offset;
@@ -212,11 +167,7 @@ pub fn classify(
         } else {
             return Err(refuse("special mapping is not supported".into()));
         }
-        out.push(VmaPlan {
-            pb: v,
-            scan,
-            readable: m.read,
-        });
+        out.push(VmaPlan { pb: v, scan, readable: m.read });
     }
     Ok(out)
 }
@@ -249,24 +200,14 @@ fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
                 classic_scan(pid, &pagemap, v, &mut regions)?;
             }
-            Err(source) => {
-                return Err(DumpError::Proc {
-                    pid,
-                    path: "pagemap (PAGEMAP_SCAN)".into(),
-                    source,
-                })
-            }
+            Err(source) => return Err(DumpError::Proc { pid, path: "pagemap (PAGEMAP_SCAN)".into(), source }),
         }
         for r in &regions {
             let mut a = r.start.max(v.pb.start);
             let end = r.end.min(v.pb.end);
             while a < end {
                 let len = (end - a).min(RUN_PAGES * PAGE);
-                runs.push(RunPlan {
-                    vaddr: a,
-                    len,
-                    readable: v.readable,
-                });
+                runs.push(RunPlan { vaddr: a, len, readable: v.readable });
                 a += len;
             }
         }
@@ -275,22 +216,15 @@ fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
 }
 
 /// Pre-6.7 kernels: read 8 bytes per page from /proc/PID/pagemap.
-fn classic_scan(
-    pid: i32,
-    pagemap: &File,
-    v: &VmaPlan,
-    out: &mut Vec<PageRegion>,
-) -> Result<(), DumpError> {
+fn classic_scan(pid: i32, pagemap: &File, v: &VmaPlan, out: &mut Vec<PageRegion>) -> Result<(), DumpError> {
     let private_file = v.pb.kind == pb::VmaKind::FilePrivate as i32;
     let pages = (v.pb.end - v.pb.start) / PAGE;
     let mut buf = vec![0u8; (pages * 8) as usize];
-    pagemap
-        .read_exact_at(&mut buf, v.pb.start / PAGE * 8)
-        .map_err(|source| DumpError::Proc {
-            pid,
-            path: "pagemap".into(),
-            source,
-        })?;
+    pagemap.read_exact_at(&mut buf, v.pb.start / PAGE * 8).map_err(|source| DumpError::Proc {
+        pid,
+        path: "pagemap".into(),
+        source,
+    })?;
     for (i, e) in buf.chunks_exact(8).enumerate() {
         let mut a = [0u8; 8];
         a.copy_from_slice(e);
@@ -301,11 +235,7 @@ fn classic_scan(
             let s = v.pb.start + i as u64 * PAGE;
             match out.last_mut() {
                 Some(l) if l.end == s => l.end += PAGE,
-                _ => out.push(PageRegion {
-                    start: s,
-                    end: s + PAGE,
-                    categories: 0,
-                }),
+                _ => out.push(PageRegion { start: s, end: s + PAGE, categories: 0 }),
             }
         }
     }
@@ -335,11 +265,7 @@ pub fn write_pages(
             }
             Ok(file)
         })
-        .map_err(|source| DumpError::Io {
-            pid,
-            what: "cannot start the page writer thread".into(),
-            source,
-        })?;
+        .map_err(|source| DumpError::Io { pid, what: "cannot start the page writer thread".into(), source })?;
 
     let mut out_runs = Vec::with_capacity(runs.len());
     let mut offset = crate::image::PAGES_DATA_OFFSET;
@@ -352,10 +278,7 @@ pub fn write_pages(
         // Take as many runs as fit in one batch.
         let mut j = i;
         let mut total = 0usize;
-        while j < runs.len()
-            && (j == i || total + runs[j].len as usize <= BATCH)
-            && j - i < mem::MAX_IOV
-        {
+        while j < runs.len() && (j == i || total + runs[j].len as usize <= BATCH) && j - i < mem::MAX_IOV {
             total += runs[j].len as usize;
             j += 1;
         }
@@ -402,21 +325,11 @@ pub fn write_pages(
         i = j;
     }
     drop(tx);
-    tracing::debug!(
-        pid,
-        read_s = t_read,
-        hash_s = t_hash,
-        wait_s = t_wait,
-        "page copy breakdown"
-    );
+    tracing::debug!(pid, read_s = t_read, hash_s = t_hash, wait_s = t_wait, "page copy breakdown");
     let file = match writer.join() {
         Ok(Ok(f)) => f,
         Ok(Err(source)) => {
-            return Err(DumpError::Io {
-                pid,
-                what: format!("cannot write {}", wpath.display()),
-                source,
-            })
+            return Err(DumpError::Io { pid, what: format!("cannot write {}", wpath.display()), source })
         }
         Err(_) => {
             return Err(DumpError::Io {
@@ -429,12 +342,11 @@ pub fn write_pages(
     read_result?;
     let mut out_blobs = Vec::new();
     for b in blobs {
-        file.write_all_at(b, offset)
-            .map_err(|source| DumpError::Io {
-                pid,
-                what: format!("cannot write {}", wpath.display()),
-                source,
-            })?;
+        file.write_all_at(b, offset).map_err(|source| DumpError::Io {
+            pid,
+            what: format!("cannot write {}", wpath.display()),
+            source,
+        })?;
         out_blobs.push(pb::Blob {
             file_offset: offset,
             len: b.len() as u64,
@@ -442,34 +354,21 @@ pub fn write_pages(
         });
         offset += b.len() as u64;
     }
-    Ok(PagesOut {
-        runs: out_runs,
-        blobs: out_blobs,
-        file_size: offset,
-        page_bytes,
-        file,
-    })
+    Ok(PagesOut { runs: out_runs, blobs: out_blobs, file_size: offset, page_bytes, file })
 }
 
-fn read_batch(
-    pid: i32,
-    mem_file: &File,
-    runs: &[RunPlan],
-    buf: &mut [u8],
-) -> Result<(), DumpError> {
+fn read_batch(pid: i32, mem_file: &File, runs: &[RunPlan], buf: &mut [u8]) -> Result<(), DumpError> {
     let mut o = 0usize;
     let mut k = 0usize;
     while k < runs.len() {
         if !runs[k].readable {
             // Not readable by the process itself: /proc/PID/mem can still read it.
             let r = &runs[k];
-            mem_file
-                .read_exact_at(&mut buf[o..o + r.len as usize], r.vaddr)
-                .map_err(|source| DumpError::Memory {
-                    pid,
-                    addr: r.vaddr,
-                    source,
-                })?;
+            mem_file.read_exact_at(&mut buf[o..o + r.len as usize], r.vaddr).map_err(|source| DumpError::Memory {
+                pid,
+                addr: r.vaddr,
+                source,
+            })?;
             o += r.len as usize;
             k += 1;
             continue;
@@ -480,27 +379,15 @@ fn read_batch(
             len += runs[e].len as usize;
             e += 1;
         }
-        let ranges: Vec<Range> = runs[k..e]
-            .iter()
-            .map(|r| Range {
-                addr: r.vaddr,
-                len: r.len,
-            })
-            .collect();
-        let n = mem::read_remote(pid, &mut buf[o..o + len], &ranges).map_err(|source| {
-            DumpError::Memory {
-                pid,
-                addr: runs[k].vaddr,
-                source,
-            }
+        let ranges: Vec<Range> = runs[k..e].iter().map(|r| Range { addr: r.vaddr, len: r.len }).collect();
+        let n = mem::read_remote(pid, &mut buf[o..o + len], &ranges).map_err(|source| DumpError::Memory {
+            pid,
+            addr: runs[k].vaddr,
+            source,
         })?;
         if n != len {
             let addr = runs[k].vaddr + n as u64;
-            return Err(DumpError::Memory {
-                pid,
-                addr,
-                source: std::io::Error::from_raw_os_error(libc::EFAULT),
-            });
+            return Err(DumpError::Memory { pid, addr, source: std::io::Error::from_raw_os_error(libc::EFAULT) });
         }
         o += len;
         k = e;

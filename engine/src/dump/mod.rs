@@ -104,16 +104,10 @@ pub enum DumpError {
 
 pub(crate) fn proc_err(pid: i32, path: &str) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
     move |source| {
-        if source.kind() == std::io::ErrorKind::NotFound
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if source.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
             DumpError::NoProcess { pid }
         } else {
-            DumpError::Proc {
-                pid,
-                path: path.to_string(),
-                source,
-            }
+            DumpError::Proc { pid, path: path.to_string(), source }
         }
     }
 }
@@ -133,39 +127,18 @@ struct Frozen {
 
 impl Frozen {
     fn seize(pid: i32) -> Result<Self, DumpError> {
-        ptrace::seize(pid, ptrace::SEIZE_OPTIONS).map_err(|source| {
-            match source.raw_os_error() {
-                Some(libc::ESRCH) => DumpError::NoProcess { pid },
-                Some(libc::EPERM) => DumpError::Refused {
-                    pid,
-                    what:
-                        "ptrace attach not permitted (already traced, or floe lacks CAP_SYS_PTRACE)"
-                            .into(),
-                },
-                _ => DumpError::Ptrace {
-                    pid,
-                    op: "seize",
-                    source,
-                },
-            }
-        })?;
-        let mut me = Self {
-            pid,
-            regs: zero_regs(),
-            injected: false,
-            done: false,
-        };
-        ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace {
-            pid,
-            op: "interrupt",
-            source,
-        })?;
-        loop {
-            match ptrace::wait(pid).map_err(|source| DumpError::Ptrace {
+        ptrace::seize(pid, ptrace::DUMP_OPTIONS).map_err(|source| match source.raw_os_error() {
+            Some(libc::ESRCH) => DumpError::NoProcess { pid },
+            Some(libc::EPERM) => DumpError::Refused {
                 pid,
-                op: "wait",
-                source,
-            })? {
+                what: "ptrace attach not permitted (already traced, or floe lacks CAP_SYS_PTRACE)".into(),
+            },
+            _ => DumpError::Ptrace { pid, op: "seize", source },
+        })?;
+        let mut me = Self { pid, regs: zero_regs(), injected: false, done: false };
+        ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace { pid, op: "interrupt", source })?;
+        loop {
+            match ptrace::wait(pid).map_err(|source| DumpError::Ptrace { pid, op: "wait", source })? {
                 Stop::Event => break,
                 Stop::Exited(_) | Stop::Killed(_) => {
                     me.done = true;
@@ -173,31 +146,15 @@ impl Frozen {
                 }
                 Stop::Signal(sig) => {
                     // A signal raced with the freeze: keep it pending for the process.
-                    ptrace::cont(pid, sig).map_err(|source| DumpError::Ptrace {
-                        pid,
-                        op: "cont",
-                        source,
-                    })?;
-                    ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace {
-                        pid,
-                        op: "interrupt",
-                        source,
-                    })?;
+                    ptrace::cont(pid, sig).map_err(|source| DumpError::Ptrace { pid, op: "cont", source })?;
+                    ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace { pid, op: "interrupt", source })?;
                 }
                 Stop::Syscall | Stop::OtherEvent(_) => {
-                    ptrace::cont(pid, 0).map_err(|source| DumpError::Ptrace {
-                        pid,
-                        op: "cont",
-                        source,
-                    })?;
+                    ptrace::cont(pid, 0).map_err(|source| DumpError::Ptrace { pid, op: "cont", source })?;
                 }
             }
         }
-        me.regs = ptrace::get_regs(pid).map_err(|source| DumpError::Ptrace {
-            pid,
-            op: "getregs",
-            source,
-        })?;
+        me.regs = ptrace::get_regs(pid).map_err(|source| DumpError::Ptrace { pid, op: "getregs", source })?;
         Ok(me)
     }
 
@@ -245,9 +202,8 @@ pub(crate) fn zero_regs() -> UserRegs {
 /// Encodes registers as 27 little-endian u64 in kernel order.
 pub fn regs_to_bytes(r: &UserRegs) -> Vec<u8> {
     let f = [
-        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
-        r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds,
-        r.es, r.fs, r.gs,
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
+        r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
     ];
     f.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -330,21 +286,10 @@ fn dump_frozen(
 
     let t_collect = Instant::now();
     let regs = frozen.regs;
-    let xstate = ptrace::get_xstate(pid).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "getregset xstate",
-        source,
-    })?;
-    let sigmask = ptrace::get_sigmask(pid).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "getsigmask",
-        source,
-    })?;
-    let rseq = ptrace::get_rseq(pid).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "get rseq configuration",
-        source,
-    })?;
+    let xstate = ptrace::get_xstate(pid).map_err(|source| DumpError::Ptrace { pid, op: "getregset xstate", source })?;
+    let sigmask = ptrace::get_sigmask(pid).map_err(|source| DumpError::Ptrace { pid, op: "getsigmask", source })?;
+    let rseq =
+        ptrace::get_rseq(pid).map_err(|source| DumpError::Ptrace { pid, op: "get rseq configuration", source })?;
     let (robust, robust_len) = task::get_robust_list(pid).map_err(|source| DumpError::Io {
         pid,
         what: "get_robust_list failed".into(),
@@ -357,12 +302,16 @@ fn dump_frozen(
     let mut inj = Injector::new(pid, regs, gadget);
     frozen.injected = true;
     let par = parasite::collect(&mut inj, sigmask)?;
+    // Only SECBIT_KEEP_CAPS (bit 4) is restored; anything else would silently differ.
+    if par.securebits & !(1 << 4) != 0 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("it sets securebits {:#x}, which this version cannot restore", par.securebits),
+        });
+    }
     // Signals are read after injection: anything that arrived meanwhile stayed pending.
-    let pending = ptrace::peek_siginfo(pid, false).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "peeksiginfo",
-        source,
-    })?;
+    let pending =
+        ptrace::peek_siginfo(pid, false).map_err(|source| DumpError::Ptrace { pid, op: "peeksiginfo", source })?;
     let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
         pid,
         op: "peeksiginfo shared",
@@ -400,14 +349,8 @@ fn dump_frozen(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
-        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
-        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
         process: Some(process),
         vmas: vmas.iter().map(|v| v.pb.clone()).collect(),
         page_runs: out.runs,
@@ -455,18 +398,13 @@ fn build_process(
     if exe_path.ends_with(" (deleted)") {
         return Err(DumpError::Refused {
             pid,
-            what: format!(
-                "its executable {exe_path} was deleted; restore would have nothing to map"
-            ),
+            what: format!("its executable {exe_path} was deleted; restore would have nothing to map"),
         });
     }
     let exe_meta = std::fs::metadata(procfs::path(pid, "exe")).map_err(proc_err(pid, "exe"))?;
     let cwd = procfs::readlink(pid, "cwd").map_err(proc_err(pid, "cwd"))?;
     if cwd.ends_with(" (deleted)") {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!("its working directory {cwd} was deleted"),
-        });
+        return Err(DumpError::Refused { pid, what: format!("its working directory {cwd} was deleted") });
     }
     let root = procfs::readlink(pid, "root").map_err(proc_err(pid, "root"))?;
     let comm = std::fs::read_to_string(procfs::path(pid, "comm"))
@@ -488,11 +426,7 @@ fn build_process(
             what: format!("prlimit64 resource {res}"),
             source,
         })?;
-        rlimits.push(pb::Rlimit {
-            resource: res,
-            cur,
-            max,
-        });
+        rlimits.push(pb::Rlimit { resource: res, cur, max });
     }
     let f = |n| procfs::stat_field(&sf, n);
     let mm = pb::MmFields {
@@ -514,18 +448,9 @@ fn build_process(
         gpregs: regs_to_bytes(regs),
         xstate,
         sigmask,
-        pending: pending
-            .into_iter()
-            .map(|s| pb::PendingSignal {
-                siginfo: s.to_vec(),
-            })
-            .collect(),
+        pending: pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect(),
         altstack: Some(par.altstack),
-        rseq: (rseq.ptr != 0).then_some(pb::Rseq {
-            ptr: rseq.ptr,
-            len: rseq.len,
-            sig: rseq.sig,
-        }),
+        rseq: (rseq.ptr != 0).then_some(pb::Rseq { ptr: rseq.ptr, len: rseq.len, sig: rseq.sig }),
         robust_list: robust.0,
         robust_list_len: robust.1,
         clear_child_tid: par.clear_child_tid,
@@ -555,12 +480,7 @@ fn build_process(
         mm: Some(mm),
         thread: Some(thread),
         sigactions: par.sigactions.clone(),
-        shared_pending: shared_pending
-            .into_iter()
-            .map(|s| pb::PendingSignal {
-                siginfo: s.to_vec(),
-            })
-            .collect(),
+        shared_pending: shared_pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect(),
         rlimits,
         itimers: par.itimers.clone(),
         pdeathsig: par.pdeathsig,
@@ -575,5 +495,8 @@ fn build_process(
         cap_inh: st.cap_inh,
         cap_bnd: st.cap_bnd,
         no_new_privs: st.no_new_privs,
+        cap_amb: st.cap_amb,
+        nice: procfs::stat_field(&sf, 19) as i64 as i32,
+        securebits: par.securebits,
     })
 }

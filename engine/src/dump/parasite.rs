@@ -16,6 +16,7 @@ pub struct Collected {
     pub child_subreaper: bool,
     pub thp_disabled: bool,
     pub dumpable: i32,
+    pub securebits: u32,
 }
 
 const SCRATCH: u64 = 4096;
@@ -29,11 +30,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 pub fn collect(inj: &mut Injector, sigmask: u64) -> Result<Collected, DumpError> {
     let pid = inj.pid();
     // Keep every signal pending (not delivered) while we work.
-    ptrace::set_sigmask(pid, u64::MAX).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "setsigmask",
-        source,
-    })?;
+    ptrace::set_sigmask(pid, u64::MAX).map_err(|source| DumpError::Ptrace { pid, op: "setsigmask", source })?;
     let result = (|| {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         // MAP_SHARED anonymous memory never merges with the process's own mappings.
@@ -45,11 +42,8 @@ pub fn collect(inj: &mut Injector, sigmask: u64) -> Result<Collected, DumpError>
         unmap?;
         Ok::<_, DumpError>(out)
     })();
-    let restore_mask = ptrace::set_sigmask(pid, sigmask).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "setsigmask",
-        source,
-    });
+    let restore_mask =
+        ptrace::set_sigmask(pid, sigmask).map_err(|source| DumpError::Ptrace { pid, op: "setsigmask", source });
     let out = result?;
     restore_mask?;
     Ok(out)
@@ -91,36 +85,20 @@ fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
         inj.call(libc::SYS_getitimer, [which as u64, scratch, 0, 0, 0, 0])?;
         inj.read_mem(scratch, &mut buf[..32])?;
         let us = |o: usize| u64_at(&buf, o) * 1_000_000 + u64_at(&buf, o + 8);
-        let t = pb::ITimer {
-            which,
-            interval_us: us(0),
-            value_us: us(16),
-        };
+        let t = pb::ITimer { which, interval_us: us(0), value_us: us(16) };
         if t.interval_us != 0 || t.value_us != 0 {
             itimers.push(t);
         }
     }
     let brk = inj.call(libc::SYS_brk, [0; 6])?;
-    inj.call(
-        libc::SYS_prctl,
-        [libc::PR_GET_PDEATHSIG as u64, scratch, 0, 0, 0, 0],
-    )?;
+    inj.call(libc::SYS_prctl, [libc::PR_GET_PDEATHSIG as u64, scratch, 0, 0, 0, 0])?;
     inj.read_mem(scratch, &mut buf[..4])?;
     let pdeathsig = i32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-    inj.call(
-        libc::SYS_prctl,
-        [libc::PR_GET_CHILD_SUBREAPER as u64, scratch, 0, 0, 0, 0],
-    )?;
+    inj.call(libc::SYS_prctl, [libc::PR_GET_CHILD_SUBREAPER as u64, scratch, 0, 0, 0, 0])?;
     inj.read_mem(scratch, &mut buf[..4])?;
     let child_subreaper = buf[..4] != [0, 0, 0, 0];
-    let thp_disabled = inj.call(
-        libc::SYS_prctl,
-        [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0],
-    )? != 0;
-    let dumpable = inj.call(
-        libc::SYS_prctl,
-        [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0],
-    )? as i32;
+    let thp_disabled = inj.call(libc::SYS_prctl, [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0])? != 0;
+    let dumpable = inj.call(libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0])? as i32;
     Ok(Collected {
         sigactions,
         altstack,
@@ -131,5 +109,6 @@ fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
         child_subreaper,
         thp_disabled,
         dumpable,
+        securebits: inj.call(libc::SYS_prctl, [libc::PR_GET_SECUREBITS as u64, 0, 0, 0, 0, 0])? as u32,
     })
 }

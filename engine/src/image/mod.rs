@@ -55,11 +55,7 @@ pub enum ImageError {
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
+    move |source| ImageError::Io { path: path.to_path_buf(), what, source }
 }
 
 /// Prepares an image directory for writing.
@@ -76,10 +72,7 @@ fn random_id() -> [u8; 16] {
     if let Ok(mut f) = File::open("/dev/urandom") {
         let _ = f.read_exact(&mut id);
     }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     let h = blake3::hash(&[&id[..], &t.to_le_bytes(), &std::process::id().to_le_bytes()].concat());
     id.copy_from_slice(&h.as_bytes()[..16]);
     id
@@ -90,9 +83,7 @@ impl ImageWriter {
     pub fn create(dir: &Path, force: bool) -> Result<Self, ImageError> {
         fs::create_dir_all(dir).map_err(io_err(dir, "cannot create image directory"))?;
         if dir.join(MANIFEST_FILE).exists() && !force {
-            return Err(ImageError::Exists {
-                dir: dir.to_path_buf(),
-            });
+            return Err(ImageError::Exists { dir: dir.to_path_buf() });
         }
         let tag = std::process::id();
         Ok(Self {
@@ -118,8 +109,7 @@ impl ImageWriter {
         hdr[..8].copy_from_slice(&PAGES_MAGIC);
         hdr[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         hdr[16..32].copy_from_slice(&self.image_id);
-        f.write_all_at(&hdr, 0)
-            .map_err(io_err(p, "cannot write pages header"))?;
+        f.write_all_at(&hdr, 0).map_err(io_err(p, "cannot write pages header"))?;
         Ok(f)
     }
 
@@ -129,9 +119,7 @@ impl ImageWriter {
 
     /// Writes the manifest, syncs both files and renames them into place.
     pub fn commit(&self, manifest: &Manifest, pages: File) -> Result<u64, ImageError> {
-        pages
-            .sync_all()
-            .map_err(io_err(&self.pages_tmp, "cannot sync pages file"))?;
+        pages.sync_all().map_err(io_err(&self.pages_tmp, "cannot sync pages file"))?;
         drop(pages);
         let payload = manifest.encode_to_vec();
         let mut buf = Vec::with_capacity(MANIFEST_HEADER_LEN + payload.len());
@@ -144,21 +132,17 @@ impl ImageWriter {
         let mp = &self.manifest_tmp;
         {
             let mut f = File::create(mp).map_err(io_err(mp, "cannot create manifest"))?;
-            f.write_all(&buf)
-                .map_err(io_err(mp, "cannot write manifest"))?;
+            f.write_all(&buf).map_err(io_err(mp, "cannot write manifest"))?;
             f.sync_all().map_err(io_err(mp, "cannot sync manifest"))?;
         }
         let final_manifest = self.dir.join(MANIFEST_FILE);
         if self.force && final_manifest.exists() {
             // Invalidate the old image first so no mix of old and new ever looks valid.
-            fs::remove_file(&final_manifest)
-                .map_err(io_err(&final_manifest, "cannot remove old manifest"))?;
+            fs::remove_file(&final_manifest).map_err(io_err(&final_manifest, "cannot remove old manifest"))?;
         }
         let final_pages = self.dir.join(PAGES_FILE);
-        fs::rename(&self.pages_tmp, &final_pages)
-            .map_err(io_err(&final_pages, "cannot rename pages file"))?;
-        fs::rename(mp, &final_manifest)
-            .map_err(io_err(&final_manifest, "cannot rename manifest"))?;
+        fs::rename(&self.pages_tmp, &final_pages).map_err(io_err(&final_pages, "cannot rename pages file"))?;
+        fs::rename(mp, &final_manifest).map_err(io_err(&final_manifest, "cannot rename manifest"))?;
         if let Ok(d) = File::open(&self.dir) {
             let _ = d.sync_all();
         }
@@ -186,22 +170,13 @@ impl ImageReader {
     /// verified run by run as it is read).
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         let mp = dir.join(MANIFEST_FILE);
-        let mut f = File::open(&mp).map_err(io_err(
-            &mp,
-            "cannot open manifest (is this an image directory?)",
-        ))?;
-        let file_len = f
-            .metadata()
-            .map_err(io_err(&mp, "cannot stat manifest"))?
-            .len();
+        let mut f = File::open(&mp).map_err(io_err(&mp, "cannot open manifest (is this an image directory?)"))?;
+        let file_len = f.metadata().map_err(io_err(&mp, "cannot stat manifest"))?.len();
         if file_len < MANIFEST_HEADER_LEN as u64 {
             let mut head = vec![0u8; file_len as usize];
             let _ = f.read_exact(&mut head);
             if head.len() >= 8 && head[..8] != MANIFEST_MAGIC {
-                return Err(ImageError::BadMagic {
-                    path: mp,
-                    found: head[..8].to_vec(),
-                });
+                return Err(ImageError::BadMagic { path: mp, found: head[..8].to_vec() });
             }
             return Err(ImageError::Truncated {
                 path: mp,
@@ -209,20 +184,13 @@ impl ImageReader {
             });
         }
         let mut hdr = [0u8; MANIFEST_HEADER_LEN];
-        f.read_exact(&mut hdr)
-            .map_err(io_err(&mp, "cannot read manifest header"))?;
+        f.read_exact(&mut hdr).map_err(io_err(&mp, "cannot read manifest header"))?;
         if hdr[..8] != MANIFEST_MAGIC {
-            return Err(ImageError::BadMagic {
-                path: mp,
-                found: hdr[..8].to_vec(),
-            });
+            return Err(ImageError::BadMagic { path: mp, found: hdr[..8].to_vec() });
         }
         let version = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
         if version != FORMAT_VERSION {
-            return Err(ImageError::Version {
-                path: mp,
-                found: version,
-            });
+            return Err(ImageError::Version { path: mp, found: version });
         }
         let mut lenb = [0u8; 8];
         lenb.copy_from_slice(&hdr[16..24]);
@@ -240,48 +208,27 @@ impl ImageReader {
             });
         }
         let mut payload = vec![0u8; len as usize];
-        f.read_exact(&mut payload)
-            .map_err(io_err(&mp, "cannot read manifest"))?;
+        f.read_exact(&mut payload).map_err(io_err(&mp, "cannot read manifest"))?;
         if blake3::hash(&payload).as_bytes() != &hdr[24..56] {
-            return Err(ImageError::Checksum {
-                path: mp,
-                what: "manifest".into(),
-            });
+            return Err(ImageError::Checksum { path: mp, what: "manifest".into() });
         }
         let manifest =
-            Manifest::decode(payload.as_slice()).map_err(|source| ImageError::Decode {
-                path: mp.clone(),
-                source,
-            })?;
+            Manifest::decode(payload.as_slice()).map_err(|source| ImageError::Decode { path: mp.clone(), source })?;
 
         let pp = dir.join(PAGES_FILE);
         let pages = File::open(&pp).map_err(io_err(&pp, "cannot open pages file"))?;
-        let plen = pages
-            .metadata()
-            .map_err(io_err(&pp, "cannot stat pages file"))?
-            .len();
+        let plen = pages.metadata().map_err(io_err(&pp, "cannot stat pages file"))?.len();
         let mut phdr = [0u8; 32];
         if plen < PAGES_DATA_OFFSET {
-            return Err(ImageError::Truncated {
-                path: pp,
-                what: format!("{plen} bytes, shorter than its header"),
-            });
+            return Err(ImageError::Truncated { path: pp, what: format!("{plen} bytes, shorter than its header") });
         }
-        pages
-            .read_exact_at(&mut phdr, 0)
-            .map_err(io_err(&pp, "cannot read pages header"))?;
+        pages.read_exact_at(&mut phdr, 0).map_err(io_err(&pp, "cannot read pages header"))?;
         if phdr[..8] != PAGES_MAGIC {
-            return Err(ImageError::BadMagic {
-                path: pp,
-                found: phdr[..8].to_vec(),
-            });
+            return Err(ImageError::BadMagic { path: pp, found: phdr[..8].to_vec() });
         }
         let pver = u32::from_le_bytes([phdr[8], phdr[9], phdr[10], phdr[11]]);
         if pver != FORMAT_VERSION {
-            return Err(ImageError::Version {
-                path: pp,
-                found: pver,
-            });
+            return Err(ImageError::Version { path: pp, found: pver });
         }
         if phdr[16..32] != manifest.image_id[..] {
             return Err(ImageError::Invalid {
@@ -295,63 +242,35 @@ impl ImageReader {
                 what: format!("{plen} bytes, manifest says {}", manifest.pages_file_size),
             });
         }
-        let me = Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            manifest_len: file_len,
-            pages,
-            pages_path: pp,
-        };
+        let me = Self { dir: dir.to_path_buf(), manifest, manifest_len: file_len, pages, pages_path: pp };
         me.validate()?;
         Ok(me)
     }
 
     fn validate(&self) -> Result<(), ImageError> {
         let m = &self.manifest;
-        let bad = |what: String| ImageError::Invalid {
-            path: self.dir.join(MANIFEST_FILE),
-            what,
-        };
+        let bad = |what: String| ImageError::Invalid { path: self.dir.join(MANIFEST_FILE), what };
         if m.process.is_none() {
             return Err(bad("no process record".into()));
         }
         for r in &m.page_runs {
-            let len = r
-                .nr_pages
-                .checked_mul(4096)
-                .ok_or_else(|| bad("page run too long".into()))?;
-            let end = r
-                .file_offset
-                .checked_add(len)
-                .ok_or_else(|| bad("page run offset overflows".into()))?;
+            let len = r.nr_pages.checked_mul(4096).ok_or_else(|| bad("page run too long".into()))?;
+            let end = r.file_offset.checked_add(len).ok_or_else(|| bad("page run offset overflows".into()))?;
             if r.file_offset < PAGES_DATA_OFFSET
                 || end > m.pages_file_size
                 || r.vaddr % 4096 != 0
                 || r.blake3.len() != 32
             {
-                return Err(bad(format!(
-                    "page run at {:#x} lies outside the pages file",
-                    r.vaddr
-                )));
+                return Err(bad(format!("page run at {:#x} lies outside the pages file", r.vaddr)));
             }
-            let inside = m
-                .vmas
-                .iter()
-                .any(|v| r.vaddr >= v.start && r.vaddr + len <= v.end);
+            let inside = m.vmas.iter().any(|v| r.vaddr >= v.start && r.vaddr + len <= v.end);
             if !inside {
-                return Err(bad(format!(
-                    "page run at {:#x} is outside every mapping",
-                    r.vaddr
-                )));
+                return Err(bad(format!("page run at {:#x} is outside every mapping", r.vaddr)));
             }
         }
         for b in &m.blobs {
-            let end = b
-                .file_offset
-                .checked_add(b.len)
-                .ok_or_else(|| bad("blob offset overflows".into()))?;
-            if b.file_offset < PAGES_DATA_OFFSET || end > m.pages_file_size || b.blake3.len() != 32
-            {
+            let end = b.file_offset.checked_add(b.len).ok_or_else(|| bad("blob offset overflows".into()))?;
+            if b.file_offset < PAGES_DATA_OFFSET || end > m.pages_file_size || b.blake3.len() != 32 {
                 return Err(bad("saved file contents lie outside the pages file".into()));
             }
         }
@@ -360,14 +279,10 @@ impl ImageReader {
 
     /// Reads and verifies a blob (e.g. a deleted file's contents).
     pub fn read_blob(&self, idx: usize) -> Result<Vec<u8>, ImageError> {
-        let b = self
-            .manifest
-            .blobs
-            .get(idx)
-            .ok_or_else(|| ImageError::Invalid {
-                path: self.dir.join(MANIFEST_FILE),
-                what: format!("reference to missing saved file #{idx}"),
-            })?;
+        let b = self.manifest.blobs.get(idx).ok_or_else(|| ImageError::Invalid {
+            path: self.dir.join(MANIFEST_FILE),
+            what: format!("reference to missing saved file #{idx}"),
+        })?;
         let mut buf = vec![0u8; b.len as usize];
         self.pages
             .read_exact_at(&mut buf, b.file_offset)
@@ -383,10 +298,6 @@ impl ImageReader {
 
     /// Total bytes of page data.
     pub fn page_bytes(&self) -> u64 {
-        self.manifest
-            .page_runs
-            .iter()
-            .map(|r| r.nr_pages * 4096)
-            .sum()
+        self.manifest.page_runs.iter().map(|r| r.nr_pages * 4096).sum()
     }
 }

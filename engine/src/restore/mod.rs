@@ -58,11 +58,11 @@ pub enum RestoreError {
     Image(#[from] ImageError),
     #[error("pid {pid} is taken by {owner}; stop that process or restore in a new pid namespace")]
     PidTaken { pid: i32, owner: String },
-    #[error("pid {pid} is still held by a zombie after {secs} s (its parent has not reaped it); retry when it is gone")]
-    PidZombie { pid: i32, secs: u64 },
     #[error(
-        "pid {pid} is above this host's kernel.pid_max ({max}); raise /proc/sys/kernel/pid_max"
+        "pid {pid} is still held by a zombie after {secs} s (its parent has not reaped it); retry when it is gone"
     )]
+    PidZombie { pid: i32, secs: u64 },
+    #[error("pid {pid} is above this host's kernel.pid_max ({max}); raise /proc/sys/kernel/pid_max")]
     PidMax { pid: i32, max: i64 },
     #[error("{path}: {what}")]
     File { path: String, what: String },
@@ -113,11 +113,7 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     timings.finish_ms = ms(t);
     timings.total_ms = ms(t0);
     tracing::info!(pid, timings = ?timings, page_bytes, "restore complete");
-    Ok(RestoreReport {
-        pid,
-        page_bytes,
-        timings,
-    })
+    Ok(RestoreReport { pid, page_bytes, timings })
 }
 
 /// Waits for a restored process (a child of the caller) to exit and returns

@@ -60,13 +60,11 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
                 if (buf.len() as u64) < len {
                     buf.resize(len as usize, 0);
                 }
-                let res = file
-                    .read_exact_at(&mut buf[..len as usize], start)
-                    .map_err(|source| ImageError::Io {
-                        path: path.clone(),
-                        what: "cannot read page data (file truncated?)",
-                        source,
-                    });
+                let res = file.read_exact_at(&mut buf[..len as usize], start).map_err(|source| ImageError::Io {
+                    path: path.clone(),
+                    what: "cannot read page data (file truncated?)",
+                    source,
+                });
                 let res = res.and_then(|()| {
                     let mut o = 0usize;
                     let mut ranges = Vec::with_capacity(j - i);
@@ -81,20 +79,13 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
                                 ),
                             });
                         }
-                        ranges.push(Range {
-                            addr: r.vaddr,
-                            len: n as u64,
-                        });
+                        ranges.push(Range { addr: r.vaddr, len: n as u64 });
                         o += n;
                     }
                     Ok(ranges)
                 });
                 let failed = res.is_err();
-                let msg = res.map(|ranges| Batch {
-                    buf,
-                    len: len as usize,
-                    ranges,
-                });
+                let msg = res.map(|ranges| Batch { buf, len: len as usize, ranges });
                 if tx.send(msg).is_err() || failed {
                     return;
                 }

@@ -23,34 +23,23 @@ pub struct Preflight {
 pub const ZOMBIE_WAIT: Duration = Duration::from_secs(10);
 
 fn file_err(path: &str, what: impl Into<String>) -> RestoreError {
-    RestoreError::File {
-        path: path.to_string(),
-        what: what.into(),
-    }
+    RestoreError::File { path: path.to_string(), what: what.into() }
 }
 
 impl Preflight {
     pub fn check(img: &ImageReader, opts: &RestoreOptions) -> Result<Self, RestoreError> {
         let m = &img.manifest;
-        let p = m.process.as_ref().ok_or_else(|| RestoreError::Refused {
-            what: "image has no process".into(),
-        })?;
-        let th = p.thread.as_ref().ok_or_else(|| RestoreError::Refused {
-            what: "image has no thread state".into(),
-        })?;
+        let p = m.process.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
+        let th = p.thread.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no thread state".into() })?;
         if th.gpregs.len() != 27 * 8 {
             return Err(RestoreError::Refused {
-                what: format!(
-                    "image register block has {} bytes, expected 216",
-                    th.gpregs.len()
-                ),
+                what: format!("image register block has {} bytes, expected 216", th.gpregs.len()),
             });
         }
         let _ = regs_from_bytes(&th.gpregs);
         // Files the process maps or has open must be here, unchanged.
         for v in &m.vmas {
-            if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32
-            {
+            if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32 {
                 check_file(&v.path, v.file.as_ref(), true)?;
             }
         }
@@ -61,38 +50,26 @@ impl Preflight {
                 pb::FdKind::Regular => check_file(&f.path, f.file.as_ref(), false)?,
                 pb::FdKind::Directory => {
                     if !std::path::Path::new(&f.path).is_dir() {
-                        return Err(file_err(
-                            &f.path,
-                            format!("directory open as fd {} is missing", f.fd),
-                        ));
+                        return Err(file_err(&f.path, format!("directory open as fd {} is missing", f.fd)));
                     }
                 }
                 pb::FdKind::DeletedFile => {
-                    let dir = std::path::Path::new(&f.path)
-                        .parent()
-                        .map(|d| d.to_path_buf())
-                        .unwrap_or_default();
+                    let dir = std::path::Path::new(&f.path).parent().map(|d| d.to_path_buf()).unwrap_or_default();
                     if !dir.is_dir() {
-                        return Err(file_err(
-                            &f.path,
-                            format!("directory of deleted file (fd {}) is missing", f.fd),
-                        ));
+                        return Err(file_err(&f.path, format!("directory of deleted file (fd {}) is missing", f.fd)));
                     }
                 }
                 pb::FdKind::CharDevice => {
                     let dev = crate::dump::simple_device(f.rdev)
                         .ok_or_else(|| file_err(&f.path, format!("fd {}: unknown device", f.fd)))?;
-                    let meta = std::fs::metadata(dev)
-                        .map_err(|e| file_err(dev, format!("missing ({e})")))?;
+                    let meta = std::fs::metadata(dev).map_err(|e| file_err(dev, format!("missing ({e})")))?;
                     if meta.rdev() != f.rdev {
                         return Err(file_err(dev, "is a different device on this host"));
                     }
                 }
                 pb::FdKind::Tty => needs_tty = true,
                 pb::FdKind::Unspecified => {
-                    return Err(RestoreError::Refused {
-                        what: format!("fd {} has an unknown kind", f.fd),
-                    })
+                    return Err(RestoreError::Refused { what: format!("fd {} has an unknown kind", f.fd) })
                 }
             }
         }
@@ -104,7 +81,8 @@ impl Preflight {
         let terminal_fd = if needs_tty {
             if !opts.shell_job {
                 return Err(RestoreError::Refused {
-                    what: "the process was attached to a terminal; pass --shell-job to attach it to floe's terminal".into(),
+                    what: "the process was attached to a terminal; pass --shell-job to attach it to floe's terminal"
+                        .into(),
                 });
             }
             let fd = (0..3).find(|fd| crate::sys::task::isatty(*fd));
@@ -115,18 +93,9 @@ impl Preflight {
             None
         };
         let (host_vdso, host_block, host_parts) = host_vdso_block()?;
-        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused {
-            what: "image has no vdso record".into(),
-        })?;
-        let img_parts: Vec<(String, u64)> = vd
-            .parts
-            .iter()
-            .map(|v| (v.name.clone(), v.end - v.start))
-            .collect();
-        let our_parts: Vec<(String, u64)> = host_parts
-            .iter()
-            .map(|(n, s, e)| (n.clone(), e - s))
-            .collect();
+        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no vdso record".into() })?;
+        let img_parts: Vec<(String, u64)> = vd.parts.iter().map(|v| (v.name.clone(), v.end - v.start)).collect();
+        let our_parts: Vec<(String, u64)> = host_parts.iter().map(|(n, s, e)| (n.clone(), e - s)).collect();
         if img_parts != our_parts {
             return Err(RestoreError::Incompatible {
                 what: format!("vdso layout differs (image {img_parts:?}, this kernel {our_parts:?}); restore on a host running the same kernel"),
@@ -134,61 +103,34 @@ impl Preflight {
         }
         let mut code = vec![0u8; (host_vdso.1 - host_vdso.0) as usize];
         let me = std::process::id() as i32;
-        let n = read_remote(
-            me,
-            &mut code,
-            &[Range {
-                addr: host_vdso.0,
-                len: host_vdso.1 - host_vdso.0,
-            }],
-        )
-        .map_err(|e| RestoreError::Incompatible {
-            what: format!("cannot read this host's vdso ({e})"),
-        })?;
+        let n = read_remote(me, &mut code, &[Range { addr: host_vdso.0, len: host_vdso.1 - host_vdso.0 }])
+            .map_err(|e| RestoreError::Incompatible { what: format!("cannot read this host's vdso ({e})") })?;
         code.truncate(n);
         if blake3::hash(&code).as_bytes()[..] != vd.vdso_blake3[..] {
-            return Err(RestoreError::Incompatible { what: "vdso code differs from the dumping kernel's; restore on a host running the same kernel".into() });
+            return Err(RestoreError::Incompatible {
+                what: "vdso code differs from the dumping kernel's; restore on a host running the same kernel".into(),
+            });
         }
         check_pid(p.pid)?;
-        Ok(Self {
-            pid: p.pid,
-            terminal_fd,
-            host_vdso,
-            host_block,
-            host_parts,
-        })
+        Ok(Self { pid: p.pid, terminal_fd, host_vdso, host_block, host_parts })
     }
 }
 
 fn check_file(path: &str, id: Option<&pb::FileId>, exact: bool) -> Result<(), RestoreError> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        file_err(
-            path,
-            format!("needed by the image but missing or unreadable ({e})"),
-        )
-    })?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| file_err(path, format!("needed by the image but missing or unreadable ({e})")))?;
     if !meta.is_file() {
         return Err(file_err(path, "is no longer a regular file"));
     }
     if let Some(id) = id {
-        if exact
-            && (meta.size() != id.size
-                || meta.mtime() * 1_000_000_000 + meta.mtime_nsec() != id.mtime_ns)
-        {
+        if exact && (meta.size() != id.size || meta.mtime() * 1_000_000_000 + meta.mtime_nsec() != id.mtime_ns) {
             return Err(file_err(
                 path,
-                format!(
-                    "changed since the dump (size {} → {}); mapped files must be identical",
-                    id.size,
-                    meta.size()
-                ),
+                format!("changed since the dump (size {} → {}); mapped files must be identical", id.size, meta.size()),
             ));
         }
         if !exact && meta.size() < id.size {
-            return Err(file_err(
-                path,
-                format!("shrank since the dump (size {} → {})", id.size, meta.size()),
-            ));
+            return Err(file_err(path, format!("shrank since the dump (size {} → {})", id.size, meta.size())));
         }
     }
     Ok(())
@@ -199,21 +141,15 @@ type HostVdso = ((u64, u64), (u64, u64), Parts);
 
 fn host_vdso_block() -> Result<HostVdso, RestoreError> {
     let me = std::process::id() as i32;
-    let maps = procfs::maps(me, false).map_err(|e| RestoreError::Incompatible {
-        what: format!("cannot read own maps ({e})"),
-    })?;
-    let parts: Parts = maps
-        .iter()
-        .filter(|m| crate::dump::is_vdso_part(&m.path))
-        .map(|m| (m.path.clone(), m.start, m.end))
-        .collect();
+    let maps = procfs::maps(me, false)
+        .map_err(|e| RestoreError::Incompatible { what: format!("cannot read own maps ({e})") })?;
+    let parts: Parts =
+        maps.iter().filter(|m| crate::dump::is_vdso_part(&m.path)).map(|m| (m.path.clone(), m.start, m.end)).collect();
     let vdso = parts
         .iter()
         .find(|p| p.0 == "[vdso]")
         .map(|p| (p.1, p.2))
-        .ok_or_else(|| RestoreError::Incompatible {
-            what: "this process has no vdso".into(),
-        })?;
+        .ok_or_else(|| RestoreError::Incompatible { what: "this process has no vdso".into() })?;
     let start = parts.first().map(|p| p.1).unwrap_or(vdso.0);
     let end = parts.last().map(|p| p.2).unwrap_or(vdso.1);
     Ok((vdso, (start, end), parts))
@@ -238,19 +174,11 @@ pub fn wait_pid_free(pid: i32) -> Result<(), RestoreError> {
             Err(_) => return Ok(()),
             Ok(st) if st.state == 'Z' || st.state == 'X' => {
                 if t.elapsed() > ZOMBIE_WAIT {
-                    return Err(RestoreError::PidZombie {
-                        pid,
-                        secs: ZOMBIE_WAIT.as_secs(),
-                    });
+                    return Err(RestoreError::PidZombie { pid, secs: ZOMBIE_WAIT.as_secs() });
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Ok(_) => {
-                return Err(RestoreError::PidTaken {
-                    pid,
-                    owner: procfs::describe(pid),
-                })
-            }
+            Ok(_) => return Err(RestoreError::PidTaken { pid, owner: procfs::describe(pid) }),
         }
     }
 }

@@ -34,13 +34,9 @@ impl Stub {
         let pid = pre.pid;
         let child = spawn_with_pid(pid)?;
         // From here on, dropping `stub` kills the child.
-        let mut stub = Self {
-            pid: child,
-            inj: Injector::new(child, crate::dump::zero_regs(), 0),
-            scratch: 0,
-            finished: false,
-        };
-        ptrace::seize(child, ptrace::SEIZE_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
+        let mut stub =
+            Self { pid: child, inj: Injector::new(child, crate::dump::zero_regs(), 0), scratch: 0, finished: false };
+        ptrace::seize(child, ptrace::STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
         ptrace::interrupt(child).map_err(stub_err(child, "ptrace interrupt"))?;
         loop {
             match ptrace::wait(child).map_err(stub_err(child, "wait"))? {
@@ -77,42 +73,23 @@ impl Stub {
         let rs = ptrace::get_rseq(pid).map_err(stub_err(pid, "get rseq"))?;
         if rs.ptr != 0 {
             const RSEQ_FLAG_UNREGISTER: u64 = 1;
-            self.inj.call(
-                libc::SYS_rseq,
-                [
-                    rs.ptr,
-                    rs.len as u64,
-                    RSEQ_FLAG_UNREGISTER,
-                    rs.sig as u64,
-                    0,
-                    0,
-                ],
-            )?;
+            self.inj.call(libc::SYS_rseq, [rs.ptr, rs.len as u64, RSEQ_FLAG_UNREGISTER, rs.sig as u64, 0, 0])?;
         }
-        self.inj
-            .call(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+        self.inj.call(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
         let maps = procfs::maps(pid, false).map_err(stub_err(pid, "read maps"))?;
-        let top = maps
-            .iter()
-            .filter(|m| m.path != "[vsyscall]")
-            .map(|m| m.end)
-            .max()
-            .unwrap_or(TASK_SIZE)
-            .max(TASK_SIZE);
+        let top =
+            maps.iter().filter(|m| m.path != "[vsyscall]").map(|m| m.end).max().unwrap_or(TASK_SIZE).max(TASK_SIZE);
         let (bs, be) = pre.host_block;
         if bs > 0 {
             self.inj.call(libc::SYS_munmap, [0, bs, 0, 0, 0, 0])?;
         }
-        self.inj
-            .call(libc::SYS_munmap, [be, top - be, 0, 0, 0, 0])?;
+        self.inj.call(libc::SYS_munmap, [be, top - be, 0, 0, 0, 0])?;
         Ok(())
     }
 
     /// Moves the vvar/vdso block to where the image had it.
     fn place_vdso(&mut self, m: &pb::Manifest, pre: &Preflight) -> Result<(), RestoreError> {
-        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused {
-            what: "image has no vdso record".into(),
-        })?;
+        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no vdso record".into() })?;
         let (cur_start, cur_end) = pre.host_block;
         if vd.start == cur_start {
             return Ok(());
@@ -142,8 +119,7 @@ impl Stub {
             let old = from + (s - base);
             let new = to + (s - base);
             let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-            self.inj
-                .call(libc::SYS_mremap, [old, len, len, flags, new, 0])?;
+            self.inj.call(libc::SYS_mremap, [old, len, len, flags, new, 0])?;
         }
         self.inj.set_gadget(to + gadget_off);
         Ok(())
@@ -165,32 +141,22 @@ impl Stub {
             candidate = candidate.max(e + 0x10_0000);
         }
         if candidate + SCRATCH_LEN >= TASK_SIZE {
-            return Err(RestoreError::Refused {
-                what: "no free address range for the restore scratch area".into(),
-            });
+            return Err(RestoreError::Refused { what: "no free address range for the restore scratch area".into() });
         }
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-        let a = self.inj.call(
-            libc::SYS_mmap,
-            [candidate, SCRATCH_LEN, prot, flags, u64::MAX, 0],
-        )?;
+        let a = self.inj.call(libc::SYS_mmap, [candidate, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
         self.scratch = a;
         Ok(())
     }
 
     /// Writes a NUL-terminated string at the start of scratch (+off).
     pub(super) fn put_str(&self, off: u64, s: &str) -> Result<u64, RestoreError> {
-        let c = CString::new(s).map_err(|_| RestoreError::File {
-            path: s.into(),
-            what: "path contains a NUL byte".into(),
-        })?;
+        let c = CString::new(s)
+            .map_err(|_| RestoreError::File { path: s.into(), what: "path contains a NUL byte".into() })?;
         let bytes = c.as_bytes_with_nul();
         if off + bytes.len() as u64 > SCRATCH_LEN {
-            return Err(RestoreError::File {
-                path: s.into(),
-                what: "path too long".into(),
-            });
+            return Err(RestoreError::File { path: s.into(), what: "path too long".into() });
         }
         self.inj.write_mem(self.scratch + off, bytes)?;
         Ok(self.scratch + off)
@@ -199,9 +165,7 @@ impl Stub {
     /// Opens `path` inside the stub and returns the descriptor.
     pub(super) fn open_in_stub(&mut self, path: &str, flags: u64) -> Result<u64, RestoreError> {
         let p = self.put_str(0, path)?;
-        let r = self
-            .inj
-            .raw(libc::SYS_openat, [libc::AT_FDCWD as u64, p, flags, 0, 0, 0])?;
+        let r = self.inj.raw(libc::SYS_openat, [libc::AT_FDCWD as u64, p, flags, 0, 0, 0])?;
         if (-4095..0).contains(&r) {
             return Err(RestoreError::File {
                 path: path.into(),
@@ -226,18 +190,12 @@ impl Stub {
             }
             let prot = v.prot as u64;
             let (prot, flags, fd, off) = match kind {
-                pb::VmaKind::AnonPrivate => (
-                    prot | rw,
-                    flags | (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64,
-                    u64::MAX,
-                    0,
-                ),
-                pb::VmaKind::AnonShared => (
-                    prot | rw,
-                    flags | (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64,
-                    u64::MAX,
-                    0,
-                ),
+                pb::VmaKind::AnonPrivate => {
+                    (prot | rw, flags | (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0)
+                }
+                pb::VmaKind::AnonShared => {
+                    (prot | rw, flags | (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0)
+                }
                 pb::VmaKind::FilePrivate | pb::VmaKind::FileShared => {
                     let shared = kind == pb::VmaKind::FileShared;
                     let writable = shared && v.prot & libc::PROT_WRITE as u32 != 0;
@@ -245,11 +203,7 @@ impl Stub {
                     let fd = match files.get(&key) {
                         Some(fd) => *fd,
                         None => {
-                            let oflags = if writable {
-                                libc::O_RDWR
-                            } else {
-                                libc::O_RDONLY
-                            } | libc::O_CLOEXEC;
+                            let oflags = if writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
                             let fd = self.open_in_stub(&v.path, oflags as u64)?;
                             files.insert(key, fd);
                             fd
@@ -267,15 +221,20 @@ impl Stub {
                     })
                 }
             };
-            let got = self
-                .inj
-                .call(libc::SYS_mmap, [v.start, len, prot, flags, fd, off])?;
+            let got = self.inj.call(libc::SYS_mmap, [v.start, len, prot, flags, fd, off])?;
             if got != v.start {
                 return Err(RestoreError::Refused {
                     what: format!("mapping {:#x}-{:#x} landed at {got:#x}", v.start, v.end),
                 });
             }
             for a in &v.advice {
+                if a == "lo" {
+                    // mlock: fails only on RLIMIT_MEMLOCK, which is restored later; warn.
+                    if let Err(e) = self.inj.call(libc::SYS_mlock, [v.start, len, 0, 0, 0, 0]) {
+                        tracing::warn!(start = v.start, error = %e, "could not re-lock mapping in memory");
+                    }
+                    continue;
+                }
                 let adv = match a.as_str() {
                     "hg" => libc::MADV_HUGEPAGE,
                     "nh" => libc::MADV_NOHUGEPAGE,
@@ -284,10 +243,7 @@ impl Stub {
                     "wf" => libc::MADV_WIPEONFORK,
                     _ => continue,
                 };
-                if let Err(e) = self
-                    .inj
-                    .call(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0])
-                {
+                if let Err(e) = self.inj.call(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0]) {
                     tracing::warn!(start = v.start, advice = %a, error = %e, "could not restore madvise flag");
                 }
             }
@@ -351,22 +307,12 @@ fn spawn_with_pid(pid: i32) -> Result<i32, RestoreError> {
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 return Err(RestoreError::Stub {
                     pid,
-                    op: "clone3 with set_tid (needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)"
-                        .into(),
+                    op: "clone3 with set_tid (needs CAP_CHECKPOINT_RESTORE or CAP_SYS_ADMIN)".into(),
                     source: e,
                 })
             }
-            Err(e) => {
-                return Err(RestoreError::Stub {
-                    pid,
-                    op: "clone3 with set_tid".into(),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(RestoreError::Stub { pid, op: "clone3 with set_tid".into(), source: e }),
         }
     }
-    Err(RestoreError::PidTaken {
-        pid,
-        owner: procfs::describe(pid),
-    })
+    Err(RestoreError::PidTaken { pid, owner: procfs::describe(pid) })
 }

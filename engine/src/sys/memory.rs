@@ -26,19 +26,10 @@ pub fn write_remote(pid: i32, local: &[u8], remote: &[Range]) -> io::Result<usiz
     transfer(pid, local.as_ptr().cast_mut(), local.len(), remote, true)
 }
 
-fn transfer(
-    pid: i32,
-    base: *mut u8,
-    len: usize,
-    remote: &[Range],
-    write: bool,
-) -> io::Result<usize> {
+fn transfer(pid: i32, base: *mut u8, len: usize, remote: &[Range], write: bool) -> io::Result<usize> {
     let total: u64 = remote.iter().map(|r| r.len).sum();
     if total != len as u64 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "local and remote sizes differ",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "local and remote sizes differ"));
     }
     let mut done = 0usize;
     let mut idx = 0usize;
@@ -65,21 +56,10 @@ fn transfer(
         };
         let n = if write {
             // SAFETY: liov describes caller memory valid for `chunk` bytes; riov are remote addresses the kernel checks.
-            unsafe {
-                libc::process_vm_writev(
-                    pid,
-                    &liov,
-                    1,
-                    riov.as_ptr(),
-                    riov.len() as libc::c_ulong,
-                    0,
-                )
-            }
+            unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), riov.len() as libc::c_ulong, 0) }
         } else {
             // SAFETY: liov describes caller memory valid for writes of `chunk` bytes; riov are remote addresses.
-            unsafe {
-                libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as libc::c_ulong, 0)
-            }
+            unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), riov.len() as libc::c_ulong, 0) }
         };
         let n = cvt(n as libc::c_long)? as usize;
         done += n;
@@ -145,8 +125,7 @@ struct PmScanArg {
 const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
 
 // _IOWR('f', 16, struct pm_scan_arg)
-const PAGEMAP_SCAN: libc::c_ulong =
-    (3 << 30) | ((96 as libc::c_ulong) << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
+const PAGEMAP_SCAN: libc::c_ulong = (3 << 30) | ((96 as libc::c_ulong) << 16) | ((b'f' as libc::c_ulong) << 8) | 16;
 
 /// Which pages a scan selects.
 #[derive(Debug, Clone, Copy, Default)]
@@ -185,13 +164,7 @@ pub fn pagemap_scan(
             return_mask: q.return_mask,
         };
         // SAFETY: `arg` is a correctly sized pm_scan_arg whose `vec` points at `buf` (vec_len entries), both live across the call.
-        let r = unsafe {
-            libc::ioctl(
-                pagemap.as_raw_fd(),
-                PAGEMAP_SCAN,
-                &mut arg as *mut PmScanArg,
-            )
-        };
+        let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
         let n = cvt(r as libc::c_long)? as usize;
         out.extend_from_slice(&buf[..n.min(buf.len())]);
         if arg.walk_end <= cur {

@@ -29,17 +29,11 @@ pub struct SysError {
 
 impl SysError {
     fn last(op: &'static str) -> Self {
-        SysError {
-            op,
-            source: io::Error::last_os_error(),
-        }
+        SysError { op, source: io::Error::last_os_error() }
     }
 
     fn from_errno(op: &'static str, errno: i32) -> Self {
-        SysError {
-            op,
-            source: io::Error::from_raw_os_error(errno),
-        }
+        SysError { op, source: io::Error::from_raw_os_error(errno) }
     }
 
     /// The errno, if the error came from the kernel.
@@ -155,10 +149,7 @@ fn decode_status(status: i32) -> WaitEvent {
     } else if libc::WIFSIGNALED(status) {
         WaitEvent::Signaled(libc::WTERMSIG(status))
     } else {
-        WaitEvent::Stopped {
-            sig: libc::WSTOPSIG(status),
-            event: (status >> 16) & 0xff,
-        }
+        WaitEvent::Stopped { sig: libc::WSTOPSIG(status), event: (status >> 16) & 0xff }
     }
 }
 
@@ -423,13 +414,7 @@ pub fn ptrace_seize(pid: i32, options: u32) -> Result<(), SysError> {
 pub fn ptrace_interrupt(pid: i32) -> Result<(), SysError> {
     // SAFETY: PTRACE_INTERRUPT takes no pointers.
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_ptrace,
-            PTRACE_INTERRUPT,
-            libc::c_long::from(pid),
-            0 as libc::c_long,
-            0 as libc::c_long,
-        )
+        libc::syscall(libc::SYS_ptrace, PTRACE_INTERRUPT, libc::c_long::from(pid), 0 as libc::c_long, 0 as libc::c_long)
     };
     check("ptrace(PTRACE_INTERRUPT)", ret).map(drop)
 }
@@ -437,10 +422,7 @@ pub fn ptrace_interrupt(pid: i32) -> Result<(), SysError> {
 /// PTRACE_GETREGSET NT_PRSTATUS of a tracee in a ptrace stop.
 pub fn ptrace_get_prstatus(pid: i32) -> Result<StopRegs, SysError> {
     let mut regs = UserRegs([0; 27]);
-    let mut iov = libc::iovec {
-        iov_base: regs.0.as_mut_ptr().cast(),
-        iov_len: size_of::<UserRegs>(),
-    };
+    let mut iov = libc::iovec { iov_base: regs.0.as_mut_ptr().cast(), iov_len: size_of::<UserRegs>() };
     // SAFETY: `iov` describes `regs`, a writable buffer of exactly iov_len bytes that
     // outlives the call; the kernel writes at most iov_len bytes and updates iov_len.
     let ret = unsafe {
@@ -459,12 +441,7 @@ pub fn ptrace_get_prstatus(pid: i32) -> Result<StopRegs, SysError> {
     // x86_64 user_regs_struct order: r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx
     // rdx rsi rdi orig_rax rip cs eflags rsp ...
     let r = &regs.0;
-    Ok(StopRegs {
-        rax: r[10] as i64,
-        orig_rax: r[15] as i64,
-        rip: r[16],
-        rsp: r[19],
-    })
+    Ok(StopRegs { rax: r[10] as i64, orig_rax: r[15] as i64, rip: r[16], rsp: r[19] })
 }
 
 // ---------------------------------------------------------------------------
@@ -473,13 +450,7 @@ pub fn ptrace_get_prstatus(pid: i32) -> Result<StopRegs, SysError> {
 /// pidfd_open(pid, 0).
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, SysError> {
     // SAFETY: pidfd_open takes integers and returns a new fd.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_open,
-            libc::c_long::from(pid),
-            0 as libc::c_long,
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0 as libc::c_long) };
     owned_fd("pidfd_open", ret)
 }
 
@@ -548,21 +519,11 @@ pub fn clone3_with_tid(tid: i32) -> Result<Child, SysError> {
     // SAFETY: `args` and the set_tid array it points to are valid for the call. Without
     // CLONE_VM the child gets a private copy of our memory, like fork; the child branch
     // below only makes raw syscalls and leaves through exit_group.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            size_of::<CloneArgs>(),
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
     if ret == 0 {
         // SAFETY: raw getpid, no arguments.
         let me = unsafe { libc::syscall(libc::SYS_getpid) };
-        raw_exit(if me == libc::c_long::from(tid) {
-            CLONE3_PID_MATCH
-        } else {
-            CLONE3_PID_MISMATCH
-        });
+        raw_exit(if me == libc::c_long::from(tid) { CLONE3_PID_MATCH } else { CLONE3_PID_MISMATCH });
     }
     let pid = check("clone3", ret)?;
     let pid = libc::pid_t::try_from(pid)
@@ -651,8 +612,7 @@ pub fn prctl_mm_map_size() -> Result<u32, SysError> {
 /// child exits with 0 on success or with the errno. The values should be the
 /// caller's own (the child's mm is a copy of it), so nothing changes in the child.
 pub fn spawn_set_mm_map_child(values: &MmMapValues, auxv: &[u8]) -> Result<Child, SysError> {
-    let auxv_size =
-        u32::try_from(auxv.len()).map_err(|_| SysError::from_errno("prctl", libc::E2BIG))?;
+    let auxv_size = u32::try_from(auxv.len()).map_err(|_| SysError::from_errno("prctl", libc::E2BIG))?;
     let map = PrctlMmMap {
         start_code: values.start_code,
         end_code: values.end_code,
@@ -705,10 +665,7 @@ pub fn spawn_set_mm_map_child(values: &MmMapValues, auxv: &[u8]) -> Result<Child
 pub fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and has no preconditions.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size)
-        .ok()
-        .filter(|s| *s > 0)
-        .unwrap_or(4096)
+    usize::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
 }
 
 /// A private anonymous read-write mapping, unmapped on drop.
@@ -723,10 +680,8 @@ impl AnonMapping {
     /// Maps `pages` fresh (unpopulated) pages.
     pub fn new(pages: usize) -> Result<Self, SysError> {
         let page = page_size();
-        let len = pages
-            .checked_mul(page)
-            .filter(|l| *l > 0)
-            .ok_or_else(|| SysError::from_errno("mmap", libc::EINVAL))?;
+        let len =
+            pages.checked_mul(page).filter(|l| *l > 0).ok_or_else(|| SysError::from_errno("mmap", libc::EINVAL))?;
         // SAFETY: an anonymous private mapping at an address chosen by the kernel
         // does not alias any existing memory.
         let addr = unsafe {
@@ -742,11 +697,7 @@ impl AnonMapping {
         if addr == libc::MAP_FAILED {
             return Err(SysError::last("mmap"));
         }
-        Ok(AnonMapping {
-            addr: addr as usize,
-            len,
-            page,
-        })
+        Ok(AnonMapping { addr: addr as usize, len, page })
     }
 
     /// Start address.
@@ -859,15 +810,7 @@ pub fn spawn_soft_dirty_child(mapping: &AnonMapping) -> Result<Child, SysError> 
         let mut entry: u64 = 0;
         let offset = (addr / page * 8) as libc::c_long;
         // SAFETY: raw pread64 of 8 bytes into `entry`, a writable u64.
-        let got = unsafe {
-            libc::syscall(
-                libc::SYS_pread64,
-                fd,
-                &mut entry as *mut u64,
-                8usize,
-                offset,
-            )
-        };
+        let got = unsafe { libc::syscall(libc::SYS_pread64, fd, &mut entry as *mut u64, 8usize, offset) };
         // SAFETY: raw close of the fd we opened.
         unsafe { libc::syscall(libc::SYS_close, fd) };
         if got != 8 {
@@ -941,11 +884,7 @@ impl AsyncWpUffd {
         let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::c_long::from(flags)) };
         let fd = owned_fd("userfaultfd", ret)?;
         let wanted = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features: wanted,
-            ioctls: 0,
-        };
+        let mut api = UffdioApi { api: UFFD_API, features: wanted, ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api, which
         // `api` is, valid for the call.
         let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
@@ -953,11 +892,7 @@ impl AsyncWpUffd {
         if api.features & wanted != wanted {
             return Err(SysError::from_errno("ioctl(UFFDIO_API)", libc::EOPNOTSUPP));
         }
-        Ok(AsyncWpUffd {
-            fd,
-            features: api.features,
-            ioctls: api.ioctls,
-        })
+        Ok(AsyncWpUffd { fd, features: api.features, ioctls: api.ioctls })
     }
 
     /// Features the kernel reported in UFFDIO_API.
@@ -981,13 +916,7 @@ impl AsyncWpUffd {
         // SAFETY: UFFDIO_REGISTER reads and writes exactly one struct uffdio_register,
         // which `reg` is. The range is our own mapping, and WP_ASYNC (checked in open)
         // makes write faults on it resolve without a handler.
-        let ret = unsafe {
-            libc::ioctl(
-                self.fd.as_raw_fd(),
-                UFFDIO_REGISTER,
-                &mut reg as *mut UffdioRegister,
-            )
-        };
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) };
         check("ioctl(UFFDIO_REGISTER)", ret.into())?;
         Ok(reg.ioctls)
     }
@@ -1091,13 +1020,7 @@ pub fn pagemap_scan(
     // SAFETY: `arg` is a valid struct pm_scan_arg for the call; its vec/vec_len
     // describe `out`, a writable slice of page_region structs the kernel fills at
     // most vec_len entries of.
-    let ret = unsafe {
-        libc::ioctl(
-            pagemap.as_raw_fd(),
-            PAGEMAP_SCAN,
-            &mut arg as *mut PmScanArg,
-        )
-    };
+    let ret = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
     let n = check("ioctl(PAGEMAP_SCAN)", ret.into())?;
     let n = usize::try_from(n).unwrap_or(0).min(out.len());
     Ok((n, arg.walk_end))
@@ -1114,12 +1037,7 @@ pub fn socket(domain: i32, ty: i32, protocol: i32) -> Result<OwnedFd, SysError> 
 }
 
 /// setsockopt with an int value.
-pub fn setsockopt_int(
-    fd: BorrowedFd<'_>,
-    level: i32,
-    name: i32,
-    value: i32,
-) -> Result<(), SysError> {
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> Result<(), SysError> {
     // SAFETY: the option value points at `value`, an int of the length passed.
     let ret = unsafe {
         libc::setsockopt(
@@ -1138,15 +1056,7 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, 
     let mut value: i32 = 0;
     let mut len = size_of::<i32>() as libc::socklen_t;
     // SAFETY: value/len describe a writable int; the kernel writes at most len bytes.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut value as *mut i32).cast(),
-            &mut len,
-        )
-    };
+    let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut i32).cast(), &mut len) };
     check("getsockopt", ret.into())?;
     Ok(value)
 }
@@ -1182,12 +1092,7 @@ const _: () = assert!(size_of::<SockaddrNl>() == 12);
 
 /// Sends one datagram to the kernel (netlink port 0).
 pub fn netlink_send(fd: BorrowedFd<'_>, msg: &[u8]) -> Result<(), SysError> {
-    let addr = SockaddrNl {
-        family: libc::AF_NETLINK as u16,
-        pad: 0,
-        pid: 0,
-        groups: 0,
-    };
+    let addr = SockaddrNl { family: libc::AF_NETLINK as u16, pad: 0, pid: 0, groups: 0 };
     // SAFETY: `msg` is a readable buffer of the length passed and `addr` a valid
     // sockaddr_nl of the length passed.
     let ret = unsafe {
@@ -1211,14 +1116,7 @@ pub fn netlink_send(fd: BorrowedFd<'_>, msg: &[u8]) -> Result<(), SysError> {
 /// exceed `buf.len()` if it was truncated.
 pub fn recv_datagram(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize, SysError> {
     // SAFETY: `buf` is a writable buffer of the length passed.
-    let ret = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_TRUNC,
-        )
-    };
+    let ret = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC) };
     let n = check("recv", ret as libc::c_long)?;
     Ok(n as usize)
 }

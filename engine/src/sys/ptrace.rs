@@ -16,8 +16,11 @@ const NT_X86_XSTATE: libc::c_int = 0x202;
 /// Upper bound for the xsave area (AMX-capable CPUs need ~11 KiB).
 pub const XSTATE_MAX: usize = 16 * 1024;
 
-/// Options set at seize: syscall stops are marked, tracee dies with the tracer.
-pub const SEIZE_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL;
+/// Options for a process being dumped: syscall stops are marked. If floe
+/// dies, the kernel detaches and the process runs on.
+pub const DUMP_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD;
+/// Options for a restore stub: it must not outlive a floe that died midway.
+pub const STUB_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL;
 
 /// Attaches to `pid` without stopping it.
 pub fn seize(pid: i32, options: libc::c_int) -> io::Result<()> {
@@ -58,19 +61,11 @@ pub fn cont(pid: i32, sig: i32) -> io::Result<()> {
 pub fn get_regs(pid: i32) -> io::Result<UserRegs> {
     // SAFETY: user_regs_struct is plain old data; all-zero is a valid value.
     let mut regs: UserRegs = unsafe { std::mem::zeroed() };
-    let mut iov = libc::iovec {
-        iov_base: (&mut regs as *mut UserRegs).cast(),
-        iov_len: std::mem::size_of::<UserRegs>(),
-    };
+    let mut iov =
+        libc::iovec { iov_base: (&mut regs as *mut UserRegs).cast(), iov_len: std::mem::size_of::<UserRegs>() };
     // SAFETY: iov points at a live, correctly sized buffer for the duration of the call.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET,
-            pid,
-            libc::NT_PRSTATUS as usize,
-            &mut iov as *mut libc::iovec,
-        )
-    };
+    let r =
+        unsafe { libc::ptrace(libc::PTRACE_GETREGSET, pid, libc::NT_PRSTATUS as usize, &mut iov as *mut libc::iovec) };
     cvt(r)?;
     Ok(regs)
 }
@@ -78,38 +73,20 @@ pub fn get_regs(pid: i32) -> io::Result<UserRegs> {
 /// Writes the general-purpose registers (NT_PRSTATUS).
 pub fn set_regs(pid: i32, regs: &UserRegs) -> io::Result<()> {
     let mut copy = *regs;
-    let mut iov = libc::iovec {
-        iov_base: (&mut copy as *mut UserRegs).cast(),
-        iov_len: std::mem::size_of::<UserRegs>(),
-    };
+    let mut iov =
+        libc::iovec { iov_base: (&mut copy as *mut UserRegs).cast(), iov_len: std::mem::size_of::<UserRegs>() };
     // SAFETY: iov points at a live, correctly sized buffer for the duration of the call.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SETREGSET,
-            pid,
-            libc::NT_PRSTATUS as usize,
-            &mut iov as *mut libc::iovec,
-        )
-    };
+    let r =
+        unsafe { libc::ptrace(libc::PTRACE_SETREGSET, pid, libc::NT_PRSTATUS as usize, &mut iov as *mut libc::iovec) };
     cvt(r).map(drop)
 }
 
 /// Reads the extended (xsave) state; the returned length is the kernel's.
 pub fn get_xstate(pid: i32) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: iov describes `buf`, which outlives the call; the kernel shrinks iov_len.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET,
-            pid,
-            NT_X86_XSTATE as usize,
-            &mut iov as *mut libc::iovec,
-        )
-    };
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETREGSET, pid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec) };
     cvt(r)?;
     buf.truncate(iov.iov_len);
     Ok(buf)
@@ -118,19 +95,9 @@ pub fn get_xstate(pid: i32) -> io::Result<Vec<u8>> {
 /// Writes the extended (xsave) state.
 pub fn set_xstate(pid: i32, state: &[u8]) -> io::Result<()> {
     let mut buf = state.to_vec();
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: iov describes `buf`, which outlives the call.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_SETREGSET,
-            pid,
-            NT_X86_XSTATE as usize,
-            &mut iov as *mut libc::iovec,
-        )
-    };
+    let r = unsafe { libc::ptrace(libc::PTRACE_SETREGSET, pid, NT_X86_XSTATE as usize, &mut iov as *mut libc::iovec) };
     cvt(r).map(drop)
 }
 
@@ -138,14 +105,7 @@ pub fn set_xstate(pid: i32, state: &[u8]) -> io::Result<()> {
 pub fn get_sigmask(pid: i32) -> io::Result<u64> {
     let mut mask: u64 = 0;
     // SAFETY: the kernel writes exactly 8 bytes (the size we pass) into `mask`.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_GETSIGMASK as libc::c_uint,
-            pid,
-            8usize,
-            &mut mask as *mut u64,
-        )
-    };
+    let r = unsafe { libc::ptrace(PTRACE_GETSIGMASK as libc::c_uint, pid, 8usize, &mut mask as *mut u64) };
     cvt(r)?;
     Ok(mask)
 }
@@ -154,14 +114,7 @@ pub fn get_sigmask(pid: i32) -> io::Result<u64> {
 pub fn set_sigmask(pid: i32, mask: u64) -> io::Result<()> {
     let m = mask;
     // SAFETY: the kernel reads exactly 8 bytes from `m`.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_SETSIGMASK as libc::c_uint,
-            pid,
-            8usize,
-            &m as *const u64,
-        )
-    };
+    let r = unsafe { libc::ptrace(PTRACE_SETSIGMASK as libc::c_uint, pid, 8usize, &m as *const u64) };
     cvt(r).map(drop)
 }
 
@@ -216,12 +169,7 @@ pub fn peek_siginfo(pid: i32, shared: bool) -> io::Result<Vec<[u8; SIGINFO_SIZE]
         };
         // SAFETY: `buf` has room for `nr` siginfo records; `args` is read by the kernel.
         let r = unsafe {
-            libc::ptrace(
-                PTRACE_PEEKSIGINFO as libc::c_uint,
-                pid,
-                &args as *const PeekSiginfoArgs,
-                buf.as_mut_ptr(),
-            )
+            libc::ptrace(PTRACE_PEEKSIGINFO as libc::c_uint, pid, &args as *const PeekSiginfoArgs, buf.as_mut_ptr())
         };
         let n = cvt(r)? as usize;
         out.extend_from_slice(&buf[..n]);

@@ -36,13 +36,7 @@ pub fn spawn_stub(pid: i32) -> io::Result<i32> {
     // SAFETY: clone3 without CLONE_VM duplicates the address space, so the
     // child owns a private copy of `args` and `tid`. The child branch below
     // only issues raw syscalls and never returns.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
     if r == 0 {
         // SAFETY: child side of clone3: only async-signal-safe raw syscalls, never returns.
         unsafe {
@@ -60,10 +54,7 @@ pub fn spawn_stub(pid: i32) -> io::Result<i32> {
 
 /// Reads a resource limit of another process.
 pub fn get_rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut old = libc::rlimit64 { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `old` is a valid out pointer; no new limit is passed.
     let r = unsafe { libc::prlimit64(pid, resource as _, std::ptr::null(), &mut old) };
     cvt(r as libc::c_long)?;
@@ -72,10 +63,7 @@ pub fn get_rlimit(pid: i32, resource: u32) -> io::Result<(u64, u64)> {
 
 /// Sets a resource limit of another process.
 pub fn set_rlimit(pid: i32, resource: u32, cur: u64, max: u64) -> io::Result<()> {
-    let new = libc::rlimit64 {
-        rlim_cur: cur,
-        rlim_max: max,
-    };
+    let new = libc::rlimit64 { rlim_cur: cur, rlim_max: max };
     // SAFETY: `new` is a valid pointer for reading; no old value is requested.
     let r = unsafe { libc::prlimit64(pid, resource as _, &new, std::ptr::null_mut()) };
     cvt(r as libc::c_long).map(drop)
@@ -86,14 +74,7 @@ pub fn get_robust_list(tid: i32) -> io::Result<(u64, u64)> {
     let mut head: u64 = 0;
     let mut len: usize = 0;
     // SAFETY: both out pointers are valid for writes of their size.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            tid,
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
-    };
+    let r = unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &mut head as *mut u64, &mut len as *mut usize) };
     cvt(r)?;
     Ok((head, len as u64))
 }
@@ -118,4 +99,11 @@ pub fn current_umask() -> u32 {
 pub fn isatty(fd: i32) -> bool {
     // SAFETY: isatty only inspects the descriptor number.
     unsafe { libc::isatty(fd) == 1 }
+}
+
+/// Sets the nice value of another process.
+pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) };
+    cvt(r as libc::c_long).map(drop)
 }
