@@ -61,23 +61,16 @@ fn main() {
 }
 
 fn compile(cc: &str, src: &Path, out: &Path) {
-    let text = fs::read_to_string(src)
-        .unwrap_or_else(|e| panic!("floe-tests: cannot read {}: {e}", src.display()));
+    let text = fs::read_to_string(src).unwrap_or_else(|e| panic!("floe-tests: cannot read {}: {e}", src.display()));
     let mut cmd = Command::new(cc);
     cmd.args(["-O1", "-g", "-Wall", "-o"]).arg(out).arg(src);
     if text.contains("<pthread.h>") {
         cmd.arg("-pthread");
     }
-    let output = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("floe-tests: cannot run {cmd:?}: {e}"));
+    let output = cmd.output().unwrap_or_else(|e| panic!("floe-tests: cannot run {cmd:?}: {e}"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
-        panic!(
-            "floe-tests: compiling fixture {} failed ({}):\n{cmd:?}\n{stderr}",
-            src.display(),
-            output.status
-        );
+        panic!("floe-tests: compiling fixture {} failed ({}):\n{cmd:?}\n{stderr}", src.display(), output.status);
     }
     for line in stderr.lines() {
         println!("cargo:warning={line}");

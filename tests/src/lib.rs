@@ -89,20 +89,14 @@ pub fn floe_bin() -> PathBuf {
             return if p.is_file() {
                 Ok(p)
             } else {
-                Err(format!(
-                    "FLOE_BIN={} does not exist or is not a file",
-                    p.display()
-                ))
+                Err(format!("FLOE_BIN={} does not exist or is not a file", p.display()))
             };
         }
         let mut candidates = Vec::new();
         if let Some(t) = std::env::var_os("CARGO_TARGET_DIR") {
             candidates.push(PathBuf::from(t).join("debug/floe"));
         }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap()
-            .to_path_buf();
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
         candidates.push(workspace.join("target/debug/floe"));
         if let Ok(exe) = std::env::current_exe() {
             // target/debug/deps/<test>-<hash> -> target/debug/floe
@@ -110,19 +104,14 @@ pub fn floe_bin() -> PathBuf {
                 candidates.push(debug.join("floe"));
             }
         }
-        candidates
-            .iter()
-            .find(|p| p.is_file())
-            .cloned()
-            .ok_or_else(|| {
-                let tried: Vec<String> =
-                    candidates.iter().map(|p| p.display().to_string()).collect();
-                format!(
+        candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+            let tried: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+            format!(
                 "floe binary not found (tried: {}); build it first with `cargo build -p floe-cli`, \
                  or point FLOE_BIN at it",
                 tried.join(", ")
             )
-            })
+        })
     });
     match found {
         Ok(p) => p.clone(),
@@ -136,14 +125,7 @@ pub fn floe_bin() -> PathBuf {
 fn cloexec_inherited_fds() -> io::Result<()> {
     // SAFETY: close_range only changes fd flags; it is async-signal-safe and
     // std's own fds in the child are already close-on-exec.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3 as libc::c_uint,
-            libc::c_uint::MAX,
-            CLOSE_RANGE_CLOEXEC,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -151,10 +133,7 @@ fn cloexec_inherited_fds() -> io::Result<()> {
 }
 
 fn args_display<S: AsRef<OsStr>>(args: &[S]) -> String {
-    args.iter()
-        .map(|a| a.as_ref().to_string_lossy().into_owned())
-        .collect::<Vec<_>>()
-        .join(" ")
+    args.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs `floe ARGS` with stdin `/dev/null`; see [`floe_with_stdin`].
@@ -171,19 +150,14 @@ pub fn floe_with_stdin<S: AsRef<OsStr>>(args: &[S], stdin: Stdio) -> Output {
     let mut out = tempfile::tempfile().unwrap();
     let mut err = tempfile::tempfile().unwrap();
     let mut cmd = Command::new(&bin);
-    cmd.args(args)
-        .stdin(stdin)
-        .stdout(out.try_clone().unwrap())
-        .stderr(err.try_clone().unwrap());
+    cmd.args(args).stdin(stdin).stdout(out.try_clone().unwrap()).stderr(err.try_clone().unwrap());
     // SAFETY: the closure only makes a raw close_range syscall, which is
     // async-signal-safe.
     unsafe {
         cmd.pre_exec(cloexec_inherited_fds);
     }
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
             break st;
@@ -191,10 +165,7 @@ pub fn floe_with_stdin<S: AsRef<OsStr>>(args: &[S], stdin: Stdio) -> Output {
         if started.elapsed() > FLOE_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "`floe {}` did not finish within {FLOE_TIMEOUT:?}",
-                args_display(args)
-            );
+            panic!("`floe {}` did not finish within {FLOE_TIMEOUT:?}", args_display(args));
         }
         std::thread::sleep(Duration::from_millis(10));
     };
@@ -204,11 +175,7 @@ pub fn floe_with_stdin<S: AsRef<OsStr>>(args: &[S], stdin: Stdio) -> Output {
         f.read_to_end(&mut v).unwrap();
         v
     };
-    let output = Output {
-        status,
-        stdout: read_back(&mut out),
-        stderr: read_back(&mut err),
-    };
+    let output = Output { status, stdout: read_back(&mut out), stderr: read_back(&mut err) };
     eprintln!(
         "$ floe {}  -> {} in {:.2?}\n--- stdout ---\n{}--- stderr ---\n{}--------------",
         args_display(args),
@@ -269,10 +236,7 @@ pub fn assert_failed_cleanly(out: &Output, what: &str) -> String {
         out.status.code() != Some(101) && !err.contains("panicked at"),
         "{what}: floe panicked instead of reporting an error\nstderr:\n{err}"
     );
-    assert!(
-        !err.trim().is_empty(),
-        "{what}: floe failed without any message on stderr"
-    );
+    assert!(!err.trim().is_empty(), "{what}: floe failed without any message on stderr");
     err.to_lowercase()
 }
 
@@ -290,25 +254,14 @@ pub fn assert_mentions(haystack: &str, needles: &[&str], what: &str) {
 /// `floe dump -t PID -D DIR EXTRA...` (creates DIR first).
 pub fn dump(pid: i32, dir: &Path, extra: &[&str]) -> Output {
     fs::create_dir_all(dir).unwrap();
-    let mut args: Vec<OsString> = vec![
-        "dump".into(),
-        "-t".into(),
-        pid.to_string().into(),
-        "-D".into(),
-        dir.into(),
-    ];
+    let mut args: Vec<OsString> = vec!["dump".into(), "-t".into(), pid.to_string().into(), "-D".into(), dir.into()];
     args.extend(extra.iter().map(OsString::from));
     floe(&args)
 }
 
 /// `floe restore -D DIR --restore-detached EXTRA...` with the given stdin.
 pub fn restore_detached(dir: &Path, extra: &[&str], stdin: Stdio) -> Output {
-    let mut args: Vec<OsString> = vec![
-        "restore".into(),
-        "-D".into(),
-        dir.into(),
-        "--restore-detached".into(),
-    ];
+    let mut args: Vec<OsString> = vec!["restore".into(), "-D".into(), dir.into(), "--restore-detached".into()];
     args.extend(extra.iter().map(OsString::from));
     floe_with_stdin(&args, stdin)
 }
@@ -338,9 +291,7 @@ pub fn parse_json_stdout(out: &Output) -> serde_json::Value {
 
 /// Reads the `pid` member of a JSON object (number or numeric string).
 pub fn json_pid(v: &serde_json::Value) -> i32 {
-    let p = v
-        .get("pid")
-        .unwrap_or_else(|| panic!("JSON has no \"pid\": {v}"));
+    let p = v.get("pid").unwrap_or_else(|| panic!("JSON has no \"pid\": {v}"));
     p.as_i64()
         .or_else(|| p.as_str().and_then(|s| s.parse().ok()))
         .unwrap_or_else(|| panic!("JSON \"pid\" is not a number: {v}")) as i32
@@ -416,18 +367,12 @@ pub fn session_id(pid: i32) -> Option<i32> {
 /// A field of /proc/PID/status, e.g. `status_field(pid, "TracerPid")`.
 pub fn status_field(pid: i32, key: &str) -> Option<String> {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| {
-        l.strip_prefix(key)?
-            .strip_prefix(':')
-            .map(|v| v.trim().to_owned())
-    })
+    s.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':').map(|v| v.trim().to_owned()))
 }
 
 /// Number of threads of a process.
 pub fn thread_count(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
 }
 
 /// /proc/PID/exe target.
@@ -466,11 +411,7 @@ pub fn assert_running_untouched(pid: i32, what: &str) {
         "{what}: process {pid} should be running normally, state is {state:?}"
     );
     let tracer = status_field(pid, "TracerPid");
-    assert_eq!(
-        tracer.as_deref(),
-        Some("0"),
-        "{what}: process {pid} is still traced ({tracer:?})"
-    );
+    assert_eq!(tracer.as_deref(), Some("0"), "{what}: process {pid} is still traced ({tracer:?})");
 }
 
 /// Waits until /proc/PID has vanished (the process exited *and* was reaped).
@@ -496,10 +437,7 @@ pub fn assert_no_process(pid: i32, what: &str) {
         proc_state(pid),
         exe_of(pid)
     );
-    assert!(
-        wait_pid_gone(pid, GONE_TIMEOUT),
-        "{what}: pid {pid} did not vanish from /proc"
-    );
+    assert!(wait_pid_gone(pid, GONE_TIMEOUT), "{what}: pid {pid} did not vanish from /proc");
 }
 
 // ---------------------------------------------------------------------------
@@ -516,26 +454,15 @@ pub fn parse_report(text: &str) -> Report {
             .as_object()
             .unwrap()
             .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string()),
-                )
-            })
+            .map(|(k, v)| (k.clone(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))
             .collect();
     }
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
 }
 
 /// Reads and parses a report file.
 pub fn read_report(path: &Path) -> Report {
-    let text = fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("cannot read report {}: {e}", path.display()));
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read report {}: {e}", path.display()));
     parse_report(&text)
 }
 
@@ -576,17 +503,10 @@ pub fn assert_reports_equal(before: &Report, after: &Report, ignore: &[&str], wh
             None => diffs.push(format!("  {k}: {v} -> <missing>")),
         }
     }
-    for k in after
-        .keys()
-        .filter(|k| !skip(k) && !before.contains_key(*k))
-    {
+    for k in after.keys().filter(|k| !skip(k) && !before.contains_key(*k)) {
         diffs.push(format!("  {k}: <missing> -> {}", after[k]));
     }
-    assert!(
-        diffs.is_empty(),
-        "{what}: reports differ:\n{}",
-        diffs.join("\n")
-    );
+    assert!(diffs.is_empty(), "{what}: reports differ:\n{}", diffs.join("\n"));
 }
 
 // ---------------------------------------------------------------------------
@@ -632,8 +552,7 @@ impl Spawn {
     }
 
     pub fn args<I: IntoIterator<Item = S>, S: AsRef<OsStr>>(mut self, args: I) -> Self {
-        self.args
-            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -663,19 +582,12 @@ impl Spawn {
 
     pub fn spawn(self) -> Fixture {
         let log = self.dir.join(format!("{}.log", self.name));
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
+        let logf = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
             .current_dir(&self.dir)
             .stdin(self.stdin.unwrap_or_else(Stdio::null))
-            .stdout(
-                self.stdout
-                    .unwrap_or_else(|| Stdio::from(logf.try_clone().unwrap())),
-            )
+            .stdout(self.stdout.unwrap_or_else(|| Stdio::from(logf.try_clone().unwrap())))
             .stderr(Stdio::from(logf));
         let setsid = self.setsid;
         let hook = move || -> io::Result<()> {
@@ -690,28 +602,11 @@ impl Spawn {
         unsafe {
             cmd.pre_exec(hook);
         }
-        let child = cmd.spawn().unwrap_or_else(|e| {
-            panic!(
-                "cannot start {} ({}): {e}",
-                self.name,
-                self.program.display()
-            )
-        });
+        let child =
+            cmd.spawn().unwrap_or_else(|e| panic!("cannot start {} ({}): {e}", self.name, self.program.display()));
         let pid = child.id() as i32;
-        eprintln!(
-            "started {} as pid {pid}: {} {}",
-            self.name,
-            self.program.display(),
-            args_display(&self.args)
-        );
-        let fx = Fixture {
-            name: self.name,
-            pid,
-            dir: self.dir,
-            log,
-            child: Some(child),
-            restored: Vec::new(),
-        };
+        eprintln!("started {} as pid {pid}: {} {}", self.name, self.program.display(), args_display(&self.args));
+        let fx = Fixture { name: self.name, pid, dir: self.dir, log, child: Some(child), restored: Vec::new() };
         if let Some(ready) = &self.ready {
             fx.wait_ready(ready);
         }
@@ -781,12 +676,7 @@ impl Fixture {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = child.try_wait().unwrap() {
-                eprintln!(
-                    "{} (pid {}) exited: {}",
-                    self.name,
-                    self.pid,
-                    describe_status(&st)
-                );
+                eprintln!("{} (pid {}) exited: {}", self.name, self.pid, describe_status(&st));
                 return st;
             }
             if Instant::now() >= deadline {
@@ -826,10 +716,7 @@ impl Fixture {
             }
             let _ = send_signal(pid, libc::SIGKILL);
             if !wait_pid_gone(pid, Duration::from_secs(10)) {
-                eprintln!(
-                    "warning: restored {} (pid {pid}) still in /proc after SIGKILL",
-                    self.name
-                );
+                eprintln!("warning: restored {} (pid {pid}) still in /proc after SIGKILL", self.name);
             }
         }
     }
@@ -850,16 +737,10 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new(tag: &str) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("floe-e2e-{tag}-"))
-            .tempdir()
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix(&format!("floe-e2e-{tag}-")).tempdir().unwrap();
         let path = dir.path().to_owned();
         eprintln!("test dir: {}", path.display());
-        Self {
-            dir: Some(dir),
-            path,
-        }
+        Self { dir: Some(dir), path }
     }
 
     pub fn path(&self) -> &Path {
@@ -912,20 +793,12 @@ impl Pty {
                 libc::ptsname_r(m, name.as_mut_ptr(), name.len())
             }
         };
-        assert!(
-            rc == 0,
-            "grantpt/unlockpt/ptsname: {}",
-            io::Error::last_os_error()
-        );
+        assert!(rc == 0, "grantpt/unlockpt/ptsname: {}", io::Error::last_os_error());
         // SAFETY: ptsname_r succeeded, so name holds a NUL-terminated string.
         let slave_path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
         // SAFETY: slave_path is a valid NUL-terminated string.
         let s = unsafe { libc::open(slave_path.as_ptr(), flags) };
-        assert!(
-            s >= 0,
-            "open {slave_path:?}: {}",
-            io::Error::last_os_error()
-        );
+        assert!(s >= 0, "open {slave_path:?}: {}", io::Error::last_os_error());
         // SAFETY: s is a freshly opened fd that nothing else owns.
         let slave = unsafe { OwnedFd::from_raw_fd(s) };
         let slave_path = PathBuf::from(OsStr::from_bytes(slave_path.to_bytes()));
@@ -939,11 +812,7 @@ impl Pty {
         // SAFETY: as above; t was initialised by tcgetattr.
         let rc = unsafe { libc::tcsetattr(slave.as_raw_fd(), libc::TCSANOW, &t) };
         assert_eq!(rc, 0, "tcsetattr: {}", io::Error::last_os_error());
-        Self {
-            master,
-            slave,
-            slave_path,
-        }
+        Self { master, slave, slave_path }
     }
 
     /// A new descriptor for the slave end, for a child's stdin.
@@ -1036,10 +905,7 @@ pub fn write_compressible_file(path: &Path, len: usize, seed: u64) {
     let phrases: Vec<String> = (0..256)
         .map(|_| {
             let n = 4 + pick(6);
-            (0..n)
-                .map(|_| WORDS[pick(WORDS.len())])
-                .collect::<Vec<_>>()
-                .join(" ")
+            (0..n).map(|_| WORDS[pick(WORDS.len())]).collect::<Vec<_>>().join(" ")
         })
         .collect();
     let mut base = Vec::with_capacity(BLOCK + 128);
@@ -1080,11 +946,7 @@ pub fn python3() -> PathBuf {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run python3 from PATH: {e}"));
-        assert!(
-            out.status.success(),
-            "python3 failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "python3 failed: {}", String::from_utf8_lossy(&out.stderr));
         let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if p.is_file() {
             p
@@ -1118,11 +980,7 @@ pub fn dump_and_reap(fx: &mut Fixture, dir: &Path, extra: &[&str]) {
     fx.reap(Duration::from_secs(10));
     assert_image_files(dir);
     // The pid is free again (nothing but our own waitpid could hold it).
-    assert!(
-        !pid_exists(fx.pid),
-        "pid {} still in /proc after reaping",
-        fx.pid
-    );
+    assert!(!pid_exists(fx.pid), "pid {} still in /proc after reaping", fx.pid);
 }
 
 /// `floe restore --restore-detached EXTRA` of `fx`'s image; registers the
@@ -1197,17 +1055,7 @@ impl Memstate {
             .ready_file(&ready)
             .spawn();
         let private_content = fs::read(&private_file).unwrap();
-        Self {
-            fx,
-            ready,
-            report_path,
-            private_file,
-            shared_file,
-            ro_file,
-            append_file,
-            deleted_file,
-            private_content,
-        }
+        Self { fx, ready, report_path, private_file, shared_file, ro_file, append_file, deleted_file, private_content }
     }
 
     pub fn pid(&self) -> i32 {
@@ -1235,11 +1083,8 @@ pub struct Sleeper {
 
 impl Sleeper {
     pub fn spawn(dir: &Path, interval_ms: u32) -> Self {
-        let (ready, ticks, report_path) = (
-            dir.join("sleeper.ready"),
-            dir.join("ticks.out"),
-            dir.join("sleeper.report"),
-        );
+        let (ready, ticks, report_path) =
+            (dir.join("sleeper.ready"), dir.join("ticks.out"), dir.join("sleeper.report"));
         let fx = Spawn::fixture("sleeper", dir)
             .arg("--ready")
             .arg(&ready)
@@ -1251,11 +1096,7 @@ impl Sleeper {
             .arg(interval_ms.to_string())
             .ready_file(&ready)
             .spawn();
-        Self {
-            fx,
-            ticks,
-            report_path,
-        }
+        Self { fx, ticks, report_path }
     }
 
     /// (N, monotonic ns) of every complete tick line so far.
@@ -1265,11 +1106,7 @@ impl Sleeper {
             .filter(|l| l.ends_with('\n'))
             .map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                assert!(
-                    f.len() == 3 && f[0] == "tick",
-                    "malformed tick line {l:?} in {}",
-                    self.ticks.display()
-                );
+                assert!(f.len() == 3 && f[0] == "tick", "malformed tick line {l:?} in {}", self.ticks.display());
                 (f[1].parse().unwrap(), f[2].parse().unwrap())
             })
             .collect()
@@ -1291,5 +1128,82 @@ impl Sleeper {
 
     pub fn report(&self) -> Report {
         request_report(self.fx.pid, &self.report_path, libc::SIGUSR1, &self.fx.log)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// helpers for tests/refusals.rs
+
+/// Starts `program ARGS` (a [`Fixture`] named `name`) in a new process
+/// group of the *test's* session: `setpgid(0, 0)` but no `setsid`, so the
+/// process is neither a session leader nor in the test's process group.
+/// stdin `/dev/null`, stdout/stderr appended to `<dir>/<name>.log`, cwd
+/// `dir`, inherited fds >= 3 close-on-exec. No ready marker is awaited.
+pub fn spawn_in_own_process_group<S: AsRef<OsStr>>(
+    name: &str,
+    program: impl AsRef<OsStr>,
+    args: &[S],
+    dir: &Path,
+) -> Fixture {
+    let log = dir.join(format!("{name}.log"));
+    let logf = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let mut cmd = Command::new(program.as_ref());
+    cmd.args(args)
+        .current_dir(dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(logf.try_clone().unwrap()))
+        .stderr(Stdio::from(logf));
+    // SAFETY: the hook runs between fork and exec and only makes a raw
+    // close_range syscall, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(cloexec_inherited_fds);
+    }
+    let child =
+        cmd.spawn().unwrap_or_else(|e| panic!("cannot start {name} ({}): {e}", program.as_ref().to_string_lossy()));
+    let pid = child.id() as i32;
+    eprintln!(
+        "started {name} as pid {pid} in its own process group: {} {}",
+        program.as_ref().to_string_lossy(),
+        args_display(args)
+    );
+    Fixture { name: name.to_owned(), pid, dir: dir.to_owned(), log, child: Some(child), restored: Vec::new() }
+}
+
+/// Kills a process that is not our child (e.g. a grandchild) on drop, by
+/// pid, provided its start time still matches, and waits until /proc/PID
+/// vanishes (bounded by [`GONE_TIMEOUT`]).
+pub struct KillPidOnDrop {
+    pub pid: i32,
+    start: Option<u64>,
+}
+
+impl KillPidOnDrop {
+    /// Remembers `pid` and its current start time.
+    pub fn new(pid: i32) -> Self {
+        Self { pid, start: start_time(pid) }
+    }
+
+    /// The start time recorded by [`KillPidOnDrop::new`] (None once killed).
+    pub fn start_time(&self) -> Option<u64> {
+        self.start
+    }
+
+    /// Kills it now (if it is still the same process) and waits for it to vanish.
+    pub fn kill(&mut self) {
+        if let Some(st) = self.start.take() {
+            if start_time(self.pid) == Some(st) {
+                let _ = send_signal(self.pid, libc::SIGKILL);
+                if !wait_pid_gone(self.pid, GONE_TIMEOUT) {
+                    eprintln!("warning: pid {} still in /proc after SIGKILL", self.pid);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for KillPidOnDrop {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -41,11 +41,7 @@ fn corrupted_page_data_is_detected() {
     dump_and_reap(&mut m.fx, &img, &[]);
 
     let pages = img.join("pages.img");
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&pages)
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&pages).unwrap();
     let len = f.metadata().unwrap().len();
     assert!(len > 8192, "pages.img is suspiciously small ({len} bytes)");
     let at = len - 100;
@@ -55,12 +51,7 @@ fn corrupted_page_data_is_detected() {
     f.write_all_at(&b, at).unwrap();
     drop(f);
 
-    let err = restore_must_fail(
-        &img,
-        pid,
-        &m.ready.to_string_lossy(),
-        "restore of an image with corrupt page data",
-    );
+    let err = restore_must_fail(&img, pid, &m.ready.to_string_lossy(), "restore of an image with corrupt page data");
     assert_mentions(&err, &["checksum"], "corrupt page data");
 }
 
@@ -75,19 +66,9 @@ fn truncated_manifest_is_rejected() {
 
     let manifest = img.join("manifest.img");
     let len = fs::metadata(&manifest).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(&manifest)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    OpenOptions::new().write(true).open(&manifest).unwrap().set_len(len / 2).unwrap();
 
-    let err = restore_must_fail(
-        &img,
-        pid,
-        &s.ticks.to_string_lossy(),
-        "restore of a truncated manifest",
-    );
+    let err = restore_must_fail(&img, pid, &s.ticks.to_string_lossy(), "restore of a truncated manifest");
     assert_mentions(&err, &["manifest", "truncat"], "truncated manifest");
 }
 
@@ -105,12 +86,7 @@ fn wrong_magic_is_rejected() {
     f.write_all_at(b"X", 0).unwrap();
     drop(f);
 
-    let err = restore_must_fail(
-        &img,
-        pid,
-        &s.ticks.to_string_lossy(),
-        "restore of a manifest with a wrong magic",
-    );
+    let err = restore_must_fail(&img, pid, &s.ticks.to_string_lossy(), "restore of a manifest with a wrong magic");
     assert_mentions(&err, &["magic", "not a floe image"], "wrong magic");
 }
 
@@ -126,18 +102,8 @@ fn missing_mapped_file_is_reported() {
     let moved = td.join("private.dat.moved");
     fs::rename(&m.private_file, &moved).unwrap();
 
-    let err = restore_must_fail(
-        &img,
-        pid,
-        &m.ready.to_string_lossy(),
-        "restore with a mapped file missing",
-    );
-    let name = m
-        .private_file
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_lowercase();
+    let err = restore_must_fail(&img, pid, &m.ready.to_string_lossy(), "restore with a mapped file missing");
+    let name = m.private_file.file_name().unwrap().to_string_lossy().to_lowercase();
     assert_mentions(&err, &[&name], "missing mapped file");
 }
 
@@ -145,10 +111,7 @@ fn missing_mapped_file_is_reported() {
 fn dump_refuses_pipe_fd() {
     require_root!();
     let td = TestDir::new("pipe");
-    let mut fx = Spawn::program("sleep-pipe", "sleep", td.path())
-        .arg("1000")
-        .stdout(Stdio::piped())
-        .spawn();
+    let mut fx = Spawn::program("sleep-pipe", "sleep", td.path()).arg("1000").stdout(Stdio::piped()).spawn();
     let pid = fx.pid;
     assert!(wait_until(Duration::from_secs(5), || proc_state(pid) == Some('S')));
 
@@ -158,15 +121,9 @@ fn dump_refuses_pipe_fd() {
     assert!(fx.child_running(), "the refused dump killed the process");
     assert_running_untouched(pid, "after the refused dump");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        fx.child_running(),
-        "the process died after the refused dump"
-    );
+    assert!(fx.child_running(), "the process died after the refused dump");
     assert_running_untouched(pid, "300 ms after the refused dump");
-    assert!(
-        fx.child().unwrap().stdout.is_some(),
-        "the pipe's read end is still ours"
-    );
+    assert!(fx.child().unwrap().stdout.is_some(), "the pipe's read end is still ours");
 }
 
 #[test]

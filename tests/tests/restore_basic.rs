@@ -34,38 +34,17 @@ fn memstate_round_trip() {
 
     let out = restore_and_adopt(&mut m.fx, &img, &["--json"], Stdio::null());
     let json = parse_json_stdout(&out);
-    assert_eq!(
-        json_pid(&json),
-        pid,
-        "restore --json reported another pid: {json}"
-    );
+    assert_eq!(json_pid(&json), pid, "restore --json reported another pid: {json}");
 
     assert_eq!(exe_of(pid).as_ref(), Some(&exe), "/proc/{pid}/exe changed");
-    assert_eq!(
-        cmdline_of(pid).as_ref(),
-        Some(&cmdline),
-        "/proc/{pid}/cmdline changed"
-    );
-    assert_eq!(
-        session_id(pid),
-        sid,
-        "the restored process is not a session leader any more"
-    );
+    assert_eq!(cmdline_of(pid).as_ref(), Some(&cmdline), "/proc/{pid}/cmdline changed");
+    assert_eq!(session_id(pid), sid, "the restored process is not a session leader any more");
 
     let after = m.report();
     eprintln!("before: {before:#?}\nafter: {after:#?}");
     assert_eq!(report_num(&after, "pid"), pid as u64);
-    assert_eq!(
-        report_num(&after, "sigusr1_count"),
-        2,
-        "one more SIGUSR1 since the dump"
-    );
-    assert_reports_equal(
-        &before,
-        &after,
-        &[],
-        "memstate before dump vs after restore",
-    );
+    assert_eq!(report_num(&after, "sigusr1_count"), 2, "one more SIGUSR1 since the dump");
+    assert_reports_equal(&before, &after, &[], "memstate before dump vs after restore");
 
     // The handler keeps firing, on the alternate stack.
     let again = m.report();
@@ -74,33 +53,13 @@ fn memstate_round_trip() {
 
     // Never-touched pages of the anonymous mapping still read as zeros.
     let deep = m.deep_report();
-    assert_eq!(
-        deep["anon_holes_zero"], "1",
-        "hole pages of the anonymous mapping are not zero after restore"
-    );
-    assert_reports_equal(
-        &before,
-        &deep,
-        &["anon_holes_zero"],
-        "deep report after restore",
-    );
+    assert_eq!(deep["anon_holes_zero"], "1", "hole pages of the anonymous mapping are not zero after restore");
+    assert_reports_equal(&before, &deep, &["anon_holes_zero"], "deep report after restore");
 
     // Private (COW) mapping never reaches the file; the shared one did, once.
-    assert_eq!(
-        fs::read(&m.private_file).unwrap(),
-        m.private_content,
-        "MAP_PRIVATE file modified on disk"
-    );
-    assert_eq!(
-        fs::read(&m.shared_file).unwrap(),
-        shared_on_disk,
-        "MAP_SHARED file changed by dump/restore"
-    );
-    assert!(
-        pid_alive(pid),
-        "restored memstate died:\n{}",
-        m.fx.log_contents()
-    );
+    assert_eq!(fs::read(&m.private_file).unwrap(), m.private_content, "MAP_PRIVATE file modified on disk");
+    assert_eq!(fs::read(&m.shared_file).unwrap(), shared_on_disk, "MAP_SHARED file changed by dump/restore");
+    assert!(pid_alive(pid), "restored memstate died:\n{}", m.fx.log_contents());
 }
 
 /// `--leave-running`: the original keeps running untouched; restoring next
@@ -119,34 +78,18 @@ fn leave_running_then_restore_side_by_side_fails() {
     let out = dump(pid, &img, &["--leave-running"]);
     assert_ok(&out, "dump --leave-running");
     assert_image_files(&img);
-    assert!(
-        m.fx.child_running(),
-        "--leave-running killed the process:\n{}",
-        m.fx.log_contents()
-    );
+    assert!(m.fx.child_running(), "--leave-running killed the process:\n{}", m.fx.log_contents());
     assert_running_untouched(pid, "after dump --leave-running");
     let r2 = m.report();
     assert_eq!(report_num(&r2, "sigusr1_count"), 2);
-    assert_reports_equal(
-        &r1,
-        &r2,
-        &[],
-        "original before vs after dump --leave-running",
-    );
+    assert_reports_equal(&r1, &r2, &[], "original before vs after dump --leave-running");
 
     let out = restore_detached(&img, &[], Stdio::null());
     let err = assert_failed_cleanly(&out, "restore while the original still runs");
     assert_mentions(&err, &["pid"], "restore over a taken pid");
     assert_mentions(&err, &[&pid.to_string()], "restore over a taken pid");
-    assert_eq!(
-        pids_with_cmdline_containing(&needle),
-        vec![pid],
-        "a failed restore must create no process"
-    );
-    assert!(
-        m.fx.child_running(),
-        "the original died during the failed restore"
-    );
+    assert_eq!(pids_with_cmdline_containing(&needle), vec![pid], "a failed restore must create no process");
+    assert!(m.fx.child_running(), "the original died during the failed restore");
     assert_running_untouched(pid, "after the failed restore");
     let r3 = m.report();
     assert_eq!(report_num(&r3, "sigusr1_count"), 3);
@@ -157,11 +100,7 @@ fn leave_running_then_restore_side_by_side_fails() {
     m.fx.kill_child();
     restore_and_adopt(&mut m.fx, &img, &[], Stdio::null());
     let r4 = m.report();
-    assert_eq!(
-        report_num(&r4, "sigusr1_count"),
-        2,
-        "restored from the image taken after one SIGUSR1"
-    );
+    assert_eq!(report_num(&r4, "sigusr1_count"), 2, "restored from the image taken after one SIGUSR1");
     assert_reports_equal(&r1, &r4, &[], "restore of a --leave-running image");
 }
 
@@ -190,20 +129,11 @@ fn sleeper_keeps_ticking() {
     let ticks = s.wait_ticks(at_dump.len() + 5, Duration::from_secs(10));
     let ns: Vec<u64> = ticks.iter().map(|t| t.0).collect();
     let expected: Vec<u64> = (0..ns.len() as u64).collect();
-    assert_eq!(
-        ns, expected,
-        "tick numbers must continue without gaps or duplicates"
-    );
-    assert!(
-        ticks.windows(2).all(|w| w[1].1 > w[0].1),
-        "monotonic timestamps must keep increasing: {ticks:?}"
-    );
+    assert_eq!(ns, expected, "tick numbers must continue without gaps or duplicates");
+    assert!(ticks.windows(2).all(|w| w[1].1 > w[0].1), "monotonic timestamps must keep increasing: {ticks:?}");
     let r2 = s.report();
     assert_eq!(report_num(&r2, "pid"), pid as u64);
-    assert_eq!(
-        report_num(&r2, "sigusr1_count"),
-        report_num(&r1, "sigusr1_count") + 1
-    );
+    assert_eq!(report_num(&r2, "sigusr1_count"), report_num(&r1, "sigusr1_count") + 1);
     assert!(report_num(&r2, "next_tick") >= at_dump.len() as u64 + 5);
 }
 
@@ -214,11 +144,7 @@ fn ttyreader_resumes_blocked_read() {
     require_root!();
     let td = TestDir::new("tty");
     let pty = Pty::open();
-    let (ready, out, report) = (
-        td.join("tty.ready"),
-        td.join("tty.out"),
-        td.join("tty.report"),
-    );
+    let (ready, out, report) = (td.join("tty.ready"), td.join("tty.out"), td.join("tty.report"));
     let mut fx = Spawn::fixture("ttyreader", td.path())
         .arg("--ready")
         .arg(&ready)
@@ -230,31 +156,16 @@ fn ttyreader_resumes_blocked_read() {
         .ready_file(&ready)
         .spawn();
     let pid = fx.pid;
-    let got = |line: &str| {
-        fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l == line)
-    };
+    let got = |line: &str| fs::read_to_string(&out).unwrap_or_default().lines().any(|l| l == line);
 
     pty.write_master(b"before\n");
-    assert!(
-        wait_until(Duration::from_secs(5), || got("got: before")),
-        "ttyreader did not echo the first line"
-    );
+    assert!(wait_until(Duration::from_secs(5), || got("got: before")), "ttyreader did not echo the first line");
     assert!(wait_until(Duration::from_secs(5), || proc_state(pid) == Some('S')));
 
     // A terminal needs --shell-job.
     let refused = dump(pid, &td.join("img-refused"), &[]);
-    let err = assert_failed_cleanly(
-        &refused,
-        "dump of a process reading a tty without --shell-job",
-    );
-    assert_mentions(
-        &err,
-        &["tty", "terminal", "shell-job", "pts"],
-        "tty refusal",
-    );
+    let err = assert_failed_cleanly(&refused, "dump of a process reading a tty without --shell-job");
+    assert_mentions(&err, &["tty", "terminal", "shell-job", "pts"], "tty refusal");
     assert!(fx.child_running());
     assert_running_untouched(pid, "after the refused dump");
 
@@ -296,39 +207,25 @@ fn counter_interrupted_in_user_space() {
         .spawn();
     let pid = fx.pid;
     let counts = |log: &std::path::Path| numbered_lines(log, "count ");
-    assert!(
-        wait_until(Duration::from_secs(10), || counts(&fx.log).len() >= 2),
-        "counter is not counting"
-    );
+    assert!(wait_until(Duration::from_secs(10), || counts(&fx.log).len() >= 2), "counter is not counting");
     let r1 = request_report(pid, &report, libc::SIGUSR1, &fx.log);
-    assert_eq!(
-        proc_state(pid),
-        Some('R'),
-        "counter should be spinning in user space"
-    );
+    assert_eq!(proc_state(pid), Some('R'), "counter should be spinning in user space");
 
     dump_and_reap(&mut fx, &img, &[]);
     let at_dump = counts(&fx.log);
 
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
     let r2 = request_report(pid, &report, libc::SIGUSR1, &fx.log);
-    assert!(
-        report_num(&r2, "counter") > report_num(&r1, "counter"),
-        "counter did not advance: {r1:?} -> {r2:?}"
-    );
+    assert!(report_num(&r2, "counter") > report_num(&r1, "counter"), "counter did not advance: {r1:?} -> {r2:?}");
     assert_eq!(report_num(&r2, "sigusr1_count"), 2);
     assert!(
-        wait_until(Duration::from_secs(10), || counts(&fx.log).len()
-            >= at_dump.len() + 3),
+        wait_until(Duration::from_secs(10), || counts(&fx.log).len() >= at_dump.len() + 3),
         "restored counter is not counting:\n{}",
         fx.log_contents()
     );
     let all = counts(&fx.log);
     let expected: Vec<u64> = (1..=all.len() as u64).map(|i| i * EVERY).collect();
-    assert_eq!(
-        all, expected,
-        "count lines must continue without gaps or repeats"
-    );
+    assert_eq!(all, expected, "count lines must continue without gaps or repeats");
 }
 
 /// An existing image is not overwritten without --force.
@@ -343,26 +240,16 @@ fn dump_refuses_to_overwrite_without_force() {
     assert_ok(&dump(pid, &img, &["--leave-running"]), "first dump");
     assert_image_files(&img);
     let manifest = img.join("manifest.img");
-    let (bytes, mtime) = (
-        fs::read(&manifest).unwrap(),
-        fs::metadata(&manifest).unwrap().modified().unwrap(),
-    );
+    let (bytes, mtime) = (fs::read(&manifest).unwrap(), fs::metadata(&manifest).unwrap().modified().unwrap());
 
     let out = dump(pid, &img, &["--leave-running"]);
     let err = assert_failed_cleanly(&out, "second dump into the same directory");
     assert_mentions(&err, &["force", "exist", "overwrite"], "overwrite refusal");
-    assert_eq!(
-        fs::read(&manifest).unwrap(),
-        bytes,
-        "the refused dump changed manifest.img"
-    );
+    assert_eq!(fs::read(&manifest).unwrap(), bytes, "the refused dump changed manifest.img");
     assert_eq!(fs::metadata(&manifest).unwrap().modified().unwrap(), mtime);
     assert_running_untouched(pid, "after the refused dump");
 
-    assert_ok(
-        &dump(pid, &img, &["--leave-running", "--force"]),
-        "dump --force",
-    );
+    assert_ok(&dump(pid, &img, &["--leave-running", "--force"]), "dump --force");
     assert_image_files(&img);
     assert_running_untouched(pid, "after dump --force");
     let n = s.ticks().len();
@@ -377,48 +264,27 @@ fn inspect_json_lists_pid_and_mappings() {
     let img = td.join("img");
     let m = Memstate::spawn(td.path());
     let pid = m.pid();
-    assert_ok(
-        &dump(pid, &img, &["--leave-running"]),
-        "dump --leave-running",
-    );
+    assert_ok(&dump(pid, &img, &["--leave-running"]), "dump --leave-running");
 
     let out = inspect(&img, &["--json"]);
     assert_ok(&out, "inspect --json");
     let v = parse_json_stdout(&out);
     assert_eq!(json_pid(&v), pid, "inspect: wrong pid in {v}");
-    let maps = v
-        .get("mappings")
-        .and_then(|m| m.as_array())
-        .unwrap_or_else(|| panic!("no mappings array: {v}"));
+    let maps = v.get("mappings").and_then(|m| m.as_array()).unwrap_or_else(|| panic!("no mappings array: {v}"));
     assert!(!maps.is_empty(), "empty mappings array");
     let maps_text = serde_json::to_string(maps).unwrap();
     let exe = fixture_path("memstate");
     for needle in [exe.to_string_lossy(), m.private_file.to_string_lossy()] {
-        assert!(
-            maps_text.contains(needle.as_ref()),
-            "mappings do not mention {needle}: {maps_text}"
-        );
+        assert!(maps_text.contains(needle.as_ref()), "mappings do not mention {needle}: {maps_text}");
     }
-    let fds = v
-        .get("fds")
-        .and_then(|f| f.as_array())
-        .unwrap_or_else(|| panic!("no fds array: {v}"));
+    let fds = v.get("fds").and_then(|f| f.as_array()).unwrap_or_else(|| panic!("no fds array: {v}"));
     let fds_text = serde_json::to_string(fds).unwrap();
-    assert!(
-        fds.len() >= 6,
-        "expected at least 6 fds (0-2, ro, append, deleted): {fds_text}"
-    );
-    assert!(
-        fds_text.contains(m.ro_file.to_string_lossy().as_ref()),
-        "fds do not mention the ro file: {fds_text}"
-    );
+    assert!(fds.len() >= 6, "expected at least 6 fds (0-2, ro, append, deleted): {fds_text}");
+    assert!(fds_text.contains(m.ro_file.to_string_lossy().as_ref()), "fds do not mention the ro file: {fds_text}");
 
     let out = inspect(&img, &[]);
     assert_ok(&out, "inspect");
-    assert!(
-        stdout_text(&out).contains(&pid.to_string()),
-        "plain inspect does not show the pid"
-    );
+    assert!(stdout_text(&out).contains(&pid.to_string()), "plain inspect does not show the pid");
 }
 
 // ---------------------------------------------------------------------------
@@ -430,9 +296,7 @@ fn real_sleep_round_trip() {
     require_root!();
     let td = TestDir::new("sleep");
     let img = td.join("img");
-    let mut fx = Spawn::program("sleep", "sleep", td.path())
-        .arg("1000")
-        .spawn();
+    let mut fx = Spawn::program("sleep", "sleep", td.path()).arg("1000").spawn();
     let pid = fx.pid;
     assert!(wait_until(Duration::from_secs(5), || proc_state(pid) == Some('S')));
     let exe = exe_of(pid).unwrap();
@@ -440,18 +304,10 @@ fn real_sleep_round_trip() {
     dump_and_reap(&mut fx, &img, &[]);
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
     std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        pid_alive(pid),
-        "restored sleep exited:\n{}",
-        fx.log_contents()
-    );
+    assert!(pid_alive(pid), "restored sleep exited:\n{}", fx.log_contents());
     assert_eq!(exe_of(pid), Some(exe));
     assert_eq!(cmdline_of(pid).unwrap(), b"sleep\x001000\x00");
-    assert!(
-        wait_until(Duration::from_secs(5), || proc_state(pid) == Some('S')),
-        "state {:?}",
-        proc_state(pid)
-    );
+    assert!(wait_until(Duration::from_secs(5), || proc_state(pid) == Some('S')), "state {:?}", proc_state(pid));
 }
 
 /// A python3 loop appending an incrementing counter to a file continues
@@ -466,11 +322,7 @@ fn real_python_counter_continues() {
                   f = open(sys.argv[1], 'a', buffering=1)\n\
                   n = 0\n\
                   while True:\n    f.write('%d\\n' % n)\n    n += 1\n    time.sleep(0.05)\n";
-    let mut fx = Spawn::program("python", python3(), td.path())
-        .arg("-c")
-        .arg(script)
-        .arg(&counter)
-        .spawn();
+    let mut fx = Spawn::program("python", python3(), td.path()).arg("-c").arg(script).arg(&counter).spawn();
     let pid = fx.pid;
     let lines = || numbered_lines(&counter, "");
     assert!(
@@ -490,10 +342,7 @@ fn real_python_counter_continues() {
     );
     let all = lines();
     let expected: Vec<u64> = (0..all.len() as u64).collect();
-    assert_eq!(
-        all, expected,
-        "counter lines must continue without gaps or repeats"
-    );
+    assert_eq!(all, expected, "counter lines must continue without gaps or repeats");
 }
 
 /// gzip interrupted mid-stream produces byte-identical output.
@@ -526,10 +375,7 @@ fn real_gzip_output_identical() {
         size(&out_gz),
         proc_state(pid)
     );
-    assert!(
-        fx.child_running(),
-        "gzip finished before it could be dumped; make the input bigger"
-    );
+    assert!(fx.child_running(), "gzip finished before it could be dumped; make the input bigger");
 
     dump_and_reap(&mut fx, &img, &[]);
     let at_dump = size(&out_gz);
@@ -541,31 +387,11 @@ fn real_gzip_output_identical() {
         size(&out_gz)
     );
     let st = reference.reap(Duration::from_secs(60));
-    assert!(
-        st.success(),
-        "reference gzip failed: {}",
-        reference.log_contents()
-    );
-    assert!(
-        fx.log_contents().is_empty(),
-        "restored gzip complained:\n{}",
-        fx.log_contents()
-    );
+    assert!(st.success(), "reference gzip failed: {}", reference.log_contents());
+    assert!(fx.log_contents().is_empty(), "restored gzip complained:\n{}", fx.log_contents());
 
     let (a, b) = (fs::read(&out_gz).unwrap(), fs::read(&ref_gz).unwrap());
-    eprintln!(
-        "out.gz was {at_dump} bytes at the dump; final {} bytes, reference {} bytes",
-        a.len(),
-        b.len()
-    );
-    assert!(
-        at_dump < b.len() as u64,
-        "gzip was already done at the dump"
-    );
-    assert!(
-        a == b,
-        "restored gzip output differs from the reference ({} vs {} bytes)",
-        a.len(),
-        b.len()
-    );
+    eprintln!("out.gz was {at_dump} bytes at the dump; final {} bytes, reference {} bytes", a.len(), b.len());
+    assert!(at_dump < b.len() as u64, "gzip was already done at the dump");
+    assert!(a == b, "restored gzip output differs from the reference ({} vs {} bytes)", a.len(), b.len());
 }

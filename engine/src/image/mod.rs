@@ -32,6 +32,8 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    #[error("{dir} holds no floe image (no {MANIFEST_FILE}; a dump that did not finish leaves none)")]
+    NotAnImage { dir: PathBuf },
     #[error("{dir} already holds an image; pass --force to overwrite it")]
     Exists { dir: PathBuf },
     #[error("{path}: not a floe image file (bad magic {found:02x?})")]
@@ -170,7 +172,13 @@ impl ImageReader {
     /// verified run by run as it is read).
     pub fn open(dir: &Path) -> Result<Self, ImageError> {
         let mp = dir.join(MANIFEST_FILE);
-        let mut f = File::open(&mp).map_err(io_err(&mp, "cannot open manifest (is this an image directory?)"))?;
+        let mut f = File::open(&mp).map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                ImageError::NotAnImage { dir: dir.to_path_buf() }
+            } else {
+                ImageError::Io { path: mp.clone(), what: "cannot open manifest", source }
+            }
+        })?;
         let file_len = f.metadata().map_err(io_err(&mp, "cannot stat manifest"))?.len();
         if file_len < MANIFEST_HEADER_LEN as u64 {
             let mut head = vec![0u8; file_len as usize];

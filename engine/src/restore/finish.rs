@@ -163,6 +163,7 @@ impl Stub {
             source,
         })?;
         let mut regs = regs_from_bytes(&th.gpregs);
+        self.resume_sleep_remaining(&mut regs, &m.vmas);
         restart_fixup(&mut regs);
         ptrace::set_regs(pid, &regs).map_err(|source| RestoreError::Stub { pid, op: "setregs".into(), source })?;
         ptrace::detach(pid, 0).map_err(|source| RestoreError::Stub { pid, op: "ptrace detach".into(), source })?;
@@ -216,6 +217,37 @@ impl Stub {
             self.inj.call(libc::SYS_prctl, [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0])?;
         }
         Ok(())
+    }
+
+    /// A relative nanosleep/clock_nanosleep interrupted by the freeze wrote
+    /// the time left to its `rem` argument. Re-issue it with that remaining
+    /// time (copied below the stack red zone, which the ABI leaves free)
+    /// instead of the full original duration.
+    fn resume_sleep_remaining(&mut self, regs: &mut UserRegs, vmas: &[pb::Vma]) {
+        if regs.rax as i64 != ERESTART_RESTARTBLOCK {
+            return;
+        }
+        let (req_reg, rem) = match regs.orig_rax as i64 {
+            libc::SYS_nanosleep => (0, regs.rsi),
+            libc::SYS_clock_nanosleep if regs.rsi & libc::TIMER_ABSTIME as u64 == 0 => (1, regs.r10),
+            _ => return,
+        };
+        let req = if req_reg == 0 { regs.rdi } else { regs.rdx };
+        if rem == 0 || rem == req {
+            return; // nothing recorded, or the same buffer (glibc sleep()): restart already resumes
+        }
+        let slot = (regs.rsp.wrapping_sub(128 + 16)) & !15;
+        let writable =
+            vmas.iter().any(|v| v.start <= slot && slot + 16 <= v.end && v.prot & libc::PROT_WRITE as u32 != 0);
+        let mut ts = [0u8; 16];
+        if !writable || self.inj.read_mem(rem, &mut ts).is_err() || self.inj.write_mem(slot, &ts).is_err() {
+            return;
+        }
+        if req_reg == 0 {
+            regs.rdi = slot;
+        } else {
+            regs.rdx = slot;
+        }
     }
 
     fn queue_signal(&mut self, siginfo: &[u8], thread: bool) -> Result<(), RestoreError> {
