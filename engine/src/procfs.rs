@@ -197,6 +197,8 @@ pub struct FdInfo {
     pub flags: u32,
     /// First "lock:" line, when the descriptor holds a lock.
     pub lock: Option<String>,
+    /// Inode number of the open file ("ino:").
+    pub ino: u64,
 }
 
 pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
@@ -207,6 +209,8 @@ pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
             info.pos = v.trim().parse().unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("flags:") {
             info.flags = u32::from_str_radix(v.trim(), 8).unwrap_or(0);
+        } else if let Some(v) = line.strip_prefix("ino:") {
+            info.ino = v.trim().parse().unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("lock:") {
             if info.lock.is_none() {
                 info.lock = Some(v.split_whitespace().skip(1).take(3).collect::<Vec<_>>().join(" "));

@@ -23,6 +23,16 @@ fn kind(k: i32) -> &'static str {
     }
 }
 
+fn fd_kind_name(img: &ImageReader, r: &pb::FdRef) -> (&'static str, String, u32, i64) {
+    match img.manifest.files.get(r.file as usize) {
+        Some(f) => {
+            let path = if f.kind == pb::FdKind::Pipe as i32 { format!("pipe:[{}]", f.pipe_id) } else { f.path.clone() };
+            (fd_kind(f.kind), path, f.flags, f.pos)
+        }
+        None => ("missing", String::new(), 0, 0),
+    }
+}
+
 fn fd_kind(k: i32) -> &'static str {
     match pb::FdKind::try_from(k).unwrap_or(pb::FdKind::Unspecified) {
         pb::FdKind::Regular => "file",
@@ -30,12 +40,14 @@ fn fd_kind(k: i32) -> &'static str {
         pb::FdKind::CharDevice => "chardev",
         pb::FdKind::Tty => "tty",
         pb::FdKind::DeletedFile => "deleted-file",
+        pb::FdKind::Pipe => "pipe",
+        pb::FdKind::Fifo => "fifo",
         pb::FdKind::Unspecified => "unknown",
     }
 }
 
-fn stored(img: &ImageReader, v: &pb::Vma) -> u64 {
-    img.manifest.page_runs.iter().filter(|r| r.vaddr >= v.start && r.vaddr < v.end).map(|r| r.nr_pages * 4096).sum()
+fn stored(p: &pb::Process, v: &pb::Vma) -> u64 {
+    p.page_runs.iter().filter(|r| r.vaddr >= v.start && r.vaddr < v.end).map(|r| r.nr_pages * 4096).sum()
 }
 
 fn size(b: u64) -> String {
@@ -51,9 +63,7 @@ fn size(b: u64) -> String {
 pub fn to_text(img: &ImageReader) -> String {
     let m = &img.manifest;
     let mut o = String::new();
-    let p = m.process.clone().unwrap_or_default();
-    let th = p.thread.clone().unwrap_or_default();
-    let r = regs_from_bytes(&th.gpregs);
+    let threads: usize = m.processes.iter().map(|p| p.threads.len()).sum();
     let _ = writeln!(
         o,
         "image      {} (format v{}, floe {}, dumped on {} running {})",
@@ -63,91 +73,127 @@ pub fn to_text(img: &ImageReader) -> String {
         m.hostname,
         m.kernel_release
     );
-    let _ = writeln!(o, "process    pid {} ppid {} pgid {} sid {}  comm {:?}", p.pid, p.ppid, p.pgid, p.sid, p.comm);
-    let _ = writeln!(o, "exe        {}", p.exe_path);
-    let _ = writeln!(o, "cmdline    {}", p.cmdline.join(" "));
-    let _ = writeln!(o, "cwd        {}  root {}", p.cwd, p.root);
-    let _ = writeln!(o, "creds      uid {} gid {}  groups {:?}", p.uid, p.gid, p.groups);
     let _ = writeln!(
         o,
-        "registers  rip {:#x} rsp {:#x} rax {:#x} orig_rax {} fs_base {:#x}  xstate {} bytes",
-        r.rip,
-        r.rsp,
-        r.rax,
-        r.orig_rax as i64,
-        r.fs_base,
-        th.xstate.len()
+        "tree       root {}, {} process(es), {} thread(s), {} open file description(s)",
+        m.root_pid,
+        m.processes.len(),
+        threads,
+        m.files.len()
     );
-    let _ = writeln!(
-        o,
-        "signals    mask {:#x}, {} handlers, {} pending",
-        th.sigmask,
-        p.sigactions.len(),
-        th.pending.len() + p.shared_pending.len()
-    );
-    let _ = writeln!(o, "mappings   {}", m.vmas.len());
-    let _ = writeln!(o, "  {:<29} {:<4} {:>8} {:>8}  {:<13} path", "range", "prot", "size", "stored", "kind");
-    for v in &m.vmas {
-        let name = if v.path.is_empty() { v.name.clone() } else { v.path.clone() };
+    for p in &m.processes {
+        let _ = writeln!(o);
+        if p.zombie {
+            let _ = writeln!(
+                o,
+                "process    pid {} ppid {} pgid {} sid {}  zombie, wait status {:#x}",
+                p.pid, p.ppid, p.pgid, p.sid, p.exit_status
+            );
+            continue;
+        }
+        let th = p.threads.first().cloned().unwrap_or_default();
+        let r = regs_from_bytes(&th.gpregs);
+        let _ =
+            writeln!(o, "process    pid {} ppid {} pgid {} sid {}  comm {:?}", p.pid, p.ppid, p.pgid, p.sid, p.comm);
+        let _ = writeln!(o, "exe        {}", p.exe_path);
+        let _ = writeln!(o, "cmdline    {}", p.cmdline.join(" "));
+        let _ = writeln!(o, "cwd        {}  root {}", p.cwd, p.root);
+        let _ = writeln!(o, "creds      uid {} gid {}  groups {:?}", p.uid, p.gid, p.groups);
+        let tids: Vec<String> = p.threads.iter().map(|t| format!("{} ({})", t.tid, t.comm)).collect();
+        let _ = writeln!(o, "threads    {}", tids.join(", "));
         let _ = writeln!(
             o,
-            "  {:012x}-{:012x} {:<4} {:>8} {:>8}  {:<13} {}",
-            v.start,
-            v.end,
-            prot(v.prot),
-            size(v.end - v.start),
-            size(stored(img, v)),
-            kind(v.kind),
-            name
+            "registers  rip {:#x} rsp {:#x} rax {:#x} orig_rax {} fs_base {:#x}  xstate {} bytes",
+            r.rip,
+            r.rsp,
+            r.rax,
+            r.orig_rax as i64,
+            r.fs_base,
+            th.xstate.len()
         );
-    }
-    if let Some(vd) = &m.vdso {
-        let _ = writeln!(o, "  {:012x}-{:012x} vvar/vdso block", vd.start, vd.end);
-    }
-    let _ = writeln!(o, "fds        {}", m.fds.len());
-    for f in &m.fds {
-        let _ = writeln!(o, "  {:>4} {:<12} flags {:#o} pos {:<10} {}", f.fd, fd_kind(f.kind), f.flags, f.pos, f.path);
+        let pending: usize = p.threads.iter().map(|t| t.pending.len()).sum::<usize>() + p.shared_pending.len();
+        let _ = writeln!(o, "signals    mask {:#x}, {} handlers, {} pending", th.sigmask, p.sigactions.len(), pending);
+        let _ = writeln!(o, "mappings   {}", p.vmas.len());
+        let _ = writeln!(o, "  {:<29} {:<4} {:>8} {:>8}  {:<13} path", "range", "prot", "size", "stored", "kind");
+        for v in &p.vmas {
+            let name = if v.path.is_empty() { v.name.clone() } else { v.path.clone() };
+            let _ = writeln!(
+                o,
+                "  {:012x}-{:012x} {:<4} {:>8} {:>8}  {:<13} {}",
+                v.start,
+                v.end,
+                prot(v.prot),
+                size(v.end - v.start),
+                size(stored(p, v)),
+                kind(v.kind),
+                name
+            );
+        }
+        if let Some(vd) = &p.vdso {
+            let _ = writeln!(o, "  {:012x}-{:012x} vvar/vdso block", vd.start, vd.end);
+        }
+        let _ = writeln!(o, "fds        {}", p.fds.len());
+        for r in &p.fds {
+            let (k, path, flags, pos) = fd_kind_name(img, r);
+            let _ =
+                writeln!(o, "  {:>4} {:<12} flags {:#o} pos {:<10} desc #{:<3} {}", r.fd, k, flags, pos, r.file, path);
+        }
     }
     let pages: u64 = img.page_bytes();
+    let runs: usize = m.processes.iter().map(|p| p.page_runs.len()).sum();
+    let _ = writeln!(o);
     let _ = writeln!(
         o,
         "image size {} ({} of pages in {} runs, manifest {})",
         size(m.pages_file_size + img.manifest_len),
         size(pages),
-        m.page_runs.len(),
+        runs,
         size(img.manifest_len)
     );
     o
 }
 
-pub fn to_json(img: &ImageReader) -> Value {
-    let m = &img.manifest;
-    let p = m.process.clone().unwrap_or_default();
-    let th = p.thread.clone().unwrap_or_default();
+fn process_json(img: &ImageReader, p: &pb::Process) -> Value {
+    let th = p.threads.first().cloned().unwrap_or_default();
     let r = regs_from_bytes(&th.gpregs);
     json!({
-        "dir": img.dir,
-        "format_version": m.format_version,
-        "floe_version": m.floe_version,
-        "hostname": m.hostname,
-        "kernel": m.kernel_release,
         "pid": p.pid,
         "ppid": p.ppid,
         "pgid": p.pgid,
         "sid": p.sid,
+        "zombie": p.zombie,
         "comm": p.comm,
         "exe": p.exe_path,
         "cmdline": p.cmdline,
         "cwd": p.cwd,
+        "threads": p.threads.iter().map(|t| json!({"tid": t.tid, "comm": t.comm})).collect::<Vec<_>>(),
         "registers": {"rip": r.rip, "rsp": r.rsp, "rax": r.rax, "orig_rax": r.orig_rax as i64, "fs_base": r.fs_base, "xstate_bytes": th.xstate.len()},
         "sigmask": th.sigmask,
-        "mappings": m.vmas.iter().map(|v| json!({
+        "mappings": p.vmas.iter().map(|v| json!({
             "start": v.start, "end": v.end, "size": v.end - v.start, "prot": prot(v.prot),
-            "kind": kind(v.kind), "path": v.path, "name": v.name, "stored_bytes": stored(img, v),
+            "kind": kind(v.kind), "path": v.path, "name": v.name, "stored_bytes": stored(p, v),
         })).collect::<Vec<_>>(),
-        "fds": m.fds.iter().map(|f| json!({"fd": f.fd, "kind": fd_kind(f.kind), "path": f.path, "flags": f.flags, "pos": f.pos})).collect::<Vec<_>>(),
-        "page_bytes": img.page_bytes(),
-        "page_runs": m.page_runs.len(),
-        "image_bytes": m.pages_file_size + img.manifest_len,
+        "fds": p.fds.iter().map(|r| {
+            let (k, path, flags, pos) = fd_kind_name(img, r);
+            json!({"fd": r.fd, "kind": k, "path": path, "flags": flags, "pos": pos, "description": r.file, "cloexec": r.cloexec})
+        }).collect::<Vec<_>>(),
+        "page_bytes": p.page_runs.iter().map(|r| r.nr_pages * 4096).sum::<u64>(),
     })
+}
+
+/// JSON view: the root process's fields at top level, every process under "processes".
+pub fn to_json(img: &ImageReader) -> Value {
+    let m = &img.manifest;
+    let mut root = process_json(img, img.root());
+    if let Value::Object(map) = &mut root {
+        map.insert("dir".into(), json!(img.dir));
+        map.insert("format_version".into(), json!(m.format_version));
+        map.insert("floe_version".into(), json!(m.floe_version));
+        map.insert("hostname".into(), json!(m.hostname));
+        map.insert("kernel".into(), json!(m.kernel_release));
+        map.insert("processes".into(), Value::Array(m.processes.iter().map(|p| process_json(img, p)).collect()));
+        map.insert("page_bytes".into(), json!(img.page_bytes()));
+        map.insert("image_bytes".into(), json!(m.pages_file_size + img.manifest_len));
+    }
+    root
 }

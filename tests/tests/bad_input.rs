@@ -127,6 +127,7 @@ fn dump_refuses_pipe_fd() {
 }
 
 #[test]
+#[ignore = "trees and threads are supported now; being rewritten as round-trip tests"]
 fn dump_refuses_multithreaded() {
     require_root!();
     let td = TestDir::new("threads");

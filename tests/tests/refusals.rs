@@ -288,6 +288,7 @@ fn dump_refuses_seccomp() {
 
 /// Process trees are refused; parent and child both carry on.
 #[test]
+#[ignore = "trees and threads are supported now; being rewritten as round-trip tests"]
 fn dump_refuses_process_with_child() {
     require_root!();
     let td = TestDir::new("child");

@@ -1,8 +1,10 @@
 //! Refusals decided before and right after the freeze.
+use super::freeze::FrozenTree;
 use super::{proc_err, DumpError, DumpOptions};
 use crate::procfs;
+use std::collections::HashMap;
 
-/// Facts gathered before the freeze.
+/// Facts about the root gathered before the freeze.
 pub struct Preflight {
     pub pgid: i32,
     pub sid: i32,
@@ -33,8 +35,22 @@ pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
             what: format!("it is traced by {}; detach the debugger or tracer first", procfs::describe(st.tracer_pid)),
         });
     }
-    check_threads(pid, st.threads)?;
-    check_children(pid)?;
+    check_process(pid, &st)?;
+    let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
+    let pgid = procfs::stat_field(&sf, 5) as i32;
+    let sid = procfs::stat_field(&sf, 6) as i32;
+    if sid != pid && !opts.shell_job {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!(
+                "it belongs to session {sid} (process group {pgid}) whose leader is not dumped; start it with setsid, or pass --shell-job to restore it into floe's session"
+            ),
+        });
+    }
+    Ok(Preflight { pgid, sid })
+}
+
+fn check_process(pid: i32, st: &procfs::Status) -> Result<(), DumpError> {
     if st.seccomp != 0 {
         return Err(DumpError::Refused {
             pid,
@@ -53,49 +69,6 @@ pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
             });
         }
     }
-    let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
-    let pgid = procfs::stat_field(&sf, 5) as i32;
-    let sid = procfs::stat_field(&sf, 6) as i32;
-    if sid != pid && !opts.shell_job {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!(
-                "it belongs to session {sid} (process group {pgid}) whose leader is not dumped; start it with setsid, or pass --shell-job to restore it into floe's session"
-            ),
-        });
-    }
-    Ok(Preflight { pgid, sid })
-}
-
-fn check_threads(pid: i32, threads: u32) -> Result<(), DumpError> {
-    if threads > 1 {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!(
-                "it has {threads} threads; multi-threaded processes are not supported yet (single-threaded only)"
-            ),
-        });
-    }
-    Ok(())
-}
-
-fn check_children(pid: i32) -> Result<(), DumpError> {
-    let kids = procfs::children(pid).map_err(proc_err(pid, "children"))?;
-    if !kids.is_empty() {
-        let list: Vec<String> = kids.iter().map(|k| procfs::describe(*k)).collect();
-        return Err(DumpError::Refused {
-            pid,
-            what: format!("it has child processes ({}); process trees are not supported yet", list.join(", ")),
-        });
-    }
-    Ok(())
-}
-
-/// Repeats the checks that could have changed between preflight and freeze.
-pub fn after_freeze(pid: i32) -> Result<(), DumpError> {
-    let tids = procfs::tids(pid).map_err(proc_err(pid, "task"))?;
-    check_threads(pid, tids.len() as u32)?;
-    check_children(pid)?;
     let timers = std::fs::read_to_string(procfs::path(pid, "timers")).map_err(proc_err(pid, "timers"))?;
     let n = timers.lines().filter(|l| l.starts_with("ID:")).count();
     if n > 0 {
@@ -103,6 +76,42 @@ pub fn after_freeze(pid: i32) -> Result<(), DumpError> {
             pid,
             what: format!("it has {n} POSIX timer(s) (timer_create); POSIX timers are not supported yet"),
         });
+    }
+    Ok(())
+}
+
+/// Per-process checks once the whole tree is stopped.
+pub fn after_freeze(tree: &FrozenTree, root: &Preflight, root_pid: i32) -> Result<(), DumpError> {
+    let parents: HashMap<i32, i32> = tree.procs.iter().map(|p| (p.pid, p.ppid)).collect();
+    let mut sessions = HashMap::new();
+    for p in tree.procs.iter().filter(|p| !p.zombie) {
+        let sf = procfs::stat_fields(p.pid).map_err(proc_err(p.pid, "stat"))?;
+        sessions.insert(p.pid, procfs::stat_field(&sf, 6) as i32);
+    }
+    for p in tree.procs.iter().filter(|p| !p.zombie) {
+        let pid = p.pid;
+        let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
+        check_process(pid, &st)?;
+        if pid == root_pid {
+            continue;
+        }
+        let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
+        let pgid = procfs::stat_field(&sf, 5) as i32;
+        let sid = procfs::stat_field(&sf, 6) as i32;
+        let parent_sid = parents.get(&pid).and_then(|pp| sessions.get(pp)).copied().unwrap_or(root.sid);
+        if sid != pid && sid != parent_sid {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!("its session {sid} is neither its own nor its parent's; this cannot be recreated"),
+            });
+        }
+        let outside_ok = root.pgid != root_pid && pgid == root.pgid;
+        if pgid != pid && !parents.contains_key(&pgid) && !outside_ok {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!("its process group {pgid} is led by a process outside the dumped tree"),
+            });
+        }
     }
     Ok(())
 }

@@ -1,9 +1,13 @@
-//! File descriptors: what each one is, and whether this version can restore it.
+//! File descriptors: what each one is, whether this version can restore it,
+//! and which descriptors (across the whole tree) share one open file
+//! description.
 use super::{proc_err, DumpError};
 use crate::procfs;
+use crate::sys::task;
 use floe_proto::image as pb;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 pub fn file_id(m: &std::fs::Metadata) -> pb::FileId {
     pb::FileId {
@@ -40,14 +44,103 @@ pub fn is_tty(rdev: u64) -> bool {
     (136..=143).contains(&ma) || ma == 4 || (ma == 5 && mi == 0)
 }
 
-pub fn collect(pid: i32, shell_job: bool, blobs: &mut Vec<Vec<u8>>) -> Result<Vec<pb::FileDesc>, DumpError> {
-    let mut out = Vec::new();
-    for fd in procfs::fds(pid).map_err(proc_err(pid, "fd"))? {
+/// Open file descriptions of the tree, deduplicated.
+#[derive(Default)]
+pub struct FileTable {
+    pub files: Vec<pb::FileDesc>,
+    /// First holder (pid, fd) and inode of each description.
+    owners: Vec<(i32, i32, u64)>,
+    by_ino: HashMap<u64, Vec<usize>>,
+    /// Pipes whose buffered data was saved already.
+    pipes_saved: HashSet<u64>,
+    tree: HashSet<i32>,
+}
+
+impl FileTable {
+    pub fn new(tree: &[i32]) -> Self {
+        Self { tree: tree.iter().copied().collect(), ..Default::default() }
+    }
+
+    /// Collects the descriptors of `pid`, adding new descriptions to the table.
+    pub fn collect(
+        &mut self,
+        pid: i32,
+        shell_job: bool,
+        blobs: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<pb::FdRef>, DumpError> {
+        let mut out = Vec::new();
+        for fd in procfs::fds(pid).map_err(proc_err(pid, "fd"))? {
+            let info = procfs::fdinfo(pid, fd).map_err(proc_err(pid, "fdinfo"))?;
+            let cloexec = info.flags & libc::O_CLOEXEC as u32 != 0;
+            let mut existing = None;
+            for &idx in self.by_ino.get(&info.ino).map(Vec::as_slice).unwrap_or(&[]) {
+                let (opid, ofd, _) = self.owners[idx];
+                if task::same_file(opid, ofd, pid, fd).unwrap_or(false) {
+                    existing = Some(idx);
+                    break;
+                }
+            }
+            let idx = match existing {
+                Some(i) => i,
+                None => {
+                    let desc = self.describe(pid, fd, &info, shell_job, blobs)?;
+                    self.files.push(desc);
+                    self.owners.push((pid, fd, info.ino));
+                    let i = self.files.len() - 1;
+                    self.by_ino.entry(info.ino).or_default().push(i);
+                    i
+                }
+            };
+            out.push(pb::FdRef { fd, file: idx as u32, cloexec });
+        }
+        Ok(out)
+    }
+
+    /// Refuses pipes with an end held outside the tree (the restored pipe
+    /// would lose its peer). Run after every process was collected.
+    pub fn check_pipes(&self) -> Result<(), DumpError> {
+        let mut modes: HashMap<u64, (bool, bool, i32, i32)> = HashMap::new();
+        for (f, (pid, fd, _)) in self.files.iter().zip(&self.owners) {
+            if f.kind == pb::FdKind::Pipe as i32 {
+                let e = modes.entry(f.pipe_id).or_insert((false, false, *pid, *fd));
+                if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                    e.1 = true;
+                } else {
+                    e.0 = true;
+                }
+            }
+        }
+        for (ino, (has_r, has_w, pid, fd)) in modes {
+            if has_r && has_w {
+                continue;
+            }
+            if let Some(holder) = outside_holder(&format!("pipe:[{ino}]"), &self.tree) {
+                return Err(DumpError::Refused {
+                    pid,
+                    what: format!(
+                        "fd {fd} (pipe:[{ino}]): the other end is held by {} outside the dumped tree",
+                        procfs::describe(holder)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn describe(
+        &mut self,
+        pid: i32,
+        fd: i32,
+        info: &procfs::FdInfo,
+        shell_job: bool,
+        blobs: &mut Vec<Vec<u8>>,
+    ) -> Result<pb::FileDesc, DumpError> {
         let link = procfs::readlink(pid, &format!("fd/{fd}")).map_err(proc_err(pid, "fd"))?;
         let refuse = |what: String| DumpError::Refused { pid, what: format!("fd {fd} ({link}): {what}") };
-        if link.starts_with("pipe:") {
-            return Err(refuse("pipes are not supported yet".into()));
+        if let Some(lock) = &info.lock {
+            return Err(refuse(format!("it holds a file lock ({lock}); file locks are not supported yet")));
         }
+        let flags = info.flags & !(libc::O_CLOEXEC as u32);
         if link.starts_with("socket:") {
             return Err(refuse("sockets are not supported yet".into()));
         }
@@ -63,24 +156,26 @@ pub fn collect(pid: i32, shell_job: bool, blobs: &mut Vec<Vec<u8>>) -> Result<Ve
                 link.trim_start_matches("anon_inode:")
             )));
         }
-        let info = procfs::fdinfo(pid, fd).map_err(proc_err(pid, "fdinfo"))?;
-        if let Some(lock) = &info.lock {
-            return Err(refuse(format!("it holds a file lock ({lock}); file locks are not supported yet")));
-        }
         let fpath = procfs::path(pid, &format!("fd/{fd}"));
         let meta = std::fs::metadata(&fpath).map_err(proc_err(pid, "fd"))?;
         let ft = meta.file_type();
         let mut d = pb::FileDesc {
-            fd,
             kind: pb::FdKind::Unspecified as i32,
             path: link.clone(),
-            flags: info.flags,
+            flags,
             pos: info.pos,
             file: Some(file_id(&meta)),
             rdev: meta.rdev(),
             blob: -1,
+            pipe_id: 0,
+            pipe_size: 0,
         };
-        if ft.is_file() {
+        if link.starts_with("pipe:") {
+            d.kind = pb::FdKind::Pipe as i32;
+            d.pipe_id = meta.ino();
+            self.save_pipe(pid, fd, &mut d, blobs)
+                .map_err(|e| refuse(format!("cannot read its buffered data ({e})")))?;
+        } else if ft.is_file() {
             if let Some(orig) = link.strip_suffix(" (deleted)").filter(|_| meta.nlink() == 0) {
                 let mut data = Vec::new();
                 std::fs::File::open(&fpath).and_then(|mut f| f.read_to_end(&mut data)).map_err(|source| {
@@ -119,9 +214,55 @@ pub fn collect(pid: i32, shell_job: bool, blobs: &mut Vec<Vec<u8>>) -> Result<Ve
         } else {
             return Err(refuse("this kind of file is not supported".into()));
         }
-        out.push(d);
+        Ok(d)
     }
-    Ok(out)
+
+    /// Saves a pipe's buffered bytes without consuming them: a second read
+    /// end is opened through /proc and tee(2)'d into a private pipe.
+    fn save_pipe(&mut self, pid: i32, fd: i32, d: &mut pb::FileDesc, blobs: &mut Vec<Vec<u8>>) -> std::io::Result<()> {
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(procfs::path(pid, &format!("fd/{fd}")))?;
+        let size = task::fcntl_int(&reader, libc::F_GETPIPE_SZ, 0)?;
+        d.pipe_size = size as u32;
+        if !self.pipes_saved.insert(d.pipe_id) {
+            return Ok(());
+        }
+        let (tmp_r, tmp_w) = task::pipe()?;
+        task::fcntl_int(&tmp_w, libc::F_SETPIPE_SZ, size)?;
+        let mut data = Vec::new();
+        let n = match task::tee(&reader, &tmp_w, size as usize) {
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => 0,
+            Err(e) => return Err(e),
+        };
+        if n > 0 {
+            drop(tmp_w);
+            std::fs::File::from(tmp_r).read_to_end(&mut data)?;
+            d.blob = blobs.len() as i32;
+            blobs.push(data);
+        }
+        Ok(())
+    }
+}
+
+/// A process outside `tree` holding a descriptor whose link is `link`.
+fn outside_holder(link: &str, tree: &HashSet<i32>) -> Option<i32> {
+    let me = std::process::id() as i32;
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if tree.contains(&pid) || pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for f in fds.flatten() {
+            if std::fs::read_link(f.path()).map(|l| l.to_string_lossy() == link).unwrap_or(false) {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 fn check_same_file(path: &str, meta: &std::fs::Metadata) -> Result<(), String> {

@@ -80,7 +80,7 @@ pub struct VmaPlan {
 
 const ADVICE: [&str; 6] = ["hg", "nh", "dd", "dc", "wf", "lo"];
 
-pub fn classify(pid: i32, maps: &[MapEntry], _blobs: &mut Vec<Vec<u8>>) -> Result<Vec<VmaPlan>, DumpError> {
+pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<VmaPlan>, DumpError> {
     let mut out = Vec::new();
     for m in maps {
         if m.path == "[vsyscall]" || is_vdso_part(&m.path) {
@@ -173,7 +173,6 @@ pub fn classify(pid: i32, maps: &[MapEntry], _blobs: &mut Vec<Vec<u8>>) -> Resul
 }
 
 pub struct PagesOut {
-    pub runs: Vec<pb::PageRun>,
     pub blobs: Vec<pb::Blob>,
     pub file_size: u64,
     pub page_bytes: u64,
@@ -242,119 +241,155 @@ fn classic_scan(pid: i32, pagemap: &File, v: &VmaPlan, out: &mut Vec<PageRegion>
     Ok(())
 }
 
-/// Copies the data pages into `file` (a pages.img opened by the image
-/// writer): this thread reads and checksums, a second thread writes.
-pub fn write_pages(
-    pid: i32,
-    vmas: &[VmaPlan],
-    file: File,
-    path: &Path,
-    blobs: &[Vec<u8>],
-) -> Result<PagesOut, DumpError> {
-    let runs = plan_runs(pid, vmas)?;
-    let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
-    let (tx, rx) = mpsc::sync_channel::<(Vec<u8>, usize, u64)>(BUFFERS - 1);
-    let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
-    let wpath = path.to_path_buf();
-    let writer = std::thread::Builder::new()
-        .name("floe-pages-writer".into())
-        .spawn(move || -> std::io::Result<File> {
-            for (buf, len, off) in rx {
-                file.write_all_at(&buf[..len], off)?;
-                let _ = ret_tx.send(buf);
-            }
-            Ok(file)
-        })
-        .map_err(|source| DumpError::Io { pid, what: "cannot start the page writer thread".into(), source })?;
+type Chunk = (Vec<u8>, usize, u64);
 
-    let mut out_runs = Vec::with_capacity(runs.len());
-    let mut offset = crate::image::PAGES_DATA_OFFSET;
-    let mut allocated = 0usize;
-    let mut page_bytes = 0u64;
-    let mut i = 0usize;
-    let mut read_result: Result<(), DumpError> = Ok(());
-    let (mut t_read, mut t_hash, mut t_wait) = (0f64, 0f64, 0f64);
-    while i < runs.len() {
-        // Take as many runs as fit in one batch.
-        let mut j = i;
-        let mut total = 0usize;
-        while j < runs.len() && (j == i || total + runs[j].len as usize <= BATCH) && j - i < mem::MAX_IOV {
-            total += runs[j].len as usize;
-            j += 1;
-        }
-        let t = std::time::Instant::now();
-        let mut buf = match ret_rx.try_recv() {
-            Ok(b) => b,
-            Err(_) if allocated < BUFFERS => {
-                allocated += 1;
-                vec![0u8; BATCH.max(total)]
-            }
-            Err(_) => match ret_rx.recv() {
-                Ok(b) => b,
-                Err(_) => break, // writer died; its error is reported below
-            },
-        };
-        if buf.len() < total {
-            buf.resize(total, 0);
-        }
-        t_wait += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        if let Err(e) = read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total]) {
-            read_result = Err(e);
-            break;
-        }
-        t_read += t.elapsed().as_secs_f64();
-        let t = std::time::Instant::now();
-        let mut o = 0usize;
-        for r in &runs[i..j] {
-            let data = &buf[o..o + r.len as usize];
-            out_runs.push(pb::PageRun {
-                vaddr: r.vaddr,
-                nr_pages: r.len / PAGE,
-                file_offset: offset + o as u64,
-                blake3: blake3::hash(data).as_bytes().to_vec(),
-            });
-            o += r.len as usize;
-        }
-        t_hash += t.elapsed().as_secs_f64();
-        if tx.send((buf, total, offset)).is_err() {
-            break;
-        }
-        offset += total as u64;
-        page_bytes += total as u64;
-        i = j;
+/// Streams page data into pages.img: the caller's thread reads and
+/// checksums, a writer thread writes. One sink serves every process of a
+/// dump, so the pages of all of them land in one file.
+pub struct PageSink {
+    tx: Option<mpsc::SyncSender<Chunk>>,
+    ret_rx: mpsc::Receiver<Vec<u8>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+    path: std::path::PathBuf,
+    offset: u64,
+    allocated: usize,
+    page_bytes: u64,
+}
+
+impl PageSink {
+    pub fn start(file: File, path: &Path) -> Result<Self, DumpError> {
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(BUFFERS - 1);
+        let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+        let writer = std::thread::Builder::new()
+            .name("floe-pages-writer".into())
+            .spawn(move || -> std::io::Result<File> {
+                for (buf, len, off) in rx {
+                    file.write_all_at(&buf[..len], off)?;
+                    let _ = ret_tx.send(buf);
+                }
+                Ok(file)
+            })
+            .map_err(|source| DumpError::Io { pid: 0, what: "cannot start the page writer thread".into(), source })?;
+        Ok(Self {
+            tx: Some(tx),
+            ret_rx,
+            writer: Some(writer),
+            path: path.to_path_buf(),
+            offset: crate::image::PAGES_DATA_OFFSET,
+            allocated: 0,
+            page_bytes: 0,
+        })
     }
-    drop(tx);
-    tracing::debug!(pid, read_s = t_read, hash_s = t_hash, wait_s = t_wait, "page copy breakdown");
-    let file = match writer.join() {
-        Ok(Ok(f)) => f,
-        Ok(Err(source)) => {
-            return Err(DumpError::Io { pid, what: format!("cannot write {}", wpath.display()), source })
-        }
-        Err(_) => {
-            return Err(DumpError::Io {
+
+    fn join_writer(&mut self, pid: i32) -> Result<File, DumpError> {
+        self.tx = None;
+        let w = self.writer.take().ok_or_else(|| DumpError::Io {
+            pid,
+            what: "page writer already stopped".into(),
+            source: std::io::Error::other("writer gone"),
+        })?;
+        match w.join() {
+            Ok(Ok(f)) => Ok(f),
+            Ok(Err(source)) => {
+                Err(DumpError::Io { pid, what: format!("cannot write {}", self.path.display()), source })
+            }
+            Err(_) => Err(DumpError::Io {
                 pid,
                 what: "page writer thread panicked".into(),
                 source: std::io::Error::other("panic"),
-            })
+            }),
         }
-    };
-    read_result?;
-    let mut out_blobs = Vec::new();
-    for b in blobs {
-        file.write_all_at(b, offset).map_err(|source| DumpError::Io {
-            pid,
-            what: format!("cannot write {}", wpath.display()),
-            source,
-        })?;
-        out_blobs.push(pb::Blob {
-            file_offset: offset,
-            len: b.len() as u64,
-            blake3: blake3::hash(b).as_bytes().to_vec(),
-        });
-        offset += b.len() as u64;
     }
-    Ok(PagesOut { runs: out_runs, blobs: out_blobs, file_size: offset, page_bytes, file })
+
+    /// Copies the data pages of one process.
+    pub fn dump_process(&mut self, pid: i32, vmas: &[VmaPlan]) -> Result<Vec<pb::PageRun>, DumpError> {
+        let runs = plan_runs(pid, vmas)?;
+        let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
+        let mut out_runs = Vec::with_capacity(runs.len());
+        let (mut t_read, mut t_hash, mut t_wait) = (0f64, 0f64, 0f64);
+        let mut i = 0usize;
+        while i < runs.len() {
+            // Take as many runs as fit in one batch.
+            let mut j = i;
+            let mut total = 0usize;
+            while j < runs.len() && (j == i || total + runs[j].len as usize <= BATCH) && j - i < mem::MAX_IOV {
+                total += runs[j].len as usize;
+                j += 1;
+            }
+            let t = std::time::Instant::now();
+            let mut buf = match self.ret_rx.try_recv() {
+                Ok(b) => b,
+                Err(_) if self.allocated < BUFFERS => {
+                    self.allocated += 1;
+                    vec![0u8; BATCH.max(total)]
+                }
+                Err(_) => match self.ret_rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => {
+                        return Err(self.join_writer(pid).err().unwrap_or(DumpError::Io {
+                            pid,
+                            what: "page writer stopped".into(),
+                            source: std::io::Error::other("writer gone"),
+                        }))
+                    }
+                },
+            };
+            if buf.len() < total {
+                buf.resize(total, 0);
+            }
+            t_wait += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total])?;
+            t_read += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            let mut o = 0usize;
+            for r in &runs[i..j] {
+                let data = &buf[o..o + r.len as usize];
+                out_runs.push(pb::PageRun {
+                    vaddr: r.vaddr,
+                    nr_pages: r.len / PAGE,
+                    file_offset: self.offset + o as u64,
+                    blake3: blake3::hash(data).as_bytes().to_vec(),
+                });
+                o += r.len as usize;
+            }
+            t_hash += t.elapsed().as_secs_f64();
+            let sent = self.tx.as_ref().map(|tx| tx.send((buf, total, self.offset)).is_ok()).unwrap_or(false);
+            if !sent {
+                return Err(self.join_writer(pid).err().unwrap_or(DumpError::Io {
+                    pid,
+                    what: "page writer stopped".into(),
+                    source: std::io::Error::other("writer gone"),
+                }));
+            }
+            self.offset += total as u64;
+            self.page_bytes += total as u64;
+            i = j;
+        }
+        tracing::debug!(pid, read_s = t_read, hash_s = t_hash, wait_s = t_wait, "page copy breakdown");
+        Ok(out_runs)
+    }
+
+    /// Waits for the writer, then appends the blobs.
+    pub fn finish(mut self, blobs: &[Vec<u8>]) -> Result<PagesOut, DumpError> {
+        let file = self.join_writer(0)?;
+        let mut offset = self.offset;
+        let mut out_blobs = Vec::new();
+        for b in blobs {
+            file.write_all_at(b, offset).map_err(|source| DumpError::Io {
+                pid: 0,
+                what: format!("cannot write {}", self.path.display()),
+                source,
+            })?;
+            out_blobs.push(pb::Blob {
+                file_offset: offset,
+                len: b.len() as u64,
+                blake3: blake3::hash(b).as_bytes().to_vec(),
+            });
+            offset += b.len() as u64;
+        }
+        Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file })
+    }
 }
 
 fn read_batch(pid: i32, mem_file: &File, runs: &[RunPlan], buf: &mut [u8]) -> Result<(), DumpError> {

@@ -8,6 +8,7 @@
 //! detaches, so the process carries on as before.
 mod checks;
 mod files;
+mod freeze;
 mod memory;
 mod parasite;
 
@@ -15,11 +16,12 @@ pub use files::simple_device;
 pub use memory::is_vdso_part;
 
 use crate::image::{ImageError, ImageWriter};
-use crate::inject::{resume_with_restart, InjectError, Injector};
+use crate::inject::{InjectError, Injector};
 use crate::procfs;
-use crate::sys::ptrace::{self, Stop, UserRegs};
+use crate::sys::ptrace::{self, UserRegs};
 use crate::sys::task;
 use floe_proto::image as pb;
+use freeze::FrozenTree;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -53,6 +55,8 @@ pub struct DumpTimings {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DumpReport {
     pub pid: i32,
+    pub processes: usize,
+    pub threads: usize,
     pub dir: PathBuf,
     pub vmas: usize,
     pub fds: usize,
@@ -116,85 +120,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// A process held in a ptrace stop. Dropping it without `kill` or `resume`
-/// resumes the process exactly where it was.
-struct Frozen {
-    pid: i32,
-    regs: UserRegs,
-    injected: bool,
-    done: bool,
-}
-
-impl Frozen {
-    fn seize(pid: i32) -> Result<Self, DumpError> {
-        ptrace::seize(pid, ptrace::DUMP_OPTIONS).map_err(|source| match source.raw_os_error() {
-            Some(libc::ESRCH) => DumpError::NoProcess { pid },
-            Some(libc::EPERM) => DumpError::Refused {
-                pid,
-                what: "ptrace attach not permitted (already traced, or floe lacks CAP_SYS_PTRACE)".into(),
-            },
-            _ => DumpError::Ptrace { pid, op: "seize", source },
-        })?;
-        let mut me = Self { pid, regs: zero_regs(), injected: false, done: false };
-        ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace { pid, op: "interrupt", source })?;
-        loop {
-            match ptrace::wait(pid).map_err(|source| DumpError::Ptrace { pid, op: "wait", source })? {
-                Stop::Event => break,
-                Stop::Exited(_) | Stop::Killed(_) => {
-                    me.done = true;
-                    return Err(DumpError::NoProcess { pid });
-                }
-                Stop::Signal(sig) => {
-                    // A signal raced with the freeze: keep it pending for the process.
-                    ptrace::cont(pid, sig).map_err(|source| DumpError::Ptrace { pid, op: "cont", source })?;
-                    ptrace::interrupt(pid).map_err(|source| DumpError::Ptrace { pid, op: "interrupt", source })?;
-                }
-                Stop::Syscall | Stop::OtherEvent(_) => {
-                    ptrace::cont(pid, 0).map_err(|source| DumpError::Ptrace { pid, op: "cont", source })?;
-                }
-            }
-        }
-        me.regs = ptrace::get_regs(pid).map_err(|source| DumpError::Ptrace { pid, op: "getregs", source })?;
-        Ok(me)
-    }
-
-    fn resume(mut self) -> Result<(), DumpError> {
-        self.done = true;
-        resume_with_restart(self.pid, &self.regs, self.injected)?;
-        Ok(())
-    }
-
-    fn kill(mut self) -> Result<(), DumpError> {
-        self.done = true;
-        let pid = self.pid;
-        task::kill(pid, libc::SIGKILL).map_err(|source| DumpError::Io {
-            pid,
-            what: "cannot kill the dumped process".into(),
-            source,
-        })?;
-        // Collect the tracer's exit notification.
-        loop {
-            match ptrace::wait(pid) {
-                Ok(Stop::Exited(_)) | Ok(Stop::Killed(_)) | Err(_) => break,
-                Ok(_) => {
-                    let _ = ptrace::cont(pid, 0);
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        if !self.done {
-            if let Err(e) = resume_with_restart(self.pid, &self.regs, self.injected) {
-                tracing::error!(pid = self.pid, error = %e, "could not resume the process after a failed dump");
-            }
-        }
-    }
-}
-
 pub(crate) fn zero_regs() -> UserRegs {
     regs_from_bytes(&[])
 }
@@ -248,26 +173,41 @@ pub fn regs_from_bytes(b: &[u8]) -> UserRegs {
     }
 }
 
-/// Dumps one process into `opts.dir`.
+/// Dumps the process tree rooted at `opts.pid` into `opts.dir`.
 pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
     let pid = opts.pid;
     let pre = checks::preflight(pid, opts)?;
     let writer = ImageWriter::create(&opts.dir, opts.force)?;
-    let result = dump_frozen(opts, &pre, &writer, t0);
-    if result.is_err() {
-        writer.abort();
-    }
-    let (mut report, frozen) = result?;
+    let mut timings = DumpTimings::default();
+    let t_freeze = Instant::now();
+    let frozen = FrozenTree::freeze(pid);
+    timings.freeze_ms = ms(t_freeze.elapsed());
+    let mut frozen = match frozen {
+        Ok(f) => f,
+        Err(e) => {
+            writer.abort();
+            return Err(e);
+        }
+    };
+    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0) {
+        Ok(r) => r,
+        Err(e) => {
+            writer.abort();
+            drop(frozen); // resumes every task
+            return Err(e);
+        }
+    };
     let t_release = Instant::now();
     if opts.leave_running {
         frozen.resume()?;
     } else {
         frozen.kill()?;
     }
-    report.timings.frozen_ms += ms(t_release.elapsed());
+    timings.frozen_ms = ms(t_freeze.elapsed());
+    report.timings = timings;
     report.timings.total_ms = ms(t0.elapsed());
-    tracing::info!(pid, timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
+    tracing::info!(pid, processes = report.processes, release_ms = ms(t_release.elapsed()), timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
     Ok(report)
 }
 
@@ -275,73 +215,41 @@ fn dump_frozen(
     opts: &DumpOptions,
     pre: &checks::Preflight,
     writer: &ImageWriter,
+    frozen: &mut FrozenTree,
+    timings: &mut DumpTimings,
     t0: Instant,
-) -> Result<(DumpReport, Frozen), DumpError> {
-    let pid = opts.pid;
-    let mut timings = DumpTimings::default();
-    let t_freeze = Instant::now();
-    let mut frozen = Frozen::seize(pid)?;
-    timings.freeze_ms = ms(t_freeze.elapsed());
-    checks::after_freeze(pid)?;
-
+) -> Result<DumpReport, DumpError> {
+    let root = opts.pid;
+    checks::after_freeze(frozen, pre, root)?;
     let t_collect = Instant::now();
-    let regs = frozen.regs;
-    let xstate = ptrace::get_xstate(pid).map_err(|source| DumpError::Ptrace { pid, op: "getregset xstate", source })?;
-    let sigmask = ptrace::get_sigmask(pid).map_err(|source| DumpError::Ptrace { pid, op: "getsigmask", source })?;
-    let rseq =
-        ptrace::get_rseq(pid).map_err(|source| DumpError::Ptrace { pid, op: "get rseq configuration", source })?;
-    let (robust, robust_len) = task::get_robust_list(pid).map_err(|source| DumpError::Io {
-        pid,
-        what: "get_robust_list failed".into(),
-        source,
-    })?;
-
-    let maps = procfs::maps(pid, true).map_err(proc_err(pid, "smaps"))?;
-    let vdso = memory::vdso_block(pid, &maps)?;
-    let gadget = Injector::find_gadget(pid, vdso.vdso_start, vdso.vdso_end)?;
-    let mut inj = Injector::new(pid, regs, gadget);
-    frozen.injected = true;
-    let par = parasite::collect(&mut inj, sigmask)?;
-    // Only SECBIT_KEEP_CAPS (bit 4) is restored; anything else would silently differ.
-    if par.securebits & !(1 << 4) != 0 {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!("it sets securebits {:#x}, which this version cannot restore", par.securebits),
-        });
-    }
-    // Signals are read after injection: anything that arrived meanwhile stayed pending.
-    let pending =
-        ptrace::peek_siginfo(pid, false).map_err(|source| DumpError::Ptrace { pid, op: "peeksiginfo", source })?;
-    let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
-        pid,
-        op: "peeksiginfo shared",
-        source,
-    })?;
-
+    let pids: Vec<i32> = frozen.procs.iter().map(|p| p.pid).collect();
+    let mut files = files::FileTable::new(&pids);
     let mut blobs: Vec<Vec<u8>> = Vec::new();
-    let vmas = memory::classify(pid, &maps, &mut blobs)?;
-    let fds = files::collect(pid, opts.shell_job, &mut blobs)?;
-    let process = build_process(
-        pid,
-        pre,
-        opts,
-        &regs,
-        xstate,
-        sigmask,
-        rseq,
-        (robust, robust_len),
-        &par,
-        pending,
-        shared_pending,
-    )?;
+    let mut processes = Vec::with_capacity(frozen.procs.len());
+    let mut plans = Vec::with_capacity(frozen.procs.len());
+    for i in 0..frozen.procs.len() {
+        let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs)?;
+        processes.push(proc_pb);
+        plans.push(vmas);
+    }
+    files.check_pipes()?;
     timings.collect_ms = ms(t_collect.elapsed());
 
     let t_mem = Instant::now();
     let pages = writer.open_pages()?;
-    let out = memory::write_pages(pid, &vmas, pages, writer.pages_tmp_path(), &blobs)?;
+    let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
+    for (p, vmas) in processes.iter_mut().zip(&plans) {
+        if !p.zombie {
+            p.page_runs = sink.dump_process(p.pid, vmas)?;
+        }
+    }
+    let out = sink.finish(&blobs)?;
     timings.memory_ms = ms(t_mem.elapsed());
 
     let t_commit = Instant::now();
+    let nr_fds = processes.iter().map(|p| p.fds.len()).sum();
+    let nr_vmas = processes.iter().map(|p| p.vmas.len()).sum();
+    let nr_threads = processes.iter().map(|p| p.threads.len()).sum();
     let manifest = pb::Manifest {
         format_version: crate::image::FORMAT_VERSION,
         floe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -351,48 +259,136 @@ fn dump_frozen(
             .unwrap_or(0),
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
         kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
-        process: Some(process),
-        vmas: vmas.iter().map(|v| v.pb.clone()).collect(),
-        page_runs: out.runs,
-        fds: fds.clone(),
+        root_pid: root,
+        processes,
+        files: files.files,
         pages_file_size: out.file_size,
-        vdso: Some(vdso.pb.clone()),
         blobs: out.blobs,
         image_id: writer.image_id.to_vec(),
     };
     let manifest_len = writer.commit(&manifest, out.file)?;
     timings.commit_ms = ms(t_commit.elapsed());
-    timings.frozen_ms = ms(t_freeze.elapsed());
     timings.total_ms = ms(t0.elapsed());
-    let report = DumpReport {
-        pid,
+    Ok(DumpReport {
+        pid: root,
         dir: opts.dir.clone(),
-        vmas: manifest.vmas.len(),
-        fds: fds.len(),
+        processes: manifest.processes.len(),
+        threads: nr_threads,
+        vmas: nr_vmas,
+        fds: nr_fds,
         page_bytes: out.page_bytes,
         image_bytes: out.file_size + manifest_len,
         left_running: opts.leave_running,
-        timings,
-    };
-    Ok((report, frozen))
+        timings: timings.clone(),
+    })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Everything about one process except its page data.
+fn collect_process(
+    opts: &DumpOptions,
+    pre: &checks::Preflight,
+    frozen: &mut FrozenTree,
+    idx: usize,
+    files: &mut files::FileTable,
+    blobs: &mut Vec<Vec<u8>>,
+) -> Result<(pb::Process, Vec<memory::VmaPlan>), DumpError> {
+    let fp = &frozen.procs[idx];
+    let pid = fp.pid;
+    let ppid = fp.ppid;
+    let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
+    if fp.zombie {
+        let p = pb::Process {
+            pid,
+            ppid,
+            pgid: procfs::stat_field(&sf, 5) as i32,
+            sid: procfs::stat_field(&sf, 6) as i32,
+            zombie: true,
+            exit_status: procfs::stat_field(&sf, 52) as i32,
+            ..Default::default()
+        };
+        return Ok((p, Vec::new()));
+    }
+    let tids: Vec<i32> = fp.threads.iter().map(|t| t.tid).collect();
+    let regs: Vec<UserRegs> = fp.threads.iter().map(|t| t.regs).collect();
+    let mut masks = Vec::with_capacity(tids.len());
+    for &tid in &tids {
+        masks.push(ptrace::get_sigmask(tid).map_err(|source| DumpError::Ptrace {
+            pid: tid,
+            op: "getsigmask",
+            source,
+        })?);
+    }
+    let maps = procfs::maps(pid, true).map_err(proc_err(pid, "smaps"))?;
+    let vdso = memory::vdso_block(pid, &maps)?;
+    let gadget = Injector::find_gadget(pid, vdso.vdso_start, vdso.vdso_end)?;
+    let mut injs: Vec<Injector> = tids.iter().zip(&regs).map(|(t, r)| Injector::new(*t, *r, gadget)).collect();
+    for &tid in &tids {
+        frozen.mark_injected(tid);
+    }
+    let par = parasite::collect(&mut injs, &masks)?;
+    // Only SECBIT_KEEP_CAPS (bit 4) is restored; anything else would silently differ.
+    if par.securebits & !(1 << 4) != 0 {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("it sets securebits {:#x}, which this version cannot restore", par.securebits),
+        });
+    }
+    let mut threads = Vec::with_capacity(tids.len());
+    for (i, &tid) in tids.iter().enumerate() {
+        let pt = |op: &'static str| move |source| DumpError::Ptrace { pid: tid, op, source };
+        let xstate = ptrace::get_xstate(tid).map_err(pt("getregset xstate"))?;
+        let rseq = ptrace::get_rseq(tid).map_err(pt("get rseq configuration"))?;
+        let (robust, robust_len) = task::get_robust_list(tid).map_err(|source| DumpError::Io {
+            pid: tid,
+            what: "get_robust_list failed".into(),
+            source,
+        })?;
+        // Signals are read after injection: anything that arrived meanwhile stayed pending.
+        let pending = ptrace::peek_siginfo(tid, false).map_err(pt("peeksiginfo"))?;
+        let comm = std::fs::read_to_string(procfs::path(pid, &format!("task/{tid}/comm")))
+            .map_err(proc_err(pid, "comm"))?
+            .trim_end_matches('\n')
+            .to_string();
+        let extra = &par.threads[i];
+        threads.push(pb::Thread {
+            tid,
+            gpregs: regs_to_bytes(&regs[i]),
+            xstate,
+            sigmask: masks[i],
+            pending: pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect(),
+            altstack: Some(extra.altstack),
+            rseq: (rseq.ptr != 0).then_some(pb::Rseq { ptr: rseq.ptr, len: rseq.len, sig: rseq.sig }),
+            robust_list: robust,
+            robust_list_len: robust_len,
+            clear_child_tid: extra.clear_child_tid,
+            comm,
+        });
+    }
+    let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
+        pid,
+        op: "peeksiginfo shared",
+        source,
+    })?;
+    let vmas = memory::classify(pid, &maps)?;
+    let fds = files.collect(pid, opts.shell_job, blobs)?;
+    let mut p = build_process(pid, pre, opts, &sf, &par)?;
+    p.ppid = ppid;
+    p.threads = threads;
+    p.shared_pending = shared_pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect();
+    p.vmas = vmas.iter().map(|v| v.pb.clone()).collect();
+    p.fds = fds;
+    p.vdso = Some(vdso.pb);
+    Ok((p, vmas))
+}
+
 fn build_process(
     pid: i32,
     pre: &checks::Preflight,
     opts: &DumpOptions,
-    regs: &UserRegs,
-    xstate: Vec<u8>,
-    sigmask: u64,
-    rseq: ptrace::RseqConfig,
-    robust: (u64, u64),
+    sf: &[String],
     par: &parasite::Collected,
-    pending: Vec<[u8; ptrace::SIGINFO_SIZE]>,
-    shared_pending: Vec<[u8; ptrace::SIGINFO_SIZE]>,
 ) -> Result<pb::Process, DumpError> {
     let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
-    let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
     let auxv = std::fs::read(procfs::path(pid, "auxv")).map_err(proc_err(pid, "auxv"))?;
     let exe_path = procfs::readlink(pid, "exe").map_err(proc_err(pid, "exe"))?;
     if exe_path.ends_with(" (deleted)") {
@@ -428,7 +424,7 @@ fn build_process(
         })?;
         rlimits.push(pb::Rlimit { resource: res, cur, max });
     }
-    let f = |n| procfs::stat_field(&sf, n);
+    let f = |n| procfs::stat_field(sf, n);
     let mm = pb::MmFields {
         start_code: f(26),
         end_code: f(27),
@@ -443,24 +439,12 @@ fn build_process(
         env_end: f(51),
         auxv,
     };
-    let thread = pb::Thread {
-        tid: pid,
-        gpregs: regs_to_bytes(regs),
-        xstate,
-        sigmask,
-        pending: pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect(),
-        altstack: Some(par.altstack),
-        rseq: (rseq.ptr != 0).then_some(pb::Rseq { ptr: rseq.ptr, len: rseq.len, sig: rseq.sig }),
-        robust_list: robust.0,
-        robust_list_len: robust.1,
-        clear_child_tid: par.clear_child_tid,
-        comm: comm.clone(),
-    };
+    let (pgid, sid) = if pid == opts.pid { (pre.pgid, pre.sid) } else { (f(5) as i32, f(6) as i32) };
     Ok(pb::Process {
         pid,
         ppid: st.ppid,
-        pgid: pre.pgid,
-        sid: pre.sid,
+        pgid,
+        sid,
         comm,
         cmdline: procfs::cmdline(pid).unwrap_or_default(),
         exe_path,
@@ -478,9 +462,7 @@ fn build_process(
         groups: st.groups.clone(),
         personality,
         mm: Some(mm),
-        thread: Some(thread),
         sigactions: par.sigactions.clone(),
-        shared_pending: shared_pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect(),
         rlimits,
         itimers: par.itimers.clone(),
         pdeathsig: par.pdeathsig,
@@ -496,7 +478,8 @@ fn build_process(
         cap_bnd: st.cap_bnd,
         no_new_privs: st.no_new_privs,
         cap_amb: st.cap_amb,
-        nice: procfs::stat_field(&sf, 19) as i64 as i32,
+        nice: f(19) as i64 as i32,
         securebits: par.securebits,
+        ..Default::default()
     })
 }

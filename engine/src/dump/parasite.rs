@@ -6,10 +6,16 @@ use crate::inject::Injector;
 use crate::sys::ptrace;
 use floe_proto::image as pb;
 
-pub struct Collected {
-    pub sigactions: Vec<pb::SigAction>,
+/// Per-thread values only the thread itself can report.
+pub struct ThreadExtra {
     pub altstack: pb::Altstack,
     pub clear_child_tid: u64,
+}
+
+pub struct Collected {
+    pub sigactions: Vec<pb::SigAction>,
+    /// Same order as the injectors passed in (leader first).
+    pub threads: Vec<ThreadExtra>,
     pub itimers: Vec<pb::ITimer>,
     pub brk: u64,
     pub pdeathsig: i32,
@@ -27,29 +33,58 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
-pub fn collect(inj: &mut Injector, sigmask: u64) -> Result<Collected, DumpError> {
-    let pid = inj.pid();
+/// Runs the queries. `injs[0]` is the thread-group leader; `masks` are
+/// the threads' signal masks, put back afterwards.
+pub fn collect(injs: &mut [Injector], masks: &[u64]) -> Result<Collected, DumpError> {
     // Keep every signal pending (not delivered) while we work.
-    ptrace::set_sigmask(pid, u64::MAX).map_err(|source| DumpError::Ptrace { pid, op: "setsigmask", source })?;
+    for inj in injs.iter() {
+        let pid = inj.pid();
+        ptrace::set_sigmask(pid, u64::MAX).map_err(|source| DumpError::Ptrace { pid, op: "setsigmask", source })?;
+    }
     let result = (|| {
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         // MAP_SHARED anonymous memory never merges with the process's own mappings.
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
-        let scratch = inj.call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
-        let out = query(inj, scratch);
-        let unmap = inj.call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
+        let scratch = injs[0].call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
+        let out = query(injs, scratch);
+        let unmap = injs[0].call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
         let out = out?;
         unmap?;
         Ok::<_, DumpError>(out)
     })();
-    let restore_mask =
-        ptrace::set_sigmask(pid, sigmask).map_err(|source| DumpError::Ptrace { pid, op: "setsigmask", source });
+    let mut restore_mask = Ok(());
+    for (inj, mask) in injs.iter().zip(masks) {
+        let pid = inj.pid();
+        if let Err(source) = ptrace::set_sigmask(pid, *mask) {
+            restore_mask = Err(DumpError::Ptrace { pid, op: "setsigmask", source });
+        }
+    }
     let out = result?;
     restore_mask?;
     Ok(out)
 }
 
-fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
+fn thread_query(inj: &mut Injector, scratch: u64) -> Result<ThreadExtra, DumpError> {
+    let mut buf = [0u8; 24];
+    inj.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
+    inj.read_mem(scratch, &mut buf)?;
+    let altstack = pb::Altstack {
+        sp: u64_at(&buf, 0),
+        flags: (u64_at(&buf, 8) as u32 as i32) & !libc::SS_ONSTACK,
+        size: u64_at(&buf, 16),
+    };
+    const PR_GET_TID_ADDRESS: u64 = 40;
+    inj.call(libc::SYS_prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0])?;
+    inj.read_mem(scratch, &mut buf[..8])?;
+    Ok(ThreadExtra { altstack, clear_child_tid: u64_at(&buf, 0) })
+}
+
+fn query(injs: &mut [Injector], scratch: u64) -> Result<Collected, DumpError> {
+    let mut threads = Vec::with_capacity(injs.len());
+    for inj in injs.iter_mut() {
+        threads.push(thread_query(inj, scratch)?);
+    }
+    let inj = &mut injs[0];
     let mut buf = [0u8; 64];
     let mut sigactions = Vec::new();
     for sig in 1..=64u32 {
@@ -69,17 +104,6 @@ fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
             sigactions.push(act);
         }
     }
-    inj.call(libc::SYS_sigaltstack, [0, scratch, 0, 0, 0, 0])?;
-    inj.read_mem(scratch, &mut buf[..24])?;
-    let altstack = pb::Altstack {
-        sp: u64_at(&buf, 0),
-        flags: (u64_at(&buf, 8) as u32 as i32) & !libc::SS_ONSTACK,
-        size: u64_at(&buf, 16),
-    };
-    const PR_GET_TID_ADDRESS: u64 = 40;
-    inj.call(libc::SYS_prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0])?;
-    inj.read_mem(scratch, &mut buf[..8])?;
-    let clear_child_tid = u64_at(&buf, 0);
     let mut itimers = Vec::new();
     for which in 0..3u32 {
         inj.call(libc::SYS_getitimer, [which as u64, scratch, 0, 0, 0, 0])?;
@@ -101,8 +125,7 @@ fn query(inj: &mut Injector, scratch: u64) -> Result<Collected, DumpError> {
     let dumpable = inj.call(libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0])? as i32;
     Ok(Collected {
         sigactions,
-        altstack,
-        clear_child_tid,
+        threads,
         itimers,
         brk,
         pdeathsig,

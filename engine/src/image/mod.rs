@@ -15,7 +15,7 @@ pub const MANIFEST_FILE: &str = "manifest.img";
 pub const PAGES_FILE: &str = "pages.img";
 pub const MANIFEST_MAGIC: [u8; 8] = *b"FLOEMAN\0";
 pub const PAGES_MAGIC: [u8; 8] = *b"FLOEPGS\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Manifest header: magic, version, flags, payload length, blake3.
 pub const MANIFEST_HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
 /// Page data starts here in pages.img (header padded to a page).
@@ -32,7 +32,7 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error("{dir} holds no floe image (no {MANIFEST_FILE}; a dump that did not finish leaves none)")]
+    #[error("{dir}: not a floe image (no {MANIFEST_FILE}; a dump that did not finish leaves none)")]
     NotAnImage { dir: PathBuf },
     #[error("{dir} already holds an image; pass --force to overwrite it")]
     Exists { dir: PathBuf },
@@ -258,22 +258,44 @@ impl ImageReader {
     fn validate(&self) -> Result<(), ImageError> {
         let m = &self.manifest;
         let bad = |what: String| ImageError::Invalid { path: self.dir.join(MANIFEST_FILE), what };
-        if m.process.is_none() {
-            return Err(bad("no process record".into()));
+        if m.processes.first().map(|p| p.pid) != Some(m.root_pid) {
+            return Err(bad("the first process record is not the root".into()));
         }
-        for r in &m.page_runs {
-            let len = r.nr_pages.checked_mul(4096).ok_or_else(|| bad("page run too long".into()))?;
-            let end = r.file_offset.checked_add(len).ok_or_else(|| bad("page run offset overflows".into()))?;
-            if r.file_offset < PAGES_DATA_OFFSET
-                || end > m.pages_file_size
-                || r.vaddr % 4096 != 0
-                || r.blake3.len() != 32
-            {
-                return Err(bad(format!("page run at {:#x} lies outside the pages file", r.vaddr)));
+        let mut seen = std::collections::HashSet::new();
+        for p in &m.processes {
+            if p.pid <= 0 || !seen.insert(p.pid) {
+                return Err(bad(format!("process {} is listed twice or invalid", p.pid)));
             }
-            let inside = m.vmas.iter().any(|v| r.vaddr >= v.start && r.vaddr + len <= v.end);
-            if !inside {
-                return Err(bad(format!("page run at {:#x} is outside every mapping", r.vaddr)));
+            if p.pid != m.root_pid && !seen.contains(&p.ppid) {
+                return Err(bad(format!("process {} comes before its parent {}", p.pid, p.ppid)));
+            }
+            if p.zombie {
+                continue;
+            }
+            if p.threads.first().map(|t| t.tid) != Some(p.pid) {
+                return Err(bad(format!("process {} has no leader thread record", p.pid)));
+            }
+            for r in &p.page_runs {
+                let len = r.nr_pages.checked_mul(4096).ok_or_else(|| bad("page run too long".into()))?;
+                let end = r.file_offset.checked_add(len).ok_or_else(|| bad("page run offset overflows".into()))?;
+                if r.file_offset < PAGES_DATA_OFFSET
+                    || end > m.pages_file_size
+                    || r.vaddr % 4096 != 0
+                    || r.blake3.len() != 32
+                {
+                    return Err(bad(format!(
+                        "page run at {:#x} of pid {} lies outside the pages file",
+                        r.vaddr, p.pid
+                    )));
+                }
+                if !p.vmas.iter().any(|v| r.vaddr >= v.start && r.vaddr + len <= v.end) {
+                    return Err(bad(format!("page run at {:#x} of pid {} is outside every mapping", r.vaddr, p.pid)));
+                }
+            }
+            for f in &p.fds {
+                if f.file as usize >= m.files.len() || f.fd < 0 {
+                    return Err(bad(format!("fd {} of pid {} refers to a missing file description", f.fd, p.pid)));
+                }
             }
         }
         for b in &m.blobs {
@@ -283,6 +305,12 @@ impl ImageReader {
             }
         }
         Ok(())
+    }
+
+    /// The root process record.
+    pub fn root(&self) -> &floe_proto::image::Process {
+        // validate() guarantees the first record is the root.
+        &self.manifest.processes[0]
     }
 
     /// Reads and verifies a blob (e.g. a deleted file's contents).
@@ -306,6 +334,6 @@ impl ImageReader {
 
     /// Total bytes of page data.
     pub fn page_bytes(&self) -> u64 {
-        self.manifest.page_runs.iter().map(|r| r.nr_pages * 4096).sum()
+        self.manifest.processes.iter().flat_map(|p| &p.page_runs).map(|r| r.nr_pages * 4096).sum()
     }
 }

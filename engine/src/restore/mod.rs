@@ -3,17 +3,19 @@
 //! Restore runs in three stages with a stable API, because live migration
 //! runs the first two on the target while the source still runs:
 //!
-//! 1. [`Stub::create`] checks the image against this host ([`preflight`]),
-//!    creates a stopped child with the image's PID (clone3 `set_tid`), empties
-//!    its address space, moves the vdso where the image had it and maps every
-//!    mapping of the image.
-//! 2. [`Stub::write_pages`] copies page data into it (callable many times;
-//!    [`load_pages`] streams a whole image with checksums verified).
-//! 3. [`Stub::finish`] applies the remaining state (mm fields, descriptors,
-//!    signals, limits, registers) and lets the process run.
+//! 1. [`Tree::create`] (after [`Preflight::check`]) creates the stopped
+//!    process tree: the root with the image's PID (clone3 `set_tid` from
+//!    floe), each child forked inside its parent (clone3 `set_tid` injected),
+//!    sessions and process groups, then every thread; it empties each address
+//!    space, moves the vdso where the image had it and maps every mapping.
+//! 2. [`Tree::write_pages`] copies page data into one process (callable many
+//!    times; [`load_pages`] streams a whole image with checksums verified).
+//! 3. [`Tree::finish`] applies the remaining state (mm fields, descriptors,
+//!    signals, limits, credentials, registers) and lets the tree run.
 //!
-//! Dropping a stub that was not finished kills it: a failed restore leaves
-//! no process behind.
+//! Dropping a tree that was not finished kills every process in it: a failed
+//! restore leaves no process behind.
+mod files;
 mod finish;
 mod pages;
 pub mod preflight;
@@ -22,6 +24,99 @@ mod stub;
 pub use pages::load_pages;
 pub use preflight::Preflight;
 pub use stub::Stub;
+
+use floe_proto::image as pb;
+
+/// The stopped process tree being restored.
+pub struct Tree {
+    pub(crate) procs: Vec<Stub>,
+    finished: bool,
+}
+
+impl Tree {
+    /// Stage a: creates every process and thread, stopped, with its address
+    /// space mapped but not filled.
+    pub fn create(m: &pb::Manifest, pre: &Preflight) -> Result<Self, RestoreError> {
+        let scratch = stub::choose_scratch(m, pre)?;
+        let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
+        let mut tree = Tree { procs: vec![Stub::create_root(root.pid, pre, scratch)?], finished: false };
+        tree.set_session(0, root)?;
+        for p in &m.processes[1..] {
+            let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
+                what: format!("process {} has no parent {} in the image", p.pid, p.ppid),
+            })?;
+            let child = tree.procs[parent].fork_child(p.pid)?;
+            tree.procs.push(child);
+            let i = tree.procs.len() - 1;
+            tree.set_session(i, p)?;
+        }
+        // Groups led by another process of the tree exist only now.
+        for (i, p) in m.processes.iter().enumerate() {
+            if !p.zombie && p.pgid != p.pid && tree.index_of(p.pgid).is_some() {
+                tree.procs[i].leader().call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])?;
+            }
+        }
+        for (i, p) in m.processes.iter().enumerate() {
+            if p.zombie {
+                continue;
+            }
+            let vd = p
+                .vdso
+                .as_ref()
+                .ok_or_else(|| RestoreError::Refused { what: format!("process {} has no vdso record", p.pid) })?;
+            tree.procs[i].place_vdso(vd, pre)?;
+            tree.procs[i].map_vmas(&p.vmas)?;
+            for t in &p.threads[1..] {
+                tree.procs[i].clone_thread(t.tid)?;
+            }
+        }
+        Ok(tree)
+    }
+
+    fn set_session(&mut self, i: usize, p: &pb::Process) -> Result<(), RestoreError> {
+        if p.zombie && p.sid != p.pid && p.pgid != p.pid {
+            return Ok(());
+        }
+        if p.sid == p.pid {
+            self.procs[i].leader().call(libc::SYS_setsid, [0; 6])?;
+        } else if p.pgid == p.pid {
+            self.procs[i].leader().call(libc::SYS_setpgid, [0; 6])?;
+        }
+        Ok(())
+    }
+
+    fn index_of(&self, pid: i32) -> Option<usize> {
+        self.procs.iter().position(|s| s.pid == pid)
+    }
+
+    /// The root process's pid.
+    pub fn root_pid(&self) -> i32 {
+        self.procs.first().map(|s| s.pid).unwrap_or(0)
+    }
+
+    /// Stage b: copies `data` into process `pid` at `ranges` (in order).
+    pub fn write_pages(
+        &mut self,
+        pid: i32,
+        data: &[u8],
+        ranges: &[crate::sys::memory::Range],
+    ) -> Result<(), RestoreError> {
+        let i = self
+            .index_of(pid)
+            .ok_or_else(|| RestoreError::Refused { what: format!("no process {pid} in this restore") })?;
+        self.procs[i].write_pages(data, ranges)
+    }
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if !self.finished {
+            for s in self.procs.iter().rev() {
+                stub::kill_and_reap(s.pid, &s.tids());
+            }
+        }
+    }
+}
 
 use crate::image::{ImageError, ImageReader};
 use crate::inject::InjectError;
@@ -48,6 +143,7 @@ pub struct RestoreTimings {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
     pub pid: i32,
+    pub processes: usize,
     pub page_bytes: u64,
     pub timings: RestoreTimings,
 }
@@ -103,17 +199,17 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let pre = Preflight::check(&img, opts)?;
     timings.preflight_ms = ms(t);
     let t = Instant::now();
-    let mut stub = Stub::create(&img.manifest, &pre)?;
+    let mut tree = Tree::create(&img.manifest, &pre)?;
     timings.create_ms = ms(t);
     let t = Instant::now();
-    let page_bytes = load_pages(&img, &mut stub)?;
+    let page_bytes = load_pages(&img, &mut tree)?;
     timings.pages_ms = ms(t);
     let t = Instant::now();
-    let pid = stub.finish(&img, &pre)?;
+    let pid = tree.finish(&img, &pre)?;
     timings.finish_ms = ms(t);
     timings.total_ms = ms(t0);
     tracing::info!(pid, timings = ?timings, page_bytes, "restore complete");
-    Ok(RestoreReport { pid, page_bytes, timings })
+    Ok(RestoreReport { pid, processes: img.manifest.processes.len(), page_bytes, timings })
 }
 
 /// Waits for a restored process (a child of the caller) to exit and returns

@@ -3,7 +3,7 @@
 //! A reader thread reads batches of runs and verifies each run's blake3
 //! while this thread copies the previous batch into the stub, so checksum
 //! cost overlaps with the page faults of the copy.
-use super::{RestoreError, Stub};
+use super::{RestoreError, Tree};
 use crate::image::{ImageError, ImageReader};
 use crate::sys::memory::{Range, MAX_IOV};
 use std::os::unix::fs::FileExt;
@@ -13,6 +13,7 @@ const BATCH: u64 = 16 << 20;
 const BUFFERS: usize = 3;
 
 struct Batch {
+    pid: i32,
     buf: Vec<u8>,
     len: usize,
     ranges: Vec<Range>,
@@ -20,8 +21,11 @@ struct Batch {
 
 /// Copies every page of the image into the stub, verifying checksums.
 /// Returns the number of bytes written.
-pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreError> {
-    let runs = &img.manifest.page_runs;
+pub fn load_pages(img: &ImageReader, tree: &mut Tree) -> Result<u64, RestoreError> {
+    // (pid, run) in file order; runs of one process are contiguous.
+    let runs: Vec<(i32, &floe_proto::image::PageRun)> =
+        img.manifest.processes.iter().flat_map(|p| p.page_runs.iter().map(move |r| (p.pid, r))).collect();
+    let runs = &runs;
     let file = &img.pages;
     let path = &img.pages_path;
     let (tx, rx) = mpsc::sync_channel::<Result<Batch, ImageError>>(BUFFERS - 1);
@@ -35,15 +39,17 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
             let mut allocated = 0usize;
             while i < runs.len() {
                 // Runs laid out back to back in the file are read in one pread.
-                let start = runs[i].file_offset;
+                let start = runs[i].1.file_offset;
+                let pid = runs[i].0;
                 let mut j = i;
                 let mut len = 0u64;
                 while j < runs.len()
-                    && runs[j].file_offset == start + len
-                    && (j == i || len + runs[j].nr_pages * 4096 <= BATCH)
+                    && runs[j].0 == pid
+                    && runs[j].1.file_offset == start + len
+                    && (j == i || len + runs[j].1.nr_pages * 4096 <= BATCH)
                     && j - i < MAX_IOV
                 {
-                    len += runs[j].nr_pages * 4096;
+                    len += runs[j].1.nr_pages * 4096;
                     j += 1;
                 }
                 let mut buf = match ret_rx.try_recv() {
@@ -68,7 +74,7 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
                 let res = res.and_then(|()| {
                     let mut o = 0usize;
                     let mut ranges = Vec::with_capacity(j - i);
-                    for r in &runs[i..j] {
+                    for (_, r) in &runs[i..j] {
                         let n = (r.nr_pages * 4096) as usize;
                         if blake3::hash(&buf[o..o + n]).as_bytes()[..] != r.blake3[..] {
                             return Err(ImageError::Checksum {
@@ -85,7 +91,7 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
                     Ok(ranges)
                 });
                 let failed = res.is_err();
-                let msg = res.map(|ranges| Batch { buf, len: len as usize, ranges });
+                let msg = res.map(|ranges| Batch { pid, buf, len: len as usize, ranges });
                 if tx.send(msg).is_err() || failed {
                     return;
                 }
@@ -94,7 +100,7 @@ pub fn load_pages(img: &ImageReader, stub: &mut Stub) -> Result<u64, RestoreErro
         });
         for msg in rx {
             let b = msg?;
-            stub.write_pages(&b.buf[..b.len], &b.ranges)?;
+            tree.write_pages(b.pid, &b.buf[..b.len], &b.ranges)?;
             written += b.len as u64;
             let _ = ret_tx.send(b.buf);
         }

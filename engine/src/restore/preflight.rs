@@ -1,6 +1,5 @@
 //! Checks run before any process is created.
 use super::{RestoreError, RestoreOptions};
-use crate::dump::regs_from_bytes;
 use crate::image::ImageReader;
 use crate::procfs;
 use crate::sys::memory::{read_remote, Range};
@@ -29,53 +28,86 @@ fn file_err(path: &str, what: impl Into<String>) -> RestoreError {
 impl Preflight {
     pub fn check(img: &ImageReader, opts: &RestoreOptions) -> Result<Self, RestoreError> {
         let m = &img.manifest;
-        let p = m.process.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
-        let th = p.thread.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no thread state".into() })?;
-        if th.gpregs.len() != 27 * 8 {
-            return Err(RestoreError::Refused {
-                what: format!("image register block has {} bytes, expected 216", th.gpregs.len()),
-            });
-        }
-        let _ = regs_from_bytes(&th.gpregs);
-        // Files the process maps or has open must be here, unchanged.
-        for v in &m.vmas {
-            if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32 {
-                check_file(&v.path, v.file.as_ref(), true)?;
-            }
-        }
-        check_file(&p.exe_path, p.exe_id.as_ref(), true)?;
+        let root = img.root();
         let mut needs_tty = false;
-        for f in &m.fds {
+        for f in &m.files {
             match pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified) {
                 pb::FdKind::Regular => check_file(&f.path, f.file.as_ref(), false)?,
                 pb::FdKind::Directory => {
                     if !std::path::Path::new(&f.path).is_dir() {
-                        return Err(file_err(&f.path, format!("directory open as fd {} is missing", f.fd)));
+                        return Err(file_err(&f.path, "open directory is missing"));
                     }
                 }
                 pb::FdKind::DeletedFile => {
                     let dir = std::path::Path::new(&f.path).parent().map(|d| d.to_path_buf()).unwrap_or_default();
                     if !dir.is_dir() {
-                        return Err(file_err(&f.path, format!("directory of deleted file (fd {}) is missing", f.fd)));
+                        return Err(file_err(&f.path, "directory of the deleted file is missing"));
                     }
                 }
                 pb::FdKind::CharDevice => {
-                    let dev = crate::dump::simple_device(f.rdev)
-                        .ok_or_else(|| file_err(&f.path, format!("fd {}: unknown device", f.fd)))?;
+                    let dev = crate::dump::simple_device(f.rdev).ok_or_else(|| file_err(&f.path, "unknown device"))?;
                     let meta = std::fs::metadata(dev).map_err(|e| file_err(dev, format!("missing ({e})")))?;
                     if meta.rdev() != f.rdev {
                         return Err(file_err(dev, "is a different device on this host"));
                     }
                 }
                 pb::FdKind::Tty => needs_tty = true,
-                pb::FdKind::Unspecified => {
-                    return Err(RestoreError::Refused { what: format!("fd {} has an unknown kind", f.fd) })
+                pb::FdKind::Pipe => {}
+                pb::FdKind::Fifo | pb::FdKind::Unspecified => {
+                    return Err(RestoreError::Refused {
+                        what: format!("{}: this kind of descriptor cannot be restored", f.path),
+                    })
                 }
             }
         }
-        for (what, path) in [("working directory", &p.cwd), ("root directory", &p.root)] {
-            if !std::path::Path::new(path).is_dir() {
-                return Err(file_err(path, format!("{what} of the process is missing")));
+        let (host_vdso, host_block, host_parts) = host_vdso_block()?;
+        let our_parts: Vec<(String, u64)> = host_parts.iter().map(|(n, s, e)| (n.clone(), e - s)).collect();
+        let mut code = vec![0u8; (host_vdso.1 - host_vdso.0) as usize];
+        let me = std::process::id() as i32;
+        let n = read_remote(me, &mut code, &[Range { addr: host_vdso.0, len: host_vdso.1 - host_vdso.0 }])
+            .map_err(|e| RestoreError::Incompatible { what: format!("cannot read this host's vdso ({e})") })?;
+        code.truncate(n);
+        let our_hash = blake3::hash(&code);
+        for p in &m.processes {
+            if p.zombie {
+                continue;
+            }
+            for th in &p.threads {
+                if th.gpregs.len() != 27 * 8 {
+                    return Err(RestoreError::Refused {
+                        what: format!("thread {}: register block has {} bytes, expected 216", th.tid, th.gpregs.len()),
+                    });
+                }
+            }
+            // Files the process maps must be here, unchanged.
+            for v in &p.vmas {
+                if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32 {
+                    check_file(&v.path, v.file.as_ref(), true)?;
+                }
+            }
+            check_file(&p.exe_path, p.exe_id.as_ref(), true)?;
+            for (what, path) in [("working directory", &p.cwd), ("root directory", &p.root)] {
+                if !std::path::Path::new(path).is_dir() {
+                    return Err(file_err(path, format!("{what} of process {} is missing", p.pid)));
+                }
+            }
+            let vd = p
+                .vdso
+                .as_ref()
+                .ok_or_else(|| RestoreError::Refused { what: format!("process {} has no vdso record", p.pid) })?;
+            let img_parts: Vec<(String, u64)> = vd.parts.iter().map(|v| (v.name.clone(), v.end - v.start)).collect();
+            if img_parts != our_parts {
+                return Err(RestoreError::Incompatible {
+                    what: format!(
+                        "vdso layout differs (image {img_parts:?}, this kernel {our_parts:?}); restore on a host running the same kernel"
+                    ),
+                });
+            }
+            if our_hash.as_bytes()[..] != vd.vdso_blake3[..] {
+                return Err(RestoreError::Incompatible {
+                    what: "vdso code differs from the dumping kernel's; restore on a host running the same kernel"
+                        .into(),
+                });
             }
         }
         let terminal_fd = if needs_tty {
@@ -92,27 +124,13 @@ impl Preflight {
         } else {
             None
         };
-        let (host_vdso, host_block, host_parts) = host_vdso_block()?;
-        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no vdso record".into() })?;
-        let img_parts: Vec<(String, u64)> = vd.parts.iter().map(|v| (v.name.clone(), v.end - v.start)).collect();
-        let our_parts: Vec<(String, u64)> = host_parts.iter().map(|(n, s, e)| (n.clone(), e - s)).collect();
-        if img_parts != our_parts {
-            return Err(RestoreError::Incompatible {
-                what: format!("vdso layout differs (image {img_parts:?}, this kernel {our_parts:?}); restore on a host running the same kernel"),
-            });
+        for p in &m.processes {
+            check_pid(p.pid)?;
+            for th in p.threads.iter().skip(1) {
+                check_pid(th.tid)?;
+            }
         }
-        let mut code = vec![0u8; (host_vdso.1 - host_vdso.0) as usize];
-        let me = std::process::id() as i32;
-        let n = read_remote(me, &mut code, &[Range { addr: host_vdso.0, len: host_vdso.1 - host_vdso.0 }])
-            .map_err(|e| RestoreError::Incompatible { what: format!("cannot read this host's vdso ({e})") })?;
-        code.truncate(n);
-        if blake3::hash(&code).as_bytes()[..] != vd.vdso_blake3[..] {
-            return Err(RestoreError::Incompatible {
-                what: "vdso code differs from the dumping kernel's; restore on a host running the same kernel".into(),
-            });
-        }
-        check_pid(p.pid)?;
-        Ok(Self { pid: p.pid, terminal_fd, host_vdso, host_block, host_parts })
+        Ok(Self { pid: root.pid, terminal_fd, host_vdso, host_block, host_parts })
     }
 }
 

@@ -1,4 +1,5 @@
-//! Stage a (create the stub and its address space) and stage b (pages).
+//! Stage a: creating the stopped process tree (stubs) and their address
+//! spaces; stage b: writing pages into them.
 use super::preflight::{wait_pid_free, Preflight};
 use super::RestoreError;
 use crate::inject::Injector;
@@ -10,16 +11,19 @@ use floe_proto::image as pb;
 use std::collections::HashMap;
 use std::ffi::CString;
 
-/// Scratch area mapped in the stub for syscall arguments.
+/// Scratch area mapped in every stub for syscall arguments.
 pub const SCRATCH_LEN: u64 = 64 * 1024;
+/// Where clone3 arguments go inside the scratch area.
+const CLONE_ARGS_OFF: u64 = SCRATCH_LEN - 512;
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+const STUB_OPTIONS: libc::c_int = ptrace::STUB_OPTIONS | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK;
 
-/// A stopped process being rebuilt from an image.
+/// One stopped process being rebuilt.
 pub struct Stub {
     pub(super) pid: i32,
-    pub(super) inj: Injector,
+    /// Leader first, then the other threads once created.
+    pub(super) threads: Vec<Injector>,
     pub(super) scratch: u64,
-    pub(super) finished: bool,
 }
 
 fn stub_err(pid: i32, op: impl Into<String>) -> impl FnOnce(std::io::Error) -> RestoreError {
@@ -27,69 +31,137 @@ fn stub_err(pid: i32, op: impl Into<String>) -> impl FnOnce(std::io::Error) -> R
     move |source| RestoreError::Stub { pid, op, source }
 }
 
-impl Stub {
-    /// Stage a: creates the stopped stub with the image's pid and builds its
-    /// address space (mappings without their data).
-    pub fn create(m: &pb::Manifest, pre: &Preflight) -> Result<Self, RestoreError> {
-        let pid = pre.pid;
-        let child = spawn_with_pid(pid)?;
-        // From here on, dropping `stub` kills the child.
-        let mut stub =
-            Self { pid: child, inj: Injector::new(child, crate::dump::zero_regs(), 0), scratch: 0, finished: false };
-        ptrace::seize(child, ptrace::STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
-        ptrace::interrupt(child).map_err(stub_err(child, "ptrace interrupt"))?;
-        loop {
-            match ptrace::wait(child).map_err(stub_err(child, "wait"))? {
-                Stop::Event => break,
-                Stop::Exited(_) | Stop::Killed(_) => {
-                    return Err(RestoreError::Stub {
-                        pid: child,
-                        op: "start".into(),
-                        source: std::io::Error::other("stub exited"),
-                    })
-                }
-                _ => ptrace::cont(child, 0).map_err(stub_err(child, "ptrace cont"))?,
+/// Waits for a freshly created (auto-attached or seized) task to stop.
+fn wait_new_task(tid: i32) -> Result<(), RestoreError> {
+    loop {
+        match ptrace::wait(tid).map_err(stub_err(tid, "wait for new task"))? {
+            Stop::Event | Stop::Signal(libc::SIGSTOP) => return Ok(()),
+            Stop::Exited(_) | Stop::Killed(_) => {
+                return Err(RestoreError::Stub {
+                    pid: tid,
+                    op: "start".into(),
+                    source: std::io::Error::other("task exited"),
+                })
             }
+            _ => ptrace::cont(tid, 0).map_err(stub_err(tid, "ptrace cont"))?,
         }
-        let base = ptrace::get_regs(child).map_err(stub_err(child, "getregs"))?;
-        let gadget = Injector::find_gadget(child, pre.host_vdso.0, pre.host_vdso.1)?;
-        stub.inj = Injector::new(child, base, gadget);
-        ptrace::set_sigmask(child, u64::MAX).map_err(stub_err(child, "setsigmask"))?;
-        stub.empty_address_space(pre)?;
-        stub.place_vdso(m, pre)?;
-        stub.map_scratch(m)?;
-        stub.map_vmas(m)?;
-        Ok(stub)
     }
+}
 
+impl Stub {
     pub fn pid(&self) -> i32 {
         self.pid
     }
 
+    pub(super) fn leader(&mut self) -> &mut Injector {
+        &mut self.threads[0]
+    }
+
+    /// Creates the root stub as floe's child with `pid` and empties it.
+    pub(super) fn create_root(pid: i32, pre: &Preflight, scratch: u64) -> Result<Self, RestoreError> {
+        let child = spawn_with_pid(pid)?;
+        let mut stub = Self { pid: child, threads: Vec::new(), scratch: 0 };
+        // The caller's Tree owns the pid from here; but until pushed, clean up here on error.
+        let r = (|| {
+            ptrace::seize(child, STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
+            ptrace::interrupt(child).map_err(stub_err(child, "ptrace interrupt"))?;
+            wait_new_task(child)?;
+            let base = ptrace::get_regs(child).map_err(stub_err(child, "getregs"))?;
+            let gadget = Injector::find_gadget(child, pre.host_vdso.0, pre.host_vdso.1)?;
+            stub.threads.push(Injector::new(child, base, gadget));
+            ptrace::set_sigmask(child, u64::MAX).map_err(stub_err(child, "setsigmask"))?;
+            stub.empty_address_space(pre, scratch)
+        })();
+        if let Err(e) = r {
+            kill_and_reap(child, &[child]);
+            return Err(e);
+        }
+        Ok(stub)
+    }
+
     /// Drops everything the stub inherited from floe: rseq registration,
-    /// descriptors, and every mapping except the vdso block.
-    fn empty_address_space(&mut self, pre: &Preflight) -> Result<(), RestoreError> {
+    /// descriptors, and every mapping except the vdso block; maps scratch.
+    fn empty_address_space(&mut self, pre: &Preflight, scratch: u64) -> Result<(), RestoreError> {
         let pid = self.pid;
         let rs = ptrace::get_rseq(pid).map_err(stub_err(pid, "get rseq"))?;
         if rs.ptr != 0 {
             const RSEQ_FLAG_UNREGISTER: u64 = 1;
-            self.inj.call(libc::SYS_rseq, [rs.ptr, rs.len as u64, RSEQ_FLAG_UNREGISTER, rs.sig as u64, 0, 0])?;
+            self.leader().call(libc::SYS_rseq, [rs.ptr, rs.len as u64, RSEQ_FLAG_UNREGISTER, rs.sig as u64, 0, 0])?;
         }
-        self.inj.call(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+        self.leader().call(libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
         let maps = procfs::maps(pid, false).map_err(stub_err(pid, "read maps"))?;
         let top =
             maps.iter().filter(|m| m.path != "[vsyscall]").map(|m| m.end).max().unwrap_or(TASK_SIZE).max(TASK_SIZE);
         let (bs, be) = pre.host_block;
         if bs > 0 {
-            self.inj.call(libc::SYS_munmap, [0, bs, 0, 0, 0, 0])?;
+            self.leader().call(libc::SYS_munmap, [0, bs, 0, 0, 0, 0])?;
         }
-        self.inj.call(libc::SYS_munmap, [be, top - be, 0, 0, 0, 0])?;
+        self.leader().call(libc::SYS_munmap, [be, top - be, 0, 0, 0, 0])?;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+        self.scratch = self.leader().call(libc::SYS_mmap, [scratch, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
         Ok(())
     }
 
+    /// Forks a child stub with `pid` from this one (it inherits the empty
+    /// address space and the scratch area).
+    pub(super) fn fork_child(&mut self, pid: i32) -> Result<Stub, RestoreError> {
+        let child = self.clone3(pid, 0, libc::SIGCHLD as u64)?;
+        let r = (|| {
+            wait_new_task(child)?;
+            let base = ptrace::get_regs(child).map_err(stub_err(child, "getregs"))?;
+            let gadget = self.threads[0].gadget();
+            Ok(Stub { pid: child, threads: vec![Injector::new(child, base, gadget)], scratch: self.scratch })
+        })();
+        if r.is_err() {
+            kill_and_reap(child, &[child]);
+        }
+        r
+    }
+
+    /// Creates thread `tid` in this process; it stays stopped.
+    pub(super) fn clone_thread(&mut self, tid: i32) -> Result<(), RestoreError> {
+        let flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        let t = self.clone3(tid, flags, 0)?;
+        wait_new_task(t)?;
+        let base = ptrace::get_regs(t).map_err(stub_err(t, "getregs"))?;
+        let gadget = self.threads[0].gadget();
+        self.threads.push(Injector::new(t, base, gadget));
+        Ok(())
+    }
+
+    fn clone3(&mut self, want: i32, flags: u64, exit_signal: u64) -> Result<i32, RestoreError> {
+        let at = self.scratch + CLONE_ARGS_OFF;
+        let tid_at = at + 128;
+        let mut args = Vec::with_capacity(88);
+        // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal,
+        // stack, stack_size, tls, set_tid, set_tid_size, cgroup.
+        for v in [flags, 0, 0, 0, exit_signal, 0, 0, 0, tid_at, 1, 0] {
+            args.extend_from_slice(&v.to_le_bytes());
+        }
+        self.leader().write_mem(at, &args)?;
+        self.leader().write_mem(tid_at, &want.to_le_bytes())?;
+        let r = self.leader().raw(libc::SYS_clone3, [at, 88, 0, 0, 0, 0])?;
+        match r {
+            r if r > 0 => Ok(r as i32),
+            r if r == -(libc::EEXIST as i64) => {
+                Err(RestoreError::PidTaken { pid: want, owner: procfs::describe(want) })
+            }
+            r => Err(RestoreError::Stub {
+                pid: want,
+                op: "clone3 with set_tid inside the stub".into(),
+                source: std::io::Error::from_raw_os_error(-r as i32),
+            }),
+        }
+    }
+
     /// Moves the vvar/vdso block to where the image had it.
-    fn place_vdso(&mut self, m: &pb::Manifest, pre: &Preflight) -> Result<(), RestoreError> {
-        let vd = m.vdso.as_ref().ok_or_else(|| RestoreError::Refused { what: "image has no vdso record".into() })?;
+    pub(super) fn place_vdso(&mut self, vd: &pb::VdsoBlock, pre: &Preflight) -> Result<(), RestoreError> {
         let (cur_start, cur_end) = pre.host_block;
         if vd.start == cur_start {
             return Ok(());
@@ -97,75 +169,50 @@ impl Stub {
         let size = cur_end - cur_start;
         let overlaps = |a: u64, b: u64| a < b + size && b < a + size;
         let mut from = cur_start;
-        if overlaps(cur_start, vd.start) {
+        if overlaps(cur_start, vd.start) || overlaps(self.scratch, vd.start) {
             // Step aside first: mremap cannot move onto an overlapping range.
-            let temp = [1u64 << 32, 1 << 40, 1 << 44]
+            let temp = [1u64 << 32, 1 << 40, 1 << 44, 1 << 36]
                 .into_iter()
-                .find(|t| !overlaps(*t, cur_start) && !overlaps(*t, vd.start))
-                .unwrap_or(1 << 36);
+                .find(|t| !overlaps(*t, cur_start) && !overlaps(*t, vd.start) && !overlaps(*t, self.scratch))
+                .unwrap_or(1 << 38);
             self.move_block(pre, from, temp)?;
             from = temp;
         }
-        self.move_block(pre, from, vd.start)?;
-        Ok(())
+        self.move_block(pre, from, vd.start)
     }
 
     fn move_block(&mut self, pre: &Preflight, from: u64, to: u64) -> Result<(), RestoreError> {
         let base = pre.host_block.0;
         // The gadget lies inside the block; it moves with it.
-        let gadget_off = self.inj.gadget() - from;
+        let gadget_off = self.threads[0].gadget() - from;
         for (_, s, e) in &pre.host_parts {
             let len = e - s;
-            let old = from + (s - base);
-            let new = to + (s - base);
             let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-            self.inj.call(libc::SYS_mremap, [old, len, len, flags, new, 0])?;
+            self.leader().call(libc::SYS_mremap, [from + (s - base), len, len, flags, to + (s - base), 0])?;
         }
-        self.inj.set_gadget(to + gadget_off);
+        for t in &mut self.threads {
+            t.set_gadget(to + gadget_off);
+        }
         Ok(())
     }
 
-    /// Maps the scratch area in a hole of the image's layout.
-    fn map_scratch(&mut self, m: &pb::Manifest) -> Result<(), RestoreError> {
-        let mut used: Vec<(u64, u64)> = m.vmas.iter().map(|v| (v.start, v.end)).collect();
-        if let Some(vd) = &m.vdso {
-            used.push((vd.start, vd.end));
-        }
-        used.sort_unstable();
-        // Leave a page of gap on both sides so a growsdown stack never meets it.
-        let mut candidate = 0x1000_0000u64;
-        for (s, e) in &used {
-            if candidate + SCRATCH_LEN + 4096 <= *s {
-                break;
-            }
-            candidate = candidate.max(e + 0x10_0000);
-        }
-        if candidate + SCRATCH_LEN >= TASK_SIZE {
-            return Err(RestoreError::Refused { what: "no free address range for the restore scratch area".into() });
-        }
-        let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
-        let a = self.inj.call(libc::SYS_mmap, [candidate, SCRATCH_LEN, prot, flags, u64::MAX, 0])?;
-        self.scratch = a;
-        Ok(())
-    }
-
-    /// Writes a NUL-terminated string at the start of scratch (+off).
-    pub(super) fn put_str(&self, off: u64, s: &str) -> Result<u64, RestoreError> {
+    /// Writes a NUL-terminated string into scratch at `off`.
+    pub(super) fn put_str(&mut self, off: u64, s: &str) -> Result<u64, RestoreError> {
         let c = CString::new(s)
             .map_err(|_| RestoreError::File { path: s.into(), what: "path contains a NUL byte".into() })?;
         let bytes = c.as_bytes_with_nul();
-        if off + bytes.len() as u64 > SCRATCH_LEN {
+        if off + bytes.len() as u64 > CLONE_ARGS_OFF {
             return Err(RestoreError::File { path: s.into(), what: "path too long".into() });
         }
-        self.inj.write_mem(self.scratch + off, bytes)?;
-        Ok(self.scratch + off)
+        let at = self.scratch + off;
+        self.leader().write_mem(at, bytes)?;
+        Ok(at)
     }
 
     /// Opens `path` inside the stub and returns the descriptor.
     pub(super) fn open_in_stub(&mut self, path: &str, flags: u64) -> Result<u64, RestoreError> {
         let p = self.put_str(0, path)?;
-        let r = self.inj.raw(libc::SYS_openat, [libc::AT_FDCWD as u64, p, flags, 0, 0, 0])?;
+        let r = self.leader().raw(libc::SYS_openat, [libc::AT_FDCWD as u64, p, flags, 0, 0, 0])?;
         if (-4095..0).contains(&r) {
             return Err(RestoreError::File {
                 path: path.into(),
@@ -178,10 +225,11 @@ impl Stub {
         Ok(r as u64)
     }
 
-    fn map_vmas(&mut self, m: &pb::Manifest) -> Result<(), RestoreError> {
+    /// Maps every mapping of the process (writable while pages are filled).
+    pub(super) fn map_vmas(&mut self, vmas: &[pb::Vma]) -> Result<(), RestoreError> {
         let mut files: HashMap<(String, bool), u64> = HashMap::new();
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-        for v in &m.vmas {
+        for v in vmas {
             let len = v.end - v.start;
             let kind = pb::VmaKind::try_from(v.kind).unwrap_or(pb::VmaKind::Unspecified);
             let mut flags = libc::MAP_FIXED as u64;
@@ -221,7 +269,7 @@ impl Stub {
                     })
                 }
             };
-            let got = self.inj.call(libc::SYS_mmap, [v.start, len, prot, flags, fd, off])?;
+            let got = self.leader().call(libc::SYS_mmap, [v.start, len, prot, flags, fd, off])?;
             if got != v.start {
                 return Err(RestoreError::Refused {
                     what: format!("mapping {:#x}-{:#x} landed at {got:#x}", v.start, v.end),
@@ -229,8 +277,8 @@ impl Stub {
             }
             for a in &v.advice {
                 if a == "lo" {
-                    // mlock: fails only on RLIMIT_MEMLOCK, which is restored later; warn.
-                    if let Err(e) = self.inj.call(libc::SYS_mlock, [v.start, len, 0, 0, 0, 0]) {
+                    // mlock; RLIMIT_MEMLOCK is restored later, so only warn.
+                    if let Err(e) = self.leader().call(libc::SYS_mlock, [v.start, len, 0, 0, 0, 0]) {
                         tracing::warn!(start = v.start, error = %e, "could not re-lock mapping in memory");
                     }
                     continue;
@@ -243,19 +291,18 @@ impl Stub {
                     "wf" => libc::MADV_WIPEONFORK,
                     _ => continue,
                 };
-                if let Err(e) = self.inj.call(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0]) {
+                if let Err(e) = self.leader().call(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0]) {
                     tracing::warn!(start = v.start, advice = %a, error = %e, "could not restore madvise flag");
                 }
             }
         }
         for fd in files.into_values() {
-            self.inj.call(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            self.leader().call(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
         Ok(())
     }
 
-    /// Stage b: copies `data` into the stub's memory at `ranges` (in order;
-    /// their lengths add up to `data.len()`). Callable any number of times.
+    /// Copies `data` into the stub's memory at `ranges` (in order).
     pub fn write_pages(&mut self, data: &[u8], ranges: &[Range]) -> Result<(), RestoreError> {
         let n = write_remote(self.pid, data, ranges).map_err(|source| RestoreError::Memory {
             pid: self.pid,
@@ -280,23 +327,28 @@ impl Stub {
         }
         Ok(())
     }
+
+    pub(super) fn tids(&self) -> Vec<i32> {
+        self.threads.iter().map(|t| t.pid()).collect()
+    }
 }
 
-impl Drop for Stub {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = task::kill(self.pid, libc::SIGKILL);
-            loop {
-                match ptrace::wait(self.pid) {
-                    Ok(Stop::Exited(_)) | Ok(Stop::Killed(_)) | Err(_) => break,
-                    Ok(_) => {}
+/// Kills a stub process and collects the exit of each of its tasks.
+pub(super) fn kill_and_reap(pid: i32, tids: &[i32]) {
+    let _ = task::kill(pid, libc::SIGKILL);
+    for &t in tids.iter().rev() {
+        loop {
+            match ptrace::wait(t) {
+                Ok(Stop::Exited(_)) | Ok(Stop::Killed(_)) | Err(_) => break,
+                Ok(_) => {
+                    let _ = ptrace::cont(t, 0);
                 }
             }
         }
     }
 }
 
-/// clone3 with set_tid, waiting out a zombie that still holds the pid.
+/// clone3 with set_tid from floe, waiting out a zombie that still holds the pid.
 fn spawn_with_pid(pid: i32) -> Result<i32, RestoreError> {
     for _ in 0..3 {
         match task::spawn_stub(pid) {
@@ -315,4 +367,28 @@ fn spawn_with_pid(pid: i32) -> Result<i32, RestoreError> {
         }
     }
     Err(RestoreError::PidTaken { pid, owner: procfs::describe(pid) })
+}
+
+/// An address range of SCRATCH_LEN free in every layout of the image.
+pub(super) fn choose_scratch(m: &pb::Manifest, pre: &Preflight) -> Result<u64, RestoreError> {
+    let mut used: Vec<(u64, u64)> = vec![pre.host_block];
+    for p in &m.processes {
+        used.extend(p.vmas.iter().map(|v| (v.start, v.end)));
+        if let Some(vd) = &p.vdso {
+            used.push((vd.start, vd.end));
+        }
+    }
+    used.sort_unstable();
+    // Keep a 1 MiB gap on both sides so a growsdown stack never meets it.
+    let mut candidate = 0x1000_0000u64;
+    for (s, e) in &used {
+        if candidate + SCRATCH_LEN + 0x10_0000 <= *s {
+            break;
+        }
+        candidate = candidate.max(e + 0x10_0000);
+    }
+    if candidate + SCRATCH_LEN >= TASK_SIZE {
+        return Err(RestoreError::Refused { what: "no free address range for the restore scratch area".into() });
+    }
+    Ok(candidate)
 }

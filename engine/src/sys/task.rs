@@ -107,3 +107,122 @@ pub fn set_nice(pid: i32, nice: i32) -> io::Result<()> {
     let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice) };
     cvt(r as libc::c_long).map(drop)
 }
+
+/// Whether descriptor `fd1` of `pid1` and `fd2` of `pid2` are the same open
+/// file description (kcmp KCMP_FILE).
+pub fn same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers for KCMP_FILE.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1 as libc::c_long, fd2 as libc::c_long) };
+    Ok(cvt(r)? == 0)
+}
+
+/// Creates a pipe with both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    cvt(r as libc::c_long)?;
+    // SAFETY: pipe2 succeeded, so both are fresh descriptors we own.
+    Ok(unsafe { (std::os::fd::OwnedFd::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// fcntl with an integer argument (F_GETPIPE_SZ, F_SETPIPE_SZ, F_GETFL, F_SETFL).
+pub fn fcntl_int(fd: &impl std::os::fd::AsRawFd, cmd: i32, arg: i32) -> io::Result<i32> {
+    // SAFETY: the commands used take an integer argument, no pointers.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
+/// Duplicates up to `len` bytes from pipe `src` into pipe `dst` without
+/// consuming them (tee(2), non-blocking).
+pub fn tee(src: &impl std::os::fd::AsRawFd, dst: &impl std::os::fd::AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: tee takes two descriptors and integers.
+    let r = unsafe { libc::tee(src.as_raw_fd(), dst.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK) };
+    cvt(r as libc::c_long).map(|v| v as usize)
+}
+
+/// An unbound AF_UNIX datagram socket (close-on-exec).
+pub fn unix_dgram_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    cvt(r as libc::c_long)?;
+    // SAFETY: socket succeeded, so `r` is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// Builds a sockaddr_un for an abstract name (without the leading NUL).
+/// Returns the address and its length.
+pub fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let n = name.len().min(addr.sun_path.len() - 1);
+    for (i, b) in name[..n].iter().enumerate() {
+        addr.sun_path[i + 1] = *b as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + n;
+    (addr, len as libc::socklen_t)
+}
+
+/// Sends descriptor `fd` with SCM_RIGHTS to the abstract unix address `name`.
+pub fn send_fd(sock: &impl std::os::fd::AsRawFd, name: &[u8], fd: std::os::fd::RawFd) -> io::Result<()> {
+    let (addr, alen) = abstract_addr(name);
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    // Room for one cmsghdr carrying one int, 8-byte aligned.
+    let mut cbuf = [0u64; 4];
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    // SAFETY: msghdr is plain old data; the fields are filled below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&addr as *const libc::sockaddr_un).cast_mut().cast();
+    msg.msg_namelen = alen;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg_control points at `cbuf`, large enough for CMSG_SPACE(4) (32 bytes >= 24).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+    }
+    // SAFETY: every pointer in `msg` refers to live locals for the duration of the call.
+    let r = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// open(2) with raw flags (O_CLOEXEC added).
+pub fn open_raw(path: &str, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let c = std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let r = unsafe { libc::open(c.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+    cvt(r as libc::c_long)?;
+    // SAFETY: open succeeded, so `r` is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
+}
+
+/// lseek(fd, pos, SEEK_SET).
+pub fn seek_to(fd: &impl std::os::fd::AsRawFd, pos: i64) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), pos, libc::SEEK_SET) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// The bytes of a plain-old-data kernel struct (for copying it into a stub).
+pub fn as_bytes(addr: &libc::sockaddr_un) -> &[u8] {
+    // SAFETY: sockaddr_un is a repr(C) plain-old-data struct without padding
+    // holes that matter here; reading its bytes is sound for its size.
+    unsafe {
+        std::slice::from_raw_parts(
+            (addr as *const libc::sockaddr_un).cast::<u8>(),
+            std::mem::size_of::<libc::sockaddr_un>(),
+        )
+    }
+}

@@ -1,0 +1,227 @@
+//! Descriptors: floe opens (or creates) every open file description of the
+//! image once, in its own process, then hands each to the processes that
+//! hold it with SCM_RIGHTS over a unix socket the stub binds. Descriptions
+//! shared between descriptors or processes thus stay shared, with one offset.
+use super::preflight::Preflight;
+use super::stub::Stub;
+use super::RestoreError;
+use crate::dump::simple_device;
+use crate::image::ImageReader;
+use crate::sys::task;
+use floe_proto::image as pb;
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+/// Every description of the image, opened in floe.
+pub struct OpenFiles {
+    fds: Vec<OwnedFd>,
+}
+
+const CREATION_FLAGS: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
+/// Status flags fcntl(F_SETFL) can change.
+const SETFL_MASK: i32 = libc::O_APPEND | libc::O_NONBLOCK | libc::O_ASYNC | libc::O_DIRECT | libc::O_NOATIME;
+
+fn ferr(path: &str, what: String) -> RestoreError {
+    RestoreError::File { path: path.to_string(), what }
+}
+
+struct PipePair {
+    read: Option<OwnedFd>,
+    write: Option<OwnedFd>,
+    /// Keeps an end the image does not have open until every end is made.
+    keep: Vec<OwnedFd>,
+}
+
+impl OpenFiles {
+    pub fn open(img: &ImageReader, pre: &Preflight) -> Result<Self, RestoreError> {
+        let me = std::process::id();
+        let mut pipes: HashMap<u64, PipePair> = HashMap::new();
+        let mut fds = Vec::with_capacity(img.manifest.files.len());
+        for f in &img.manifest.files {
+            let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
+            let flags = (f.flags & !CREATION_FLAGS) as i32;
+            let fd = match kind {
+                pb::FdKind::Regular | pb::FdKind::Directory => {
+                    let fd =
+                        task::open_raw(&f.path, flags).map_err(|e| ferr(&f.path, format!("cannot reopen ({e})")))?;
+                    if f.pos != 0 {
+                        task::seek_to(&fd, f.pos)
+                            .map_err(|e| ferr(&f.path, format!("cannot seek to {} ({e})", f.pos)))?;
+                    }
+                    fd
+                }
+                pb::FdKind::CharDevice => {
+                    let dev = simple_device(f.rdev).ok_or_else(|| ferr(&f.path, "unknown device".into()))?;
+                    task::open_raw(dev, flags).map_err(|e| ferr(dev, format!("cannot open ({e})")))?
+                }
+                pb::FdKind::Tty => {
+                    let t = pre
+                        .terminal_fd
+                        .ok_or_else(|| RestoreError::Refused { what: "no terminal for --shell-job".into() })?;
+                    let p = format!("/proc/{me}/fd/{t}");
+                    task::open_raw(&p, flags).map_err(|e| ferr(&p, format!("cannot reopen floe's terminal ({e})")))?
+                }
+                pb::FdKind::DeletedFile => {
+                    let data = img.read_blob(f.blob as usize)?;
+                    let tmp = recreate_deleted(&f.path, &data)?;
+                    let p = format!("/proc/{me}/fd/{}", tmp.as_raw_fd());
+                    let fd = task::open_raw(&p, flags)
+                        .map_err(|e| ferr(&f.path, format!("cannot reopen recreated file ({e})")))?;
+                    if f.pos != 0 {
+                        task::seek_to(&fd, f.pos)
+                            .map_err(|e| ferr(&f.path, format!("cannot seek to {} ({e})", f.pos)))?;
+                    }
+                    fd
+                }
+                pb::FdKind::Pipe => {
+                    let name = format!("pipe:[{}]", f.pipe_id);
+                    let pair = match pipes.entry(f.pipe_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            let (r, w) = task::pipe().map_err(|e| ferr(&name, format!("cannot create pipe ({e})")))?;
+                            if f.pipe_size > 0 {
+                                task::fcntl_int(&w, libc::F_SETPIPE_SZ, f.pipe_size as i32)
+                                    .map_err(|e| ferr(&name, format!("cannot set pipe size {} ({e})", f.pipe_size)))?;
+                            }
+                            e.insert(PipePair { read: Some(r), write: Some(w), keep: Vec::new() })
+                        }
+                    };
+                    let want_write = flags & libc::O_ACCMODE == libc::O_WRONLY;
+                    let slot = if want_write { &mut pair.write } else { &mut pair.read };
+                    let fd = match slot.take() {
+                        Some(fd) => {
+                            // Keep a reference so a second description of this end can be reopened.
+                            let copy = fd.try_clone().map_err(|e| ferr(&name, format!("dup failed ({e})")))?;
+                            pair.keep.push(copy);
+                            fd
+                        }
+                        None => {
+                            let end = pair.keep.iter().find(|k| {
+                                let fl = task::fcntl_int(*k, libc::F_GETFL, 0).unwrap_or(0);
+                                (fl & libc::O_ACCMODE == libc::O_WRONLY) == want_write
+                            });
+                            let end = end.ok_or_else(|| ferr(&name, "pipe end missing".into()))?;
+                            let p = format!("/proc/{me}/fd/{}", end.as_raw_fd());
+                            task::open_raw(&p, (flags & libc::O_ACCMODE) | libc::O_NONBLOCK)
+                                .map_err(|e| ferr(&name, format!("cannot reopen pipe end ({e})")))?
+                        }
+                    };
+                    if f.blob >= 0 {
+                        let data = img.read_blob(f.blob as usize)?;
+                        let w = pair.write.as_ref().or_else(|| {
+                            pair.keep.iter().find(|k| {
+                                task::fcntl_int(*k, libc::F_GETFL, 0).unwrap_or(0) & libc::O_ACCMODE == libc::O_WRONLY
+                            })
+                        });
+                        let w = w.ok_or_else(|| ferr(&name, "no write end to refill the pipe".into()))?;
+                        let mut file =
+                            std::fs::File::from(w.try_clone().map_err(|e| ferr(&name, format!("dup failed ({e})")))?);
+                        file.write_all(&data)
+                            .map_err(|e| ferr(&name, format!("cannot refill {} buffered bytes ({e})", data.len())))?;
+                    }
+                    task::fcntl_int(&fd, libc::F_SETFL, flags & SETFL_MASK)
+                        .map_err(|e| ferr(&name, format!("cannot set status flags ({e})")))?;
+                    fd
+                }
+                pb::FdKind::Fifo | pb::FdKind::Unspecified => {
+                    return Err(RestoreError::Refused {
+                        what: format!("{}: this kind of descriptor cannot be restored", f.path),
+                    })
+                }
+            };
+            fds.push(fd);
+        }
+        Ok(Self { fds })
+    }
+
+    pub fn get(&self, idx: u32) -> Option<&OwnedFd> {
+        self.fds.get(idx as usize)
+    }
+}
+
+/// Creates an unlinked file with `data` in the directory `path` was in.
+fn recreate_deleted(path: &str, data: &[u8]) -> Result<std::fs::File, RestoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
+    let err = |e: std::io::Error| ferr(path, format!("cannot recreate deleted file ({e})"));
+    let mut f =
+        match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(0o600).open(dir) {
+            Ok(f) => f,
+            Err(_) => {
+                let tmp = dir.join(format!(".floe-deleted-{}", std::process::id()));
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(err)?;
+                std::fs::remove_file(&tmp).map_err(err)?;
+                f
+            }
+        };
+    f.write_all(data).map_err(err)?;
+    Ok(f)
+}
+
+/// Installs the process's descriptors: floe sends each description with
+/// SCM_RIGHTS to a datagram socket the stub bound, the stub receives it and
+/// moves it to its number.
+pub fn install(stub: &mut Stub, refs: &[pb::FdRef], files: &OpenFiles, sock: &OwnedFd) -> Result<(), RestoreError> {
+    if refs.is_empty() {
+        return Ok(());
+    }
+    let pid = stub.pid;
+    let sc = stub.scratch;
+    let name = format!("floe-install-{}-{}", std::process::id(), pid);
+    let (addr, alen) = task::abstract_addr(name.as_bytes());
+    let addr_bytes = task::as_bytes(&addr).to_vec();
+    let inj = stub.leader();
+    let s =
+        inj.call(libc::SYS_socket, [libc::AF_UNIX as u64, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])?;
+    let high = refs.iter().map(|r| r.fd as u64).max().unwrap_or(0) + 1;
+    let s = if refs.iter().any(|r| r.fd as u64 == s) {
+        inj.call(libc::SYS_dup3, [s, high, libc::O_CLOEXEC as u64, 0, 0, 0])?;
+        inj.call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
+        high
+    } else {
+        s
+    };
+    inj.write_mem(sc + 3072, &addr_bytes)?;
+    inj.call(libc::SYS_bind, [s, sc + 3072, alen as u64, 0, 0, 0])?;
+    // msghdr at +4096: name 0/0, iov -> +4160, iovlen 1, control -> +4224 (24 bytes).
+    let msg = sc + 4096;
+    let mut hdr = Vec::new();
+    for v in [0u64, 0, msg + 64, 1, msg + 128, 24, 0] {
+        hdr.extend_from_slice(&v.to_le_bytes());
+    }
+    let iov: Vec<u8> = [msg + 256, 16u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    for r in refs {
+        let fd = files
+            .get(r.file)
+            .ok_or_else(|| RestoreError::Refused { what: format!("fd {} refers to a missing description", r.fd) })?;
+        task::send_fd(sock, name.as_bytes(), fd.as_raw_fd()).map_err(|source| RestoreError::Stub {
+            pid,
+            op: format!("sending fd {} to the stub", r.fd),
+            source,
+        })?;
+        let inj = stub.leader();
+        inj.write_mem(msg, &hdr)?;
+        inj.write_mem(msg + 64, &iov)?;
+        inj.call(libc::SYS_recvmsg, [s, msg, 0, 0, 0, 0])?;
+        let mut cm = [0u8; 24];
+        inj.read_mem(msg + 128, &mut cm)?;
+        let got = i32::from_le_bytes([cm[16], cm[17], cm[18], cm[19]]) as u64;
+        let target = r.fd as u64;
+        if got != target {
+            let fl = if r.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+            inj.call(libc::SYS_dup3, [got, target, fl, 0, 0, 0])?;
+            inj.call(libc::SYS_close, [got, 0, 0, 0, 0, 0])?;
+        } else if r.cloexec {
+            inj.call(libc::SYS_fcntl, [got, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0])?;
+        }
+    }
+    stub.leader().call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
+    Ok(())
+}
