@@ -2,7 +2,16 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/image.proto"];
+    let files = [
+        "proto/image.proto",
+        "proto/fd_eventfd.proto",
+        "proto/fd_signalfd.proto",
+        "proto/fd_timerfd.proto",
+        "proto/fd_epoll.proto",
+        "proto/fd_inotify.proto",
+        "proto/fd_memfd.proto",
+        "proto/fd_socket.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -8,6 +8,7 @@
 //! * [`check`] probes the running kernel for what floe needs.
 pub mod check;
 pub mod dump;
+pub mod fdkinds;
 pub mod image;
 pub mod inject;
 pub mod procfs;

@@ -42,6 +42,14 @@ fn fd_kind(k: i32) -> &'static str {
         pb::FdKind::DeletedFile => "deleted-file",
         pb::FdKind::Pipe => "pipe",
         pb::FdKind::Fifo => "fifo",
+        pb::FdKind::Eventfd => "eventfd",
+        pb::FdKind::Signalfd => "signalfd",
+        pb::FdKind::Timerfd => "timerfd",
+        pb::FdKind::Epoll => "epoll",
+        pb::FdKind::Inotify => "inotify",
+        pb::FdKind::Memfd => "memfd",
+        pb::FdKind::UnixSocket => "unix-socket",
+        pb::FdKind::InetSocket => "inet-socket",
         pb::FdKind::Unspecified => "unknown",
     }
 }

@@ -93,6 +93,13 @@ impl FileTable {
             };
             out.push(pb::FdRef { fd, file: idx as u32, cloexec });
         }
+        // Epoll registrations name descriptor numbers of this process.
+        for (i, (opid, ofd, _)) in self.owners.iter().enumerate() {
+            if *opid == pid && self.files[i].kind == pb::FdKind::Epoll as i32 {
+                crate::fdkinds::resolve_epoll(&mut self.files[i], &out)
+                    .map_err(|what| DumpError::Refused { pid, what: format!("fd {ofd} (epoll): {what}") })?;
+            }
+        }
         Ok(out)
     }
 
@@ -141,16 +148,11 @@ impl FileTable {
             return Err(refuse(format!("it holds a file lock ({lock}); file locks are not supported yet")));
         }
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
-        if link.starts_with("socket:") {
-            return Err(refuse("sockets are not supported yet".into()));
-        }
         if link.contains("io_uring") {
             return Err(refuse("io_uring instances cannot be checkpointed".into()));
         }
-        if link.starts_with("/memfd:") {
-            return Err(refuse("memfd descriptors are not supported yet".into()));
-        }
-        if link.starts_with("anon_inode:") {
+        let kind = crate::fdkinds::kind_of(&link);
+        if kind.is_none() && link.starts_with("anon_inode:") {
             return Err(refuse(format!(
                 "{} descriptors are not supported yet",
                 link.trim_start_matches("anon_inode:")
@@ -169,8 +171,14 @@ impl FileTable {
             blob: -1,
             pipe_id: 0,
             pipe_size: 0,
+            ..Default::default()
         };
-        if link.starts_with("pipe:") {
+        if let Some(kind) = kind {
+            let text =
+                std::fs::read_to_string(procfs::path(pid, &format!("fdinfo/{fd}"))).map_err(proc_err(pid, "fdinfo"))?;
+            let mut ctx = crate::fdkinds::DumpCtx { pid, fd, link: &link, info, fdinfo: &text, blobs };
+            crate::fdkinds::dump(kind, &mut ctx, &mut d).map_err(refuse)?;
+        } else if link.starts_with("pipe:") {
             d.kind = pb::FdKind::Pipe as i32;
             d.pipe_id = meta.ino();
             self.save_pipe(pid, fd, &mut d, blobs)

@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 /// Every description of the image, opened in floe.
 pub struct OpenFiles {
-    fds: Vec<OwnedFd>,
+    fds: Vec<Option<OwnedFd>>,
 }
 
 const CREATION_FLAGS: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
@@ -37,9 +37,16 @@ impl OpenFiles {
     pub fn open(img: &ImageReader, pre: &Preflight) -> Result<Self, RestoreError> {
         let me = std::process::id();
         let mut pipes: HashMap<u64, PipePair> = HashMap::new();
-        let mut fds = Vec::with_capacity(img.manifest.files.len());
-        for f in &img.manifest.files {
+        let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(img.manifest.files.len());
+        let mut stash = HashMap::new();
+        let mut later = Vec::new();
+        for (idx, f) in img.manifest.files.iter().enumerate() {
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
+            if crate::fdkinds::restore_last(kind) {
+                later.push(idx);
+                fds.push(None);
+                continue;
+            }
             let flags = (f.flags & !CREATION_FLAGS) as i32;
             let fd = match kind {
                 pb::FdKind::Regular | pb::FdKind::Directory => {
@@ -129,14 +136,25 @@ impl OpenFiles {
                         what: format!("{}: this kind of descriptor cannot be restored", f.path),
                     })
                 }
+                other => {
+                    let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash };
+                    crate::fdkinds::restore(other, f, &mut ctx).map_err(|what| ferr(&f.path, what))?
+                }
             };
-            fds.push(fd);
+            fds.push(Some(fd));
+        }
+        for idx in later {
+            let f = &img.manifest.files[idx];
+            let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
+            let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash };
+            let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
+            fds[idx] = Some(fd);
         }
         Ok(Self { fds })
     }
 
     pub fn get(&self, idx: u32) -> Option<&OwnedFd> {
-        self.fds.get(idx as usize)
+        self.fds.get(idx as usize).and_then(Option::as_ref)
     }
 }
 

@@ -52,7 +52,15 @@ impl Preflight {
                     }
                 }
                 pb::FdKind::Tty => needs_tty = true,
-                pb::FdKind::Pipe => {}
+                pb::FdKind::Pipe
+                | pb::FdKind::Eventfd
+                | pb::FdKind::Signalfd
+                | pb::FdKind::Timerfd
+                | pb::FdKind::Epoll
+                | pb::FdKind::Inotify
+                | pb::FdKind::Memfd
+                | pb::FdKind::UnixSocket
+                | pb::FdKind::InetSocket => {}
                 pb::FdKind::Fifo | pb::FdKind::Unspecified => {
                     return Err(RestoreError::Refused {
                         what: format!("{}: this kind of descriptor cannot be restored", f.path),
