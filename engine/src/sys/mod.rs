@@ -3,6 +3,10 @@
 //! Nothing outside this module contains `unsafe`. Functions return
 //! `std::io::Result` carrying the kernel's errno; callers add context
 //! (pid, address, path) in their own error types.
+pub mod fd_epoll;
+pub mod fd_event;
+pub mod fd_memfd;
+pub mod fd_socket;
 pub mod memory;
 pub mod probe;
 pub mod ptrace;

@@ -1,0 +1,1 @@
+//! Raw syscalls for the epoll descriptor kinds (see fdkinds/).

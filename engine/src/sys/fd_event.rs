@@ -1,0 +1,1 @@
+//! Raw syscalls for the event descriptor kinds (see fdkinds/).

@@ -1,0 +1,1 @@
+//! Raw syscalls for the memfd descriptor kinds (see fdkinds/).

@@ -1,0 +1,1 @@
+//! Raw syscalls for the socket descriptor kinds (see fdkinds/).
