@@ -80,7 +80,11 @@ pub struct VmaPlan {
 
 const ADVICE: [&str; 6] = ["hg", "nh", "dd", "dc", "wf", "lo"];
 
-pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<VmaPlan>, DumpError> {
+/// Object offsets (in pages) of shared memory objects whose pages are
+/// already saved through an earlier mapping, by shmem inode.
+pub type ShmemCoverage = std::collections::HashMap<u64, Vec<(u64, u64)>>;
+
+pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Result<Vec<VmaPlan>, DumpError> {
     let mut out = Vec::new();
     for m in maps {
         if m.path == "[vsyscall]" || is_vdso_part(&m.path) {
@@ -129,16 +133,33 @@ pub fn classify(pid: i32, maps: &[MapEntry]) -> Result<Vec<VmaPlan>, DumpError> 
             v.kind = pb::VmaKind::AnonPrivate as i32;
             v.name = m.path.clone();
             scan = Some(anon_private);
-        } else if m.shared && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:")) {
+        } else if m.shared
+            && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:") || m.path.starts_with("/memfd:"))
+        {
             v.kind = pb::VmaKind::AnonShared as i32;
             v.name = m.path.clone();
-            scan = Some(shared);
+            let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
+            let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
+            v.shmem_id = meta.ino();
+            v.shmem_size = meta.size();
+            if let Some(name) = m.path.strip_prefix("/memfd:") {
+                v.memfd_name = name.strip_suffix(" (deleted)").unwrap_or(name).to_string();
+            }
+            // Save the object's pages once: skip a mapping whose range an earlier one covered.
+            let (first, last) = (m.offset / PAGE, m.offset / PAGE + m.len() / PAGE);
+            let ranges = covered.entry(v.shmem_id).or_default();
+            let done = ranges.iter().any(|(a, b)| *a <= first && last <= *b);
+            if !done {
+                ranges.push((first, last));
+            }
+            v.pgoff = m.offset;
+            scan = if done { None } else { Some(shared) };
         } else if m.path.starts_with('/') {
             if m.path.ends_with(" (deleted)") {
                 let what = if m.path.starts_with("/SYSV") {
                     "System V shared memory is not supported yet"
                 } else if m.path.starts_with("/memfd:") {
-                    "memfd mappings are not supported yet"
+                    "private mappings of a memfd are not supported yet"
                 } else {
                     "mappings of deleted files are not supported yet"
                 };

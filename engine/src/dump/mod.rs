@@ -227,8 +227,9 @@ fn dump_frozen(
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());
+    let mut shmem = memory::ShmemCoverage::new();
     for i in 0..frozen.procs.len() {
-        let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs)?;
+        let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
         processes.push(proc_pb);
         plans.push(vmas);
     }
@@ -291,6 +292,7 @@ fn collect_process(
     idx: usize,
     files: &mut files::FileTable,
     blobs: &mut Vec<Vec<u8>>,
+    shmem: &mut memory::ShmemCoverage,
 ) -> Result<(pb::Process, Vec<memory::VmaPlan>), DumpError> {
     let fp = &frozen.procs[idx];
     let pid = fp.pid;
@@ -369,7 +371,7 @@ fn collect_process(
         op: "peeksiginfo shared",
         source,
     })?;
-    let vmas = memory::classify(pid, &maps)?;
+    let vmas = memory::classify(pid, &maps, shmem)?;
     let fds = files.collect(pid, opts.shell_job, blobs)?;
     let mut p = build_process(pid, pre, opts, &sf, &par)?;
     p.ppid = ppid;

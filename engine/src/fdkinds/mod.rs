@@ -40,6 +40,8 @@ pub struct RestoreCtx<'a> {
     pub opened: &'a [Option<OwnedFd>],
     /// Scratch space shared across calls (e.g. the other end of a socket pair), keyed by the module.
     pub stash: &'a mut HashMap<String, OwnedFd>,
+    /// Shared memory objects already created for mappings, by shmem inode.
+    pub shm: &'a HashMap<u64, OwnedFd>,
 }
 
 /// Which kind a descriptor link names, if one of this module's.

@@ -34,7 +34,7 @@ struct PipePair {
 }
 
 impl OpenFiles {
-    pub fn open(img: &ImageReader, pre: &Preflight) -> Result<Self, RestoreError> {
+    pub fn open(img: &ImageReader, pre: &Preflight, shm: &HashMap<u64, OwnedFd>) -> Result<Self, RestoreError> {
         let me = std::process::id();
         let mut pipes: HashMap<u64, PipePair> = HashMap::new();
         let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(img.manifest.files.len());
@@ -137,7 +137,7 @@ impl OpenFiles {
                     })
                 }
                 other => {
-                    let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash };
+                    let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm };
                     crate::fdkinds::restore(other, f, &mut ctx).map_err(|what| ferr(&f.path, what))?
                 }
             };
@@ -146,7 +146,7 @@ impl OpenFiles {
         for idx in later {
             let f = &img.manifest.files[idx];
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
-            let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash };
+            let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm };
             let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
             fds[idx] = Some(fd);
         }
@@ -186,52 +186,16 @@ fn recreate_deleted(path: &str, data: &[u8]) -> Result<std::fs::File, RestoreErr
 /// Installs the process's descriptors: floe sends each description with
 /// SCM_RIGHTS to a datagram socket the stub bound, the stub receives it and
 /// moves it to its number.
-pub fn install(stub: &mut Stub, refs: &[pb::FdRef], files: &OpenFiles, sock: &OwnedFd) -> Result<(), RestoreError> {
-    if refs.is_empty() {
-        return Ok(());
-    }
-    let pid = stub.pid;
-    let sc = stub.scratch;
-    let name = format!("floe-install-{}-{}", std::process::id(), pid);
-    let (addr, alen) = task::abstract_addr(name.as_bytes());
-    let addr_bytes = task::as_bytes(&addr).to_vec();
-    let inj = stub.leader();
-    let s =
-        inj.call(libc::SYS_socket, [libc::AF_UNIX as u64, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])?;
-    let high = refs.iter().map(|r| r.fd as u64).max().unwrap_or(0) + 1;
-    let s = if refs.iter().any(|r| r.fd as u64 == s) {
-        inj.call(libc::SYS_dup3, [s, high, libc::O_CLOEXEC as u64, 0, 0, 0])?;
-        inj.call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
-        high
-    } else {
-        s
-    };
-    inj.write_mem(sc + 3072, &addr_bytes)?;
-    inj.call(libc::SYS_bind, [s, sc + 3072, alen as u64, 0, 0, 0])?;
-    // msghdr at +4096: name 0/0, iov -> +4160, iovlen 1, control -> +4224 (24 bytes).
-    let msg = sc + 4096;
-    let mut hdr = Vec::new();
-    for v in [0u64, 0, msg + 64, 1, msg + 128, 24, 0] {
-        hdr.extend_from_slice(&v.to_le_bytes());
-    }
-    let iov: Vec<u8> = [msg + 256, 16u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+pub fn install(stub: &mut Stub, refs: &[pb::FdRef], files: &OpenFiles, sender: &OwnedFd) -> Result<(), RestoreError> {
+    let targets: Vec<i32> = refs.iter().map(|r| r.fd).collect();
+    stub.installer(&targets)?;
     for r in refs {
         let fd = files
             .get(r.file)
             .ok_or_else(|| RestoreError::Refused { what: format!("fd {} refers to a missing description", r.fd) })?;
-        task::send_fd(sock, name.as_bytes(), fd.as_raw_fd()).map_err(|source| RestoreError::Stub {
-            pid,
-            op: format!("sending fd {} to the stub", r.fd),
-            source,
-        })?;
-        let inj = stub.leader();
-        inj.write_mem(msg, &hdr)?;
-        inj.write_mem(msg + 64, &iov)?;
-        inj.call(libc::SYS_recvmsg, [s, msg, 0, 0, 0, 0])?;
-        let mut cm = [0u8; 24];
-        inj.read_mem(msg + 128, &mut cm)?;
-        let got = i32::from_le_bytes([cm[16], cm[17], cm[18], cm[19]]) as u64;
+        let got = stub.receive_fd(sender, fd.as_raw_fd())?;
         let target = r.fd as u64;
+        let inj = stub.leader();
         if got != target {
             let fl = if r.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
             inj.call(libc::SYS_dup3, [got, target, fl, 0, 0, 0])?;
@@ -240,6 +204,5 @@ pub fn install(stub: &mut Stub, refs: &[pb::FdRef], files: &OpenFiles, sock: &Ow
             inj.call(libc::SYS_fcntl, [got, libc::F_SETFD as u64, libc::FD_CLOEXEC as u64, 0, 0, 0])?;
         }
     }
-    stub.leader().call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
-    Ok(())
+    stub.close_installer()
 }

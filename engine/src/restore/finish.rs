@@ -42,12 +42,11 @@ impl Tree {
     /// Stage c: applies the remaining state of every process and lets the
     /// tree run. Returns the root's pid.
     pub fn finish(mut self, img: &ImageReader, pre: &Preflight) -> Result<i32, RestoreError> {
-        let files = OpenFiles::open(img, pre)?;
-        let sock = task::unix_dgram_socket().map_err(pterr(0, "creating the descriptor-passing socket"))?;
+        let files = OpenFiles::open(img, pre, &self.shm.objects)?;
         let procs = &img.manifest.processes;
         for (stub, p) in self.procs.iter_mut().zip(procs) {
             if !p.zombie {
-                stub.finish_process(p, &files, &sock)?;
+                stub.finish_process(p, &files, &self.shm.sender)?;
             }
         }
         drop(files);

@@ -31,6 +31,7 @@ use floe_proto::image as pb;
 pub struct Tree {
     pub(crate) procs: Vec<Stub>,
     finished: bool,
+    pub(crate) shm: stub::Shmem,
 }
 
 impl Tree {
@@ -39,7 +40,13 @@ impl Tree {
     pub fn create(m: &pb::Manifest, pre: &Preflight) -> Result<Self, RestoreError> {
         let scratch = stub::choose_scratch(m, pre)?;
         let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
-        let mut tree = Tree { procs: vec![Stub::create_root(root.pid, pre, scratch)?], finished: false };
+        let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
+            pid: 0,
+            op: "creating the descriptor-passing socket".into(),
+            source,
+        })?;
+        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
+        let mut tree = Tree { procs: vec![Stub::create_root(root.pid, pre, scratch)?], finished: false, shm };
         tree.set_session(0, root)?;
         for p in &m.processes[1..] {
             let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
@@ -65,7 +72,7 @@ impl Tree {
                 .as_ref()
                 .ok_or_else(|| RestoreError::Refused { what: format!("process {} has no vdso record", p.pid) })?;
             tree.procs[i].place_vdso(vd, pre)?;
-            tree.procs[i].map_vmas(&p.vmas)?;
+            tree.procs[i].map_vmas(&p.vmas, &mut tree.shm)?;
             for t in &p.threads[1..] {
                 tree.procs[i].clone_thread(t.tid)?;
             }

@@ -10,6 +10,14 @@ use crate::sys::task;
 use floe_proto::image as pb;
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// Shared memory objects created so far in this restore, and floe's end of
+/// the descriptor-passing socket.
+pub struct Shmem {
+    pub objects: HashMap<u64, OwnedFd>,
+    pub sender: OwnedFd,
+}
 
 /// Scratch area mapped in every stub for syscall arguments.
 pub const SCRATCH_LEN: u64 = 64 * 1024;
@@ -24,7 +32,14 @@ pub struct Stub {
     /// Leader first, then the other threads once created.
     pub(super) threads: Vec<Injector>,
     pub(super) scratch: u64,
+    /// The stub's end of the descriptor-passing socket, once bound.
+    pub(super) inst_sock: Option<u64>,
 }
+
+/// Where the stub-side descriptor-passing socket is parked.
+const INST_SOCK_FD: u64 = 1000;
+/// msghdr and buffers for recvmsg inside scratch.
+const MSG_OFF: u64 = 4096;
 
 fn stub_err(pid: i32, op: impl Into<String>) -> impl FnOnce(std::io::Error) -> RestoreError {
     let op = op.into();
@@ -60,7 +75,7 @@ impl Stub {
     /// Creates the root stub as floe's child with `pid` and empties it.
     pub(super) fn create_root(pid: i32, pre: &Preflight, scratch: u64) -> Result<Self, RestoreError> {
         let child = spawn_with_pid(pid)?;
-        let mut stub = Self { pid: child, threads: Vec::new(), scratch: 0 };
+        let mut stub = Self { pid: child, threads: Vec::new(), scratch: 0, inst_sock: None };
         // The caller's Tree owns the pid from here; but until pushed, clean up here on error.
         let r = (|| {
             ptrace::seize(child, STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
@@ -111,7 +126,12 @@ impl Stub {
             wait_new_task(child)?;
             let base = ptrace::get_regs(child).map_err(stub_err(child, "getregs"))?;
             let gadget = self.threads[0].gadget();
-            Ok(Stub { pid: child, threads: vec![Injector::new(child, base, gadget)], scratch: self.scratch })
+            Ok(Stub {
+                pid: child,
+                threads: vec![Injector::new(child, base, gadget)],
+                scratch: self.scratch,
+                inst_sock: None,
+            })
         })();
         if r.is_err() {
             kill_and_reap(child, &[child]);
@@ -196,6 +216,121 @@ impl Stub {
         Ok(())
     }
 
+    /// Name of the stub's descriptor-passing socket (abstract namespace).
+    pub(super) fn inst_name(&self) -> String {
+        format!("floe-install-{}-{}", std::process::id(), self.pid)
+    }
+
+    /// Receives descriptor `fd` of floe's and returns its number in the stub
+    /// (the lowest free one; the caller moves or closes it).
+    pub(super) fn receive_fd(&mut self, sender: &OwnedFd, fd: RawFd) -> Result<u64, RestoreError> {
+        let sc = self.scratch;
+        let s = self.installer(&[])?;
+        let name = self.inst_name();
+        task::send_fd(sender, name.as_bytes(), fd).map_err(|source| RestoreError::Stub {
+            pid: self.pid,
+            op: "passing a descriptor to the stub".into(),
+            source,
+        })?;
+        // msghdr: name 0/0, iov -> +64, iovlen 1, control -> +128 (24 bytes).
+        let msg = sc + MSG_OFF;
+        let mut hdr = Vec::new();
+        for v in [0u64, 0, msg + 64, 1, msg + 128, 24, 0] {
+            hdr.extend_from_slice(&v.to_le_bytes());
+        }
+        let iov: Vec<u8> = [msg + 256, 16u64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let inj = self.leader();
+        inj.write_mem(msg, &hdr)?;
+        inj.write_mem(msg + 64, &iov)?;
+        inj.call(libc::SYS_recvmsg, [s, msg, 0, 0, 0, 0])?;
+        let mut cm = [0u8; 24];
+        inj.read_mem(msg + 128, &mut cm)?;
+        Ok(i32::from_le_bytes([cm[16], cm[17], cm[18], cm[19]]) as u64)
+    }
+
+    /// The stub's descriptor-passing socket (created and bound on first
+    /// use), moved off any number in `avoid`.
+    pub(super) fn installer(&mut self, avoid: &[i32]) -> Result<u64, RestoreError> {
+        let sc = self.scratch;
+        let s = match self.inst_sock {
+            Some(s) => s,
+            None => {
+                let name = self.inst_name();
+                let (addr, alen) = task::abstract_addr(name.as_bytes());
+                let inj = self.leader();
+                let s = inj.call(
+                    libc::SYS_socket,
+                    [libc::AF_UNIX as u64, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0],
+                )?;
+                inj.write_mem(sc + 3072, task::as_bytes(&addr))?;
+                inj.call(libc::SYS_bind, [s, sc + 3072, alen as u64, 0, 0, 0])?;
+                s
+            }
+        };
+        // Park it high, above every number the process uses.
+        let top = avoid.iter().copied().max().unwrap_or(0).max(0) as u64 + 1;
+        let want = INST_SOCK_FD.max(top);
+        let s = if s != want && (s < want || avoid.contains(&(s as i32))) {
+            let inj = self.leader();
+            match inj.raw(libc::SYS_dup3, [s, want, libc::O_CLOEXEC as u64, 0, 0, 0])? {
+                r if r >= 0 => {
+                    inj.call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
+                    want
+                }
+                _ if !avoid.contains(&(s as i32)) => s,
+                e => {
+                    return Err(RestoreError::Stub {
+                        pid: self.pid,
+                        op: format!("moving the descriptor-passing socket to fd {want}"),
+                        source: std::io::Error::from_raw_os_error(-e as i32),
+                    })
+                }
+            }
+        } else {
+            s
+        };
+        self.inst_sock = Some(s);
+        Ok(s)
+    }
+
+    /// Closes the stub's descriptor-passing socket.
+    pub(super) fn close_installer(&mut self) -> Result<(), RestoreError> {
+        if let Some(s) = self.inst_sock.take() {
+            self.leader().call(libc::SYS_close, [s, 0, 0, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Creates shared memory object `v.shmem_id` inside this stub (a memfd
+    /// with its name, or anonymous shared memory) and returns floe's
+    /// descriptor of it.
+    fn create_shmem(&mut self, v: &pb::Vma) -> Result<OwnedFd, RestoreError> {
+        let pid = self.pid;
+        let size = v.shmem_size.max(v.pgoff + (v.end - v.start));
+        if !v.memfd_name.is_empty() {
+            let name = self.put_str(0, &v.memfd_name)?;
+            let fd = self.leader().call(libc::SYS_memfd_create, [name, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0])?;
+            self.leader().call(libc::SYS_ftruncate, [fd, size, 0, 0, 0, 0])?;
+            let pidfd =
+                task::pidfd_open(pid).map_err(|source| RestoreError::Stub { pid, op: "pidfd_open".into(), source })?;
+            let ours = task::pidfd_getfd(&pidfd, fd as i32).map_err(|source| RestoreError::Stub {
+                pid,
+                op: "pidfd_getfd".into(),
+                source,
+            })?;
+            self.leader().call(libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            return Ok(ours);
+        }
+        let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+        let at = self
+            .leader()
+            .call(libc::SYS_mmap, [0, size, rw, (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0])?;
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", at, at + size);
+        let ours = std::fs::OpenOptions::new().read(true).write(true).open(&path).map(OwnedFd::from);
+        self.leader().call(libc::SYS_munmap, [at, size, 0, 0, 0, 0])?;
+        ours.map_err(|source| RestoreError::Stub { pid, op: format!("opening {path}"), source })
+    }
+
     /// Writes a NUL-terminated string into scratch at `off`.
     pub(super) fn put_str(&mut self, off: u64, s: &str) -> Result<u64, RestoreError> {
         let c = CString::new(s)
@@ -226,7 +361,7 @@ impl Stub {
     }
 
     /// Maps every mapping of the process (writable while pages are filled).
-    pub(super) fn map_vmas(&mut self, vmas: &[pb::Vma]) -> Result<(), RestoreError> {
+    pub(super) fn map_vmas(&mut self, vmas: &[pb::Vma], shm: &mut Shmem) -> Result<(), RestoreError> {
         let mut files: HashMap<(String, bool), u64> = HashMap::new();
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         for v in vmas {
@@ -240,6 +375,15 @@ impl Stub {
             let (prot, flags, fd, off) = match kind {
                 pb::VmaKind::AnonPrivate => {
                     (prot | rw, flags | (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0)
+                }
+                pb::VmaKind::AnonShared if v.shmem_id != 0 => {
+                    if let std::collections::hash_map::Entry::Vacant(e) = shm.objects.entry(v.shmem_id) {
+                        e.insert(self.create_shmem(v)?);
+                    }
+                    let obj = shm.objects.get(&v.shmem_id).map(|o| o.as_raw_fd()).unwrap_or(-1);
+                    let fd = self.receive_fd(&shm.sender, obj)?;
+                    files.insert((format!("shmem:{}:{}", v.shmem_id, v.start), false), fd);
+                    (prot | rw, flags | libc::MAP_SHARED as u64, fd, v.pgoff)
                 }
                 pb::VmaKind::AnonShared => {
                     (prot | rw, flags | (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0)

@@ -226,3 +226,23 @@ pub fn as_bytes(addr: &libc::sockaddr_un) -> &[u8] {
         )
     }
 }
+
+/// pidfd_open(2).
+pub fn pidfd_open(pid: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    cvt(r)?;
+    // SAFETY: pidfd_open succeeded, so `r` is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// pidfd_getfd(2): a duplicate of another process's descriptor.
+pub fn pidfd_getfd(pidfd: &impl std::os::fd::AsRawFd, fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    cvt(r)?;
+    // SAFETY: pidfd_getfd succeeded, so `r` is a fresh descriptor we own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
