@@ -1207,3 +1207,203 @@ impl Drop for KillPidOnDrop {
         self.kill();
     }
 }
+
+// ---------------------------------------------------------------------------
+// process trees and threads (tests/tests/trees.rs)
+
+/// Identity fields of one process from /proc/PID/stat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcIds {
+    pub pid: i32,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    /// State letter (R, S, D, T, Z, ...).
+    pub state: char,
+}
+
+/// pid, ppid, pgid, sid and state of `pid`, if it exists (zombies included).
+pub fn proc_ids(pid: i32) -> Option<ProcIds> {
+    let f = stat_fields(pid)?;
+    let num = |i: usize| f.get(i)?.parse::<i32>().ok();
+    Some(ProcIds { pid, ppid: num(1)?, pgid: num(2)?, sid: num(3)?, state: f.first()?.chars().next()? })
+}
+
+/// [`proc_ids`], panicking with `what` when the process does not exist.
+pub fn proc_ids_of(pid: i32, what: &str) -> ProcIds {
+    proc_ids(pid).unwrap_or_else(|| panic!("{what}: process {pid} does not exist"))
+}
+
+/// Direct children of `pid` (from /proc/PID/task/*/children), sorted.
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for tid in tids_of(pid) {
+        let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")).unwrap_or_default();
+        out.extend(text.split_whitespace().filter_map(|s| s.parse::<i32>().ok()));
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Every descendant of `pid` (not `pid` itself), parents before children.
+pub fn descendants_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut queue = std::collections::VecDeque::from([pid]);
+    while let Some(p) = queue.pop_front() {
+        for c in children_of(p) {
+            if !out.contains(&c) && c != pid {
+                out.push(c);
+                queue.push_back(c);
+            }
+        }
+    }
+    out
+}
+
+/// Thread ids of `pid` (entries of /proc/PID/task), sorted.
+pub fn tids_of(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// Name (comm) of thread `tid` of process `pid`.
+pub fn thread_comm(pid: i32, tid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).ok().map(|s| s.trim_end_matches('\n').to_owned())
+}
+
+/// State letter of thread `tid` of process `pid`.
+pub fn thread_state(pid: i32, tid: i32) -> Option<char> {
+    let s = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    s[s.rfind(')')? + 2..].chars().next()
+}
+
+/// The system call thread `tid` of `pid` is blocked in (first field of
+/// /proc/PID/task/TID/syscall), or None when it runs or cannot be read.
+pub fn thread_syscall(pid: i32, tid: i32) -> Option<i64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether fd `fd1` of `pid1` and fd `fd2` of `pid2` are one open file
+/// description (`kcmp(KCMP_FILE)`).
+pub fn same_file_description(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes only integers and has no memory-safety preconditions.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1 as libc::c_long, fd2 as libc::c_long) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc == 0)
+}
+
+/// Target of /proc/PID/fd/FD (e.g. "pipe:[1234]").
+pub fn fd_target(pid: i32, fd: i32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// Waits until every pid in `pids` has vanished from /proc; panics naming
+/// the ones left after `timeout`.
+pub fn wait_all_gone(pids: &[i32], timeout: Duration, what: &str) {
+    if !wait_until(timeout, || pids.iter().all(|&p| !pid_exists(p))) {
+        let left: Vec<(i32, Option<char>)> =
+            pids.iter().filter(|&&p| pid_exists(p)).map(|&p| (p, proc_state(p))).collect();
+        panic!("{what}: still in /proc after {timeout:?}: {left:?}");
+    }
+}
+
+/// Kills a set of processes that are not our children (a restored tree, or
+/// the descendants of a fixture) on drop or on [`TreeGuard::kill_all`]: each
+/// pid whose start time still matches the recorded one gets SIGKILL (all of
+/// them first, then the wait), and every one of them is awaited until
+/// /proc/PID vanishes (zombies go once their parent is dead and PID 1 has
+/// reaped them).
+#[derive(Default)]
+pub struct TreeGuard {
+    procs: Vec<(i32, u64)>,
+}
+
+impl TreeGuard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `pid` with its current start time (no-op if it does not exist
+    /// or is registered already with that start time).
+    pub fn add(&mut self, pid: i32) {
+        if let Some(st) = start_time(pid) {
+            if !self.procs.contains(&(pid, st)) {
+                self.procs.push((pid, st));
+            }
+        }
+    }
+
+    /// Registers each of `pids`.
+    pub fn add_all(&mut self, pids: &[i32]) {
+        for &p in pids {
+            self.add(p);
+        }
+    }
+
+    /// Registers `root` and all its current descendants.
+    pub fn add_tree(&mut self, root: i32) {
+        self.add(root);
+        for p in descendants_of(root) {
+            self.add(p);
+        }
+    }
+
+    /// Kills everything registered and waits (bounded) for it to vanish.
+    pub fn kill_all(&mut self) {
+        let procs: Vec<(i32, u64)> = self.procs.drain(..).collect();
+        let mine: Vec<i32> = procs.iter().filter(|(p, st)| start_time(*p) == Some(*st)).map(|(p, _)| *p).collect();
+        for &p in &mine {
+            let _ = send_signal(p, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &p in &mine {
+            let st = procs.iter().find(|(q, _)| *q == p).map(|(_, s)| *s);
+            // Wait while the same process (same start time) is still there.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !wait_until(left, || start_time(p) != st) {
+                eprintln!("warning: pid {p} still in /proc after SIGKILL (state {:?})", proc_state(p));
+            }
+        }
+    }
+}
+
+impl Drop for TreeGuard {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Sends `sig` to `pid`, then requests reports (SIGUSR1, see
+/// [`request_report`]) until `cond` holds for one; panics after `timeout`
+/// with the last report.
+pub fn signal_and_await_report(
+    pid: i32,
+    sig: Option<libc::c_int>,
+    report: &Path,
+    log: &Path,
+    timeout: Duration,
+    mut cond: impl FnMut(&Report) -> bool,
+) -> Report {
+    if let Some(sig) = sig {
+        send_signal(pid, sig).unwrap_or_else(|e| panic!("cannot signal {pid}: {e}"));
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let r = request_report(pid, report, libc::SIGUSR1, log);
+        if cond(&r) {
+            return r;
+        }
+        if Instant::now() >= deadline {
+            panic!("process {pid}: the awaited report never came within {timeout:?}; last one:\n{r:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -126,11 +126,14 @@ fn dump_refuses_pipe_fd() {
     assert!(fx.child().unwrap().stdout.is_some(), "the pipe's read end is still ours");
 }
 
+/// A two-thread process (refused before threads were supported) round-trips:
+/// both threads come back with their tids and the main thread keeps
+/// answering reports.
 #[test]
-#[ignore = "trees and threads are supported now; being rewritten as round-trip tests"]
-fn dump_refuses_multithreaded() {
+fn multithreaded_process_round_trip() {
     require_root!();
     let td = TestDir::new("threads");
+    let img = td.join("img");
     let (ready, report) = (td.join("tt.ready"), td.join("tt.report"));
     let mut fx = Spawn::fixture("twothreads", td.path())
         .arg("--ready")
@@ -141,13 +144,20 @@ fn dump_refuses_multithreaded() {
         .spawn();
     let pid = fx.pid;
     assert_eq!(thread_count(pid), 2);
+    let tids = tids_of(pid);
+    let r1 = request_report(pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(report_num(&r1, "threads"), 2);
+    assert_eq!(report_num(&r1, "sigusr1_count"), 1);
 
-    let out = dump(pid, &td.join("img"), &[]);
-    let err = assert_failed_cleanly(&out, "dump of a two-thread process");
-    assert_mentions(&err, &["thread"], "thread refusal");
-    assert!(fx.child_running(), "the refused dump killed the process");
-    assert_running_untouched(pid, "after the refused dump");
-    let r = request_report(pid, &report, libc::SIGUSR1, &fx.log);
-    assert_eq!(report_num(&r, "threads"), 2);
-    assert_eq!(report_num(&r, "sigusr1_count"), 1);
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    assert_eq!(tids_of(pid), tids, "thread ids changed");
+    assert_running_untouched(pid, "after the restore");
+    let r2 = request_report(pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(report_num(&r2, "pid"), pid as u64);
+    assert_eq!(report_num(&r2, "threads"), 2);
+    assert_eq!(report_num(&r2, "sigusr1_count"), 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(pid_alive(pid), "restored twothreads died:\n{}", fx.log_contents());
+    assert_eq!(tids_of(pid), tids);
 }

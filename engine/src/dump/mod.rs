@@ -327,7 +327,13 @@ fn collect_process(
     for &tid in &tids {
         frozen.mark_injected(tid);
     }
-    let par = parasite::collect(&mut injs, &masks)?;
+    let mut timers = posix_timers(pid)?;
+    let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
+    let par = parasite::collect(&mut injs, &masks, &ids)?;
+    for (t, (value, interval)) in timers.iter_mut().zip(&par.timers) {
+        t.value_ns = *value;
+        t.interval_ns = *interval;
+    }
     // Only SECBIT_KEEP_CAPS (bit 4) is restored; anything else would silently differ.
     if par.securebits & !(1 << 4) != 0 {
         return Err(DumpError::Refused {
@@ -352,6 +358,20 @@ fn collect_process(
             .trim_end_matches('\n')
             .to_string();
         let extra = &par.threads[i];
+        let seccomp = ptrace::seccomp_filters(tid)
+            .map_err(pt("seccomp get filter"))?
+            .into_iter()
+            .map(|(insns, flags)| pb::SeccompFilter { insns, flags })
+            .collect::<Vec<_>>();
+        const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
+        if seccomp.iter().any(|f| f.flags & SECCOMP_FILTER_FLAG_NEW_LISTENER != 0) {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!(
+                    "thread {tid} has a seccomp filter with a user-notification listener, which cannot be restored"
+                ),
+            });
+        }
         threads.push(pb::Thread {
             tid,
             gpregs: regs_to_bytes(&regs[i]),
@@ -364,6 +384,7 @@ fn collect_process(
             robust_list_len: robust_len,
             clear_child_tid: extra.clear_child_tid,
             comm,
+            seccomp,
         });
     }
     let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
@@ -380,7 +401,45 @@ fn collect_process(
     p.vmas = vmas.iter().map(|v| v.pb.clone()).collect();
     p.fds = fds;
     p.vdso = Some(vdso.pb);
+    p.posix_timers = timers;
     Ok((p, vmas))
+}
+
+/// POSIX timers listed in /proc/PID/timers (values are filled in by the parasite).
+fn posix_timers(pid: i32) -> Result<Vec<pb::PosixTimer>, DumpError> {
+    let text = std::fs::read_to_string(procfs::path(pid, "timers")).map_err(proc_err(pid, "timers"))?;
+    let mut out: Vec<pb::PosixTimer> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        if k == "ID" {
+            out.push(pb::PosixTimer { id: v.parse().unwrap_or(-1), ..Default::default() });
+            continue;
+        }
+        let Some(t) = out.last_mut() else { continue };
+        match k {
+            "signal" => {
+                let (sig, val) = v.split_once('/').unwrap_or((v, "0"));
+                t.signo = sig.parse().unwrap_or(0);
+                t.sival = u64::from_str_radix(val, 16).unwrap_or(0);
+            }
+            "notify" => {
+                let (how, target) = v.split_once('/').unwrap_or((v, ""));
+                t.notify = match how {
+                    "none" => libc::SIGEV_NONE,
+                    "thread" => libc::SIGEV_THREAD_ID,
+                    _ => libc::SIGEV_SIGNAL,
+                };
+                t.notify_tid = target.rsplit('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            }
+            "ClockID" => t.clockid = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    if let Some(bad) = out.iter().find(|t| t.id < 0) {
+        return Err(DumpError::Refused { pid, what: format!("cannot parse POSIX timer entry {}", bad.id) });
+    }
+    Ok(out)
 }
 
 fn build_process(

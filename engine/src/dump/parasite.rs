@@ -13,6 +13,8 @@ pub struct ThreadExtra {
 }
 
 pub struct Collected {
+    /// Remaining value and interval (ns) of each POSIX timer asked for.
+    pub timers: Vec<(u64, u64)>,
     pub sigactions: Vec<pb::SigAction>,
     /// Same order as the injectors passed in (leader first).
     pub threads: Vec<ThreadExtra>,
@@ -35,7 +37,7 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 
 /// Runs the queries. `injs[0]` is the thread-group leader; `masks` are
 /// the threads' signal masks, put back afterwards.
-pub fn collect(injs: &mut [Injector], masks: &[u64]) -> Result<Collected, DumpError> {
+pub fn collect(injs: &mut [Injector], masks: &[u64], timer_ids: &[i32]) -> Result<Collected, DumpError> {
     // Keep every signal pending (not delivered) while we work.
     for inj in injs.iter() {
         let pid = inj.pid();
@@ -46,7 +48,7 @@ pub fn collect(injs: &mut [Injector], masks: &[u64]) -> Result<Collected, DumpEr
         // MAP_SHARED anonymous memory never merges with the process's own mappings.
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
         let scratch = injs[0].call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
-        let out = query(injs, scratch);
+        let out = query(injs, scratch, timer_ids);
         let unmap = injs[0].call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
         let out = out?;
         unmap?;
@@ -79,13 +81,20 @@ fn thread_query(inj: &mut Injector, scratch: u64) -> Result<ThreadExtra, DumpErr
     Ok(ThreadExtra { altstack, clear_child_tid: u64_at(&buf, 0) })
 }
 
-fn query(injs: &mut [Injector], scratch: u64) -> Result<Collected, DumpError> {
+fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32]) -> Result<Collected, DumpError> {
     let mut threads = Vec::with_capacity(injs.len());
     for inj in injs.iter_mut() {
         threads.push(thread_query(inj, scratch)?);
     }
     let inj = &mut injs[0];
     let mut buf = [0u8; 64];
+    let mut timers = Vec::with_capacity(timer_ids.len());
+    for &id in timer_ids {
+        inj.call(libc::SYS_timer_gettime, [id as u64, scratch, 0, 0, 0, 0])?;
+        inj.read_mem(scratch, &mut buf[..32])?;
+        let ns = |o: usize| u64_at(&buf, o) * 1_000_000_000 + u64_at(&buf, o + 8);
+        timers.push((ns(16), ns(0)));
+    }
     let mut sigactions = Vec::new();
     for sig in 1..=64u32 {
         if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
@@ -124,6 +133,7 @@ fn query(injs: &mut [Injector], scratch: u64) -> Result<Collected, DumpError> {
     let thp_disabled = inj.call(libc::SYS_prctl, [libc::PR_GET_THP_DISABLE as u64, 0, 0, 0, 0, 0])? != 0;
     let dumpable = inj.call(libc::SYS_prctl, [libc::PR_GET_DUMPABLE as u64, 0, 0, 0, 0, 0])? as i32;
     Ok(Collected {
+        timers,
         sigactions,
         threads,
         itimers,

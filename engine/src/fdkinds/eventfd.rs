@@ -54,7 +54,8 @@ pub fn restore(d: &pb::FileDesc, _ctx: &mut RestoreCtx) -> Result<OwnedFd, Strin
     }
     let fd = fd_event::eventfd(flags).map_err(|err| format!("cannot create an eventfd ({err})"))?;
     if e.count > 0 {
-        fd_event::eventfd_add(&fd, e.count).map_err(|err| format!("cannot set the eventfd count to {} ({err})", e.count))?;
+        fd_event::eventfd_add(&fd, e.count)
+            .map_err(|err| format!("cannot set the eventfd count to {} ({err})", e.count))?;
     }
     Ok(fd)
 }

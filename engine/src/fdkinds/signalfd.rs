@@ -19,5 +19,6 @@ pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
 pub fn restore(d: &pb::FileDesc, _ctx: &mut RestoreCtx) -> Result<OwnedFd, String> {
     let s = d.signalfd.as_ref().ok_or("the image has no signalfd state for this descriptor")?;
     let flags = if d.flags & libc::O_NONBLOCK as u32 != 0 { libc::SFD_NONBLOCK } else { 0 };
-    fd_event::signalfd(s.sigmask, flags).map_err(|e| format!("cannot create a signalfd for mask {:#x} ({e})", s.sigmask))
+    fd_event::signalfd(s.sigmask, flags)
+        .map_err(|e| format!("cannot create a signalfd for mask {:#x} ({e})", s.sigmask))
 }

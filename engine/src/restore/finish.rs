@@ -199,6 +199,7 @@ impl Stub {
             }
             inj.call(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0])?;
         }
+        self.restore_posix_timers(p)?;
         // Pending signals stay blocked until the masks are restored below.
         for s in &p.shared_pending {
             self.queue_signal(&s.siginfo, None)?;
@@ -219,6 +220,7 @@ impl Stub {
             let g: Vec<u8> = p.groups.iter().flat_map(|x| x.to_le_bytes()).collect();
             self.leader().write_mem(sc + 8192, &g)?;
         }
+        self.restore_seccomp(p)?;
         for i in 0..self.threads.len() {
             restore_caps(&mut self.threads[i], p, needs_creds, sc)?;
         }
@@ -238,6 +240,79 @@ impl Stub {
             }
             ptrace::set_sigmask(tid, th.sigmask).map_err(pterr(tid, "setsigmask"))?;
             ptrace::set_regs(tid, &regs).map_err(pterr(tid, "setregs"))?;
+        }
+        Ok(())
+    }
+
+    /// timer_create with the dumped ids (PR_TIMER_CREATE_RESTORE_IDS), then
+    /// arm each with its remaining time.
+    fn restore_posix_timers(&mut self, p: &pb::Process) -> Result<(), RestoreError> {
+        if p.posix_timers.is_empty() {
+            return Ok(());
+        }
+        const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+        let sc = self.scratch;
+        self.leader().call(libc::SYS_prctl, [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0]).map_err(|e| {
+            RestoreError::Refused {
+                what: format!(
+                    "this kernel cannot recreate POSIX timers with their ids (PR_TIMER_CREATE_RESTORE_IDS: {e})"
+                ),
+            }
+        })?;
+        for t in &p.posix_timers {
+            // struct sigevent: value, signo, notify, tid (64 bytes).
+            let mut sev = vec![0u8; 64];
+            sev[..8].copy_from_slice(&t.sival.to_le_bytes());
+            sev[8..12].copy_from_slice(&t.signo.to_le_bytes());
+            sev[12..16].copy_from_slice(&t.notify.to_le_bytes());
+            sev[16..20].copy_from_slice(&t.notify_tid.to_le_bytes());
+            self.leader().write_mem(sc, &sev)?;
+            self.leader().write_mem(sc + 64, &t.id.to_le_bytes())?;
+            self.leader().call(libc::SYS_timer_create, [t.clockid as u64, sc, sc + 64, 0, 0, 0])?;
+            let mut got = [0u8; 4];
+            self.leader().read_mem(sc + 64, &mut got)?;
+            if i32::from_le_bytes(got) != t.id {
+                return Err(RestoreError::Refused {
+                    what: format!("POSIX timer {} of pid {} came back as {}", t.id, p.pid, i32::from_le_bytes(got)),
+                });
+            }
+            let ts = |ns: u64| [ns / 1_000_000_000, ns % 1_000_000_000];
+            let spec: Vec<u64> = ts(t.interval_ns).into_iter().chain(ts(t.value_ns)).collect();
+            self.leader().write_mem(sc + 128, &le(&spec))?;
+            self.leader().call(libc::SYS_timer_settime, [t.id as u64, 0, sc + 128, 0, 0, 0])?;
+        }
+        self.leader().call(libc::SYS_prctl, [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0])?;
+        Ok(())
+    }
+
+    /// Installs each thread's seccomp filters, oldest first. Injected
+    /// syscalls keep working afterwards because the stub is traced with
+    /// PTRACE_O_SUSPEND_SECCOMP.
+    fn restore_seccomp(&mut self, p: &pb::Process) -> Result<(), RestoreError> {
+        if p.threads.iter().all(|t| t.seccomp.is_empty()) {
+            return Ok(());
+        }
+        let sc = self.scratch;
+        let opts = super::stub::STUB_OPTIONS | libc::PTRACE_O_SUSPEND_SECCOMP;
+        for inj in &self.threads {
+            ptrace::set_options(inj.pid(), opts).map_err(pterr(inj.pid(), "ptrace setoptions (suspend seccomp)"))?;
+        }
+        for (i, th) in p.threads.iter().enumerate() {
+            for f in &th.seccomp {
+                let n = f.insns.len() / 8;
+                if n == 0 || f.insns.len() > 40 * 1024 {
+                    return Err(RestoreError::Refused {
+                        what: format!("thread {}: seccomp filter of {} bytes", th.tid, f.insns.len()),
+                    });
+                }
+                let inj = &mut self.threads[i];
+                inj.write_mem(sc + 16384, &f.insns)?;
+                let mut prog = (n as u64).to_le_bytes().to_vec();
+                prog.extend_from_slice(&(sc + 16384).to_le_bytes());
+                inj.write_mem(sc + 12288, &prog)?;
+                const SECCOMP_SET_MODE_FILTER: u64 = 1;
+                inj.call(libc::SYS_seccomp, [SECCOMP_SET_MODE_FILTER, f.flags, sc + 12288, 0, 0, 0])?;
+            }
         }
         Ok(())
     }

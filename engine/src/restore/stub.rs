@@ -24,7 +24,8 @@ pub const SCRATCH_LEN: u64 = 64 * 1024;
 /// Where clone3 arguments go inside the scratch area.
 const CLONE_ARGS_OFF: u64 = SCRATCH_LEN - 512;
 const TASK_SIZE: u64 = 0x7fff_ffff_f000;
-const STUB_OPTIONS: libc::c_int = ptrace::STUB_OPTIONS | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK;
+pub(super) const STUB_OPTIONS: libc::c_int =
+    ptrace::STUB_OPTIONS | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEFORK;
 
 /// One stopped process being rebuilt.
 pub struct Stub {

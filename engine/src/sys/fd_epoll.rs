@@ -37,17 +37,13 @@ pub struct EpollParams {
     pad: u8,
 }
 const _: () = assert!(std::mem::size_of::<EpollParams>() == 8);
+const _: () = assert!(std::mem::size_of::<EpollParams>() == std::mem::size_of::<libc::epoll_params>());
 
 impl EpollParams {
     pub fn new(busy_poll_usecs: u32, busy_poll_budget: u16, prefer_busy_poll: u8) -> Self {
         Self { busy_poll_usecs, busy_poll_budget, prefer_busy_poll, pad: 0 }
     }
 }
-
-/// `_IOR(0x8A, 0x02, struct epoll_params)`.
-const EPIOCGPARAMS: libc::c_ulong = (2 << 30) | ((std::mem::size_of::<EpollParams>() as libc::c_ulong) << 16) | (0x8A << 8) | 2;
-/// `_IOW(0x8A, 0x01, struct epoll_params)`.
-const EPIOCSPARAMS: libc::c_ulong = (1 << 30) | ((std::mem::size_of::<EpollParams>() as libc::c_ulong) << 16) | (0x8A << 8) | 1;
 
 /// epoll_create1(2); close-on-exec in floe (the installed copy gets the dumped flag).
 pub fn epoll_create() -> io::Result<OwnedFd> {
@@ -60,7 +56,7 @@ pub fn epoll_create() -> io::Result<OwnedFd> {
 pub fn get_params(ep: &impl AsRawFd) -> io::Result<EpollParams> {
     let mut p = EpollParams::default();
     // SAFETY: `p` is a valid, writable `struct epoll_params` for the ioctl.
-    let r = unsafe { libc::ioctl(ep.as_raw_fd(), EPIOCGPARAMS, &mut p as *mut EpollParams) };
+    let r = unsafe { libc::ioctl(ep.as_raw_fd(), libc::EPIOCGPARAMS, &mut p as *mut EpollParams) };
     cvt(r as libc::c_long)?;
     Ok(p)
 }
@@ -68,7 +64,7 @@ pub fn get_params(ep: &impl AsRawFd) -> io::Result<EpollParams> {
 /// Sets the busy-poll parameters of an epoll instance (EPIOCSPARAMS).
 pub fn set_params(ep: &impl AsRawFd, p: &EpollParams) -> io::Result<()> {
     // SAFETY: `p` points at a valid `struct epoll_params` the kernel only reads.
-    let r = unsafe { libc::ioctl(ep.as_raw_fd(), EPIOCSPARAMS, p as *const EpollParams) };
+    let r = unsafe { libc::ioctl(ep.as_raw_fd(), libc::EPIOCSPARAMS, p as *const EpollParams) };
     cvt(r as libc::c_long).map(drop)
 }
 

@@ -18,7 +18,7 @@ pub const XSTATE_MAX: usize = 16 * 1024;
 
 /// Options for a process being dumped: syscall stops are marked. If floe
 /// dies, the kernel detaches and the process runs on.
-pub const DUMP_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD;
+pub const DUMP_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_SUSPEND_SECCOMP;
 /// Options for a restore stub: it must not outlive a floe that died midway.
 pub const STUB_OPTIONS: libc::c_int = libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL;
 
@@ -246,4 +246,45 @@ pub fn try_wait(pid: i32) -> io::Result<Option<Stop>> {
         return Ok(None);
     }
     Ok(Some(decode_status(status)))
+}
+
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_SECCOMP_GET_METADATA: libc::c_uint = 0x420d;
+
+/// Changes the ptrace options of a tracee.
+pub fn set_options(pid: i32, options: libc::c_int) -> io::Result<()> {
+    // SAFETY: PTRACE_SETOPTIONS takes the options by value.
+    let r = unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0usize, options as usize) };
+    cvt(r).map(drop)
+}
+
+/// The seccomp filters of a thread, oldest first, each as raw sock_filter
+/// instructions with its flags. Empty when the thread has none.
+pub fn seccomp_filters(tid: i32) -> io::Result<Vec<(Vec<u8>, u64)>> {
+    let mut out = Vec::new();
+    for idx in 0u64.. {
+        // SAFETY: with a null buffer the kernel only returns the instruction count.
+        let n = unsafe {
+            libc::ptrace(PTRACE_SECCOMP_GET_FILTER as libc::c_uint, tid, idx as usize, std::ptr::null_mut::<u8>())
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            // ENOENT: past the oldest filter; EINVAL: no filter at all.
+            if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EINVAL)) {
+                break;
+            }
+            return Err(e);
+        }
+        let mut buf = vec![0u8; n as usize * 8];
+        // SAFETY: `buf` holds `n` sock_filter entries (8 bytes each).
+        let r = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER as libc::c_uint, tid, idx as usize, buf.as_mut_ptr()) };
+        cvt(r)?;
+        let mut meta = [idx, 0u64];
+        // SAFETY: the kernel reads filter_off and writes flags in the 16-byte struct.
+        let r = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_METADATA as libc::c_uint, tid, 16usize, meta.as_mut_ptr()) };
+        let flags = if r < 0 { 0 } else { meta[1] };
+        out.push((buf, flags));
+    }
+    out.reverse();
+    Ok(out)
 }
