@@ -195,8 +195,8 @@ pub fn stat_field(fields: &[String], n: usize) -> u64 {
 pub struct FdInfo {
     pub pos: i64,
     pub flags: u32,
-    /// First "lock:" line, when the descriptor holds a lock.
-    pub lock: Option<String>,
+    /// "lock:" lines (the part after "lock:"), one per lock held through it.
+    pub locks: Vec<String>,
     /// Inode number of the open file ("ino:").
     pub ino: u64,
 }
@@ -212,9 +212,7 @@ pub fn fdinfo(pid: i32, fd: i32) -> io::Result<FdInfo> {
         } else if let Some(v) = line.strip_prefix("ino:") {
             info.ino = v.trim().parse().unwrap_or(0);
         } else if let Some(v) = line.strip_prefix("lock:") {
-            if info.lock.is_none() {
-                info.lock = Some(v.split_whitespace().skip(1).take(3).collect::<Vec<_>>().join(" "));
-            }
+            info.locks.push(v.trim().to_string());
         }
     }
     Ok(info)

@@ -41,6 +41,9 @@ enum Cmd {
         /// Overwrite an existing image in the directory.
         #[arg(long)]
         force: bool,
+        /// Dump file locks (flock, POSIX, OFD) held by the processes.
+        #[arg(long)]
+        file_locks: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -95,8 +98,8 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if report.looks_good() { 0 } else { 1 })
         }
-        Cmd::Dump { pid, dir, leave_running, shell_job, force, json } => {
-            let opts = dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force };
+        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, json } => {
+            let opts = dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force, file_locks };
             let report =
                 dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
             if json {
@@ -104,8 +107,10 @@ fn run(cli: Cli) -> Result<i32> {
             } else {
                 let t = &report.timings;
                 println!(
-                    "dumped pid {} into {}: {} mappings, {} fds, {:.1} MiB of pages, image {:.1} MiB",
+                    "dumped pid {} ({} process(es), {} thread(s)) into {}: {} mappings, {} fds, {:.1} MiB of pages, image {:.1} MiB",
                     report.pid,
+                    report.processes,
+                    report.threads,
                     report.dir.display(),
                     report.vmas,
                     report.fds,

@@ -66,6 +66,7 @@ impl FileTable {
         &mut self,
         pid: i32,
         shell_job: bool,
+        file_locks: bool,
         blobs: &mut Vec<Vec<u8>>,
     ) -> Result<Vec<pb::FdRef>, DumpError> {
         let mut out = Vec::new();
@@ -91,7 +92,28 @@ impl FileTable {
                     i
                 }
             };
-            out.push(pb::FdRef { fd, file: idx as u32, cloexec });
+            let mut r = pb::FdRef { fd, file: idx as u32, cloexec, posix_locks: Vec::new() };
+            for line in &info.locks {
+                let link = procfs::readlink(pid, &format!("fd/{fd}")).unwrap_or_default();
+                let lock = parse_lock(line)
+                    .map_err(|what| DumpError::Refused { pid, what: format!("fd {fd} ({link}): {what}") })?;
+                if !file_locks {
+                    return Err(DumpError::Refused {
+                        pid,
+                        what: format!(
+                            "fd {fd} ({link}) holds a file lock ({line}); pass --file-locks to dump it with its locks"
+                        ),
+                    });
+                }
+                if lock.kind == LOCK_POSIX {
+                    if !r.posix_locks.contains(&lock) {
+                        r.posix_locks.push(lock);
+                    }
+                } else if !self.files[idx].locks.contains(&lock) {
+                    self.files[idx].locks.push(lock);
+                }
+            }
+            out.push(r);
         }
         // Epoll registrations name descriptor numbers of this process.
         for (i, (opid, ofd, _)) in self.owners.iter().enumerate() {
@@ -144,9 +166,6 @@ impl FileTable {
     ) -> Result<pb::FileDesc, DumpError> {
         let link = procfs::readlink(pid, &format!("fd/{fd}")).map_err(proc_err(pid, "fd"))?;
         let refuse = |what: String| DumpError::Refused { pid, what: format!("fd {fd} ({link}): {what}") };
-        if let Some(lock) = &info.lock {
-            return Err(refuse(format!("it holds a file lock ({lock}); file locks are not supported yet")));
-        }
         let flags = info.flags & !(libc::O_CLOEXEC as u32);
         if link.contains("io_uring") {
             return Err(refuse("io_uring instances cannot be checkpointed".into()));
@@ -253,6 +272,40 @@ impl FileTable {
         }
         Ok(())
     }
+}
+
+pub const LOCK_POSIX: i32 = 1;
+pub const LOCK_FLOCK: i32 = 2;
+pub const LOCK_OFD: i32 = 3;
+
+/// Parses a lock line from fdinfo ("1: FLOCK  ADVISORY  WRITE 123 00:1f:456 0 EOF").
+fn parse_lock(line: &str) -> Result<pb::FileLock, String> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 8 {
+        return Err(format!("cannot parse lock line {line:?}"));
+    }
+    let kind = match f[1] {
+        "POSIX" => LOCK_POSIX,
+        "FLOCK" => LOCK_FLOCK,
+        "OFDLCK" => LOCK_OFD,
+        other => return Err(format!("{other} locks (leases, delegations) cannot be checkpointed")),
+    };
+    if f[2] != "ADVISORY" {
+        return Err(format!("{} locks are not supported", f[2]));
+    }
+    let write = match f[3] {
+        "WRITE" => true,
+        "READ" => false,
+        other => return Err(format!("lock type {other} is not supported")),
+    };
+    let start: u64 = f[6].parse().map_err(|_| format!("cannot parse lock start in {line:?}"))?;
+    let len = if f[7] == "EOF" {
+        0
+    } else {
+        let end: u64 = f[7].parse().map_err(|_| format!("cannot parse lock end in {line:?}"))?;
+        end.saturating_sub(start) + 1
+    };
+    Ok(pb::FileLock { kind, write, start, len })
 }
 
 /// A process outside `tree` holding a descriptor whose link is `link`.

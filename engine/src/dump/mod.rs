@@ -12,7 +12,7 @@ mod freeze;
 mod memory;
 mod parasite;
 
-pub use files::simple_device;
+pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX};
 pub use memory::is_vdso_part;
 
 use crate::image::{ImageError, ImageWriter};
@@ -32,6 +32,8 @@ pub struct DumpOptions {
     pub dir: PathBuf,
     pub leave_running: bool,
     pub shell_job: bool,
+    /// Dump flock/POSIX/OFD locks (without it a held lock is refused).
+    pub file_locks: bool,
     pub force: bool,
 }
 
@@ -393,7 +395,7 @@ fn collect_process(
         source,
     })?;
     let vmas = memory::classify(pid, &maps, shmem)?;
-    let fds = files.collect(pid, opts.shell_job, blobs)?;
+    let fds = files.collect(pid, opts.shell_job, opts.file_locks, blobs)?;
     let mut p = build_process(pid, pre, opts, &sf, &par)?;
     p.ppid = ppid;
     p.threads = threads;

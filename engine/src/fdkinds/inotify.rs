@@ -150,9 +150,10 @@ fn find_path(m: &Mark, dev: u64) -> Result<String, String> {
     cands.sort_by_key(|x| x.root != "/");
     let mut why = String::new();
     for c in &cands {
+        // open_by_handle_at wants a real (not O_PATH) descriptor here.
         let mfd = match std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&c.point)
         {
             Ok(f) => f,

@@ -106,7 +106,7 @@ fn settle(pid: i32, fd: i32) -> Result<State, String> {
 pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
     let mut st = parse(ctx.fdinfo)?;
     if st.unsettled() {
-        match Err::<State, String>("disabled".into()) {
+        match settle(ctx.pid, ctx.fd) {
             Ok(s) => st = s,
             Err(e) => tracing::warn!(
                 pid = ctx.pid,

@@ -44,9 +44,10 @@ impl Tree {
     pub fn finish(mut self, img: &ImageReader, pre: &Preflight) -> Result<i32, RestoreError> {
         let files = OpenFiles::open(img, pre, &self.shm.objects)?;
         let procs = &img.manifest.processes;
+        let mut locked = std::collections::HashSet::new();
         for (stub, p) in self.procs.iter_mut().zip(procs) {
             if !p.zombie {
-                stub.finish_process(p, &files, &self.shm.sender)?;
+                stub.finish_process(p, &files, &self.shm.sender, &img.manifest.files, &mut locked)?;
             }
         }
         drop(files);
@@ -107,6 +108,8 @@ impl Stub {
         p: &pb::Process,
         files: &OpenFiles,
         sock: &std::os::fd::OwnedFd,
+        descs: &[pb::FileDesc],
+        locked: &mut std::collections::HashSet<u32>,
     ) -> Result<(), RestoreError> {
         let pid = self.pid;
         let sc = self.scratch;
@@ -121,6 +124,45 @@ impl Stub {
         })?;
         self.set_mm(p)?;
         files::install(self, &p.fds, files, sock)?;
+        for r in &p.fds {
+            // flock and OFD locks belong to the description: taken once, by its first holder.
+            let desc_locks = descs.get(r.file as usize).map(|d| d.locks.as_slice()).unwrap_or(&[]);
+            if !desc_locks.is_empty() && locked.insert(r.file) {
+                for l in desc_locks {
+                    let res = if l.kind == crate::dump::LOCK_FLOCK {
+                        let op = if l.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+                        self.leader().raw(libc::SYS_flock, [r.fd as u64, op as u64, 0, 0, 0, 0])?
+                    } else {
+                        self.leader().write_mem(sc, &task::flock_struct(l.write, l.start, l.len))?;
+                        self.leader().raw(libc::SYS_fcntl, [r.fd as u64, libc::F_OFD_SETLK as u64, sc, 0, 0, 0])?
+                    };
+                    if res < 0 {
+                        return Err(RestoreError::Refused {
+                            what: format!(
+                                "pid {} cannot take back its lock on fd {} ({}); another process holds a conflicting lock",
+                                p.pid,
+                                r.fd,
+                                std::io::Error::from_raw_os_error(-res as i32)
+                            ),
+                        });
+                    }
+                }
+            }
+            for l in &r.posix_locks {
+                self.leader().write_mem(sc, &task::flock_struct(l.write, l.start, l.len))?;
+                let res = self.leader().raw(libc::SYS_fcntl, [r.fd as u64, libc::F_SETLK as u64, sc, 0, 0, 0])?;
+                if res < 0 {
+                    return Err(RestoreError::Refused {
+                        what: format!(
+                            "pid {} cannot take back its POSIX lock on fd {} ({}); another process holds a conflicting lock",
+                            p.pid,
+                            r.fd,
+                            std::io::Error::from_raw_os_error(-res as i32)
+                        ),
+                    });
+                }
+            }
+        }
         for r in &p.rlimits {
             task::set_rlimit(pid, r.resource, r.cur, r.max).map_err(|source| RestoreError::Stub {
                 pid,

@@ -246,3 +246,35 @@ pub fn pidfd_getfd(pidfd: &impl std::os::fd::AsRawFd, fd: i32) -> io::Result<std
     // SAFETY: pidfd_getfd succeeded, so `r` is a fresh descriptor we own.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
+
+/// Kernel struct flock (x86_64).
+#[repr(C)]
+#[derive(Default)]
+struct Flock {
+    l_type: i16,
+    l_whence: i16,
+    l_start: i64,
+    l_len: i64,
+    l_pid: i32,
+}
+const _: () = assert!(std::mem::size_of::<Flock>() == 32);
+
+/// Encodes a struct flock for F_SETLK (SEEK_SET based), for injection.
+pub fn flock_struct(write: bool, start: u64, len: u64) -> Vec<u8> {
+    let f = Flock {
+        l_type: if write { libc::F_WRLCK as i16 } else { libc::F_RDLCK as i16 },
+        l_whence: libc::SEEK_SET as i16,
+        l_start: start as i64,
+        l_len: len as i64,
+        l_pid: 0,
+    };
+    let mut v = Vec::with_capacity(32);
+    v.extend_from_slice(&f.l_type.to_le_bytes());
+    v.extend_from_slice(&f.l_whence.to_le_bytes());
+    v.extend_from_slice(&[0u8; 4]);
+    v.extend_from_slice(&f.l_start.to_le_bytes());
+    v.extend_from_slice(&f.l_len.to_le_bytes());
+    v.extend_from_slice(&f.l_pid.to_le_bytes());
+    v.extend_from_slice(&[0u8; 4]);
+    v
+}
