@@ -49,13 +49,16 @@ pub struct Injector {
     pub count: u64,
     /// Signals that stopped the task during injection (SIGKILL/SIGSTOP cannot be blocked).
     pub swallowed: Vec<i32>,
+    /// The pid (in floe's namespace) of the task the last injected
+    /// fork/clone created, from its ptrace event.
+    pub last_child: Option<i32>,
 }
 
 impl Injector {
     /// `base` supplies the registers not used for arguments (segment
     /// registers, flags); `gadget` is the address of a `syscall` instruction.
     pub fn new(pid: i32, base: UserRegs, gadget: u64) -> Self {
-        Self { pid, base, gadget, count: 0, swallowed: Vec::new() }
+        Self { pid, base, gadget, count: 0, swallowed: Vec::new(), last_child: None }
     }
 
     pub fn pid(&self) -> i32 {
@@ -131,7 +134,14 @@ impl Injector {
                     self.swallowed.push(sig);
                     ptrace::syscall(pid, 0).map_err(pt("syscall", pid))?;
                 }
-                Stop::Event | Stop::OtherEvent(_) => {
+                Stop::OtherEvent(ev) => {
+                    // PTRACE_EVENT_FORK (1), VFORK (2), CLONE (3).
+                    if (1..=3).contains(&ev) {
+                        self.last_child = ptrace::event_msg(pid).ok().map(|m| m as i32);
+                    }
+                    ptrace::syscall(pid, 0).map_err(pt("syscall", pid))?;
+                }
+                Stop::Event => {
                     ptrace::syscall(pid, 0).map_err(pt("syscall", pid))?;
                 }
             }

@@ -59,6 +59,9 @@ enum Cmd {
         /// Attach the process's terminal descriptors to floe's terminal.
         #[arg(long)]
         shell_job: bool,
+        /// Restore into a new pid namespace, so the image's pids need not be free here.
+        #[arg(short = 'n', long = "new-pidns")]
+        new_pidns: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -130,16 +133,18 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Restore { dir, restore_detached, shell_job, json } => {
-            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job };
+        Cmd::Restore { dir, restore_detached, shell_job, new_pidns, json } => {
+            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job, new_pidns };
             let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()))?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if restore_detached {
                 let t = &report.timings;
                 println!(
-                    "restored pid {} ({:.1} MiB of pages): create {:.1} ms, pages {:.1} ms, finish {:.1} ms, total {:.1} ms",
+                    "restored pid {}{} ({} process(es), {:.1} MiB of pages): create {:.1} ms, pages {:.1} ms, finish {:.1} ms, total {:.1} ms",
                     report.pid,
+                    if report.host_pid != report.pid { format!(" (pid {} outside its new pid namespace)", report.host_pid) } else { String::new() },
+                    report.processes,
                     report.page_bytes as f64 / 1048576.0,
                     t.create_ms,
                     t.pages_ms,
@@ -150,7 +155,7 @@ fn run(cli: Cli) -> Result<i32> {
             if restore_detached {
                 return Ok(0);
             }
-            let code = restore::wait_exit(report.pid)?;
+            let code = restore::wait_exit(report.wait_pid)?;
             Ok(code)
         }
         Cmd::Inspect { dir, json } => {

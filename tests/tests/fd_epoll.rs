@@ -106,11 +106,21 @@ fn epoll_round_trip() {
         ("os3_before", "0"),
         ("os3_mod", "0"),
         ("os3_fires", "1"),
+        ("excl_fires", "1"),
         ("del_dup", "0"),
         ("add_dup", "0"),
     ];
     for (k, v) in expect {
         assert_eq!(before.get(k).map(String::as_str), Some(v), "original fd_epoll: {k} in {before:#?}");
+    }
+    // Modes as the kernel keeps them: LT 0x19 (EPOLLIN|ERR|HUP), ET, fired
+    // oneshot (only EPOLLONESHOT left), armed oneshot, EPOLLEXCLUSIVE.
+    let items = &before["outer_items"];
+    for needle in [":19:1111222233334444", ":80000019:2222000000000002", ":40000000:3333000000000003"] {
+        assert!(items.contains(needle), "original outer_items {items} lacks {needle}");
+    }
+    for needle in [":40000019:4444000000000004", ":10000019:7777000000000007", "40:19:1111222233334445"] {
+        assert!(items.contains(needle), "original outer_items {items} lacks {needle}");
     }
     let after = h.round_trip(&td, &before);
     for (k, v) in expect {

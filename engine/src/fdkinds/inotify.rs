@@ -76,7 +76,7 @@ pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
             return Err(format!("watch descriptor {} is too high to reproduce (at most {MAX_WD})", m.wd));
         }
         let dev = libc::makedev(m.sdev >> 20, m.sdev & 0xf_ffff);
-        let path = find_path(&m, dev).map_err(|why| {
+        let path = find_path(&m, dev, ctx.pid).map_err(|why| {
             format!(
                 "watch {} (mask {:#x}) is on inode {} of device {}:{} which cannot be found: {why}",
                 m.wd,
@@ -137,19 +137,55 @@ fn mounts() -> Result<Vec<Mount>, String> {
         .collect())
 }
 
-/// The path of the watched object: its file handle opened through a mount
-/// of its filesystem, checked to name the same (device, inode).
-fn find_path(m: &Mark, dev: u64) -> Result<String, String> {
-    let (htype, handle) = m.handle.as_ref().ok_or("its filesystem does not give file handles")?;
+/// Whether `path` (not following a final symlink) is inode `ino` on `dev`.
+fn names(path: &str, dev: u64, ino: u64) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|st| st.dev() == dev && st.ino() == ino)
+}
+
+/// The path of the watched object of process `pid`: its file handle opened
+/// through a mount of its filesystem; failing that, a mount point or a
+/// descriptor, cwd or root of the process that is that object. Every answer
+/// is checked to name the same (device, inode) from floe.
+fn find_path(m: &Mark, dev: u64, pid: i32) -> Result<String, String> {
     let (major, minor) = (m.sdev >> 20, m.sdev & 0xf_ffff);
-    let mut cands: Vec<Mount> = mounts()?.into_iter().filter(|x| x.major == major && x.minor == minor).collect();
-    if cands.is_empty() {
-        return Err("floe sees no mount of that filesystem".into());
-    }
+    let mut mounts: Vec<Mount> = mounts()?.into_iter().filter(|x| x.major == major && x.minor == minor).collect();
     // Mounts of the filesystem's root first: any object is reachable there.
-    cands.sort_by_key(|x| x.root != "/");
+    mounts.sort_by_key(|x| x.root != "/");
+    let why = match &m.handle {
+        Some((htype, handle)) => match by_handle(&mounts, *htype, handle, dev, m.ino) {
+            Ok(p) => return Ok(p),
+            Err(why) => why,
+        },
+        None => "its filesystem gives no file handle".to_string(),
+    };
+    if let Some(c) = mounts.iter().find(|c| names(&c.point, dev, m.ino)) {
+        return Ok(c.point.clone());
+    }
+    let mut places = vec!["cwd".to_string(), "root".to_string()];
+    places.extend(crate::procfs::fds(pid).unwrap_or_default().iter().map(|fd| format!("fd/{fd}")));
+    for place in places {
+        let held = crate::procfs::path(pid, &place);
+        if !std::fs::metadata(&held).is_ok_and(|st| st.dev() == dev && st.ino() == m.ino) {
+            continue;
+        }
+        if let Ok(link) = crate::procfs::readlink(pid, &place) {
+            if names(&link, dev, m.ino) {
+                return Ok(link);
+            }
+        }
+    }
+    Err(why)
+}
+
+/// The path of a file handle's object, through one of `mounts`.
+fn by_handle(mounts: &[Mount], htype: i32, handle: &[u8], dev: u64, ino: u64) -> Result<String, String> {
+    /// FILEID_INO64_GEN(_PARENT): handles of filesystems that cannot decode them.
+    const UNDECODABLE: [i32; 2] = [0x81, 0x82];
+    if mounts.is_empty() {
+        return Err("floe sees no mount of its filesystem".into());
+    }
     let mut why = String::new();
-    for c in &cands {
+    for c in mounts {
         // open_by_handle_at wants a real (not O_PATH) descriptor here.
         let mfd = match std::fs::OpenOptions::new()
             .read(true)
@@ -162,8 +198,11 @@ fn find_path(m: &Mark, dev: u64) -> Result<String, String> {
                 continue;
             }
         };
-        let obj = match fd_epoll::open_by_handle(&mfd, *htype, handle) {
+        let obj = match fd_epoll::open_by_handle(&mfd, htype, handle) {
             Ok(o) => o,
+            Err(e) if UNDECODABLE.contains(&htype) || e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                return Err("its filesystem cannot open file handles".into())
+            }
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) => return Err("it was deleted".into()),
             Err(e) => {
                 why = format!("open_by_handle_at failed ({e})");
@@ -177,12 +216,13 @@ fn find_path(m: &Mark, dev: u64) -> Result<String, String> {
                 continue;
             }
         };
-        match std::fs::symlink_metadata(&link) {
-            Ok(st) if st.dev() == dev && st.ino() == m.ino => return Ok(link),
-            _ if link.ends_with(" (deleted)") => return Err("it was deleted".into()),
-            Ok(_) => why = format!("its path {link} names another file now"),
-            Err(e) => why = format!("its path {link} cannot be reached ({e})"),
+        if names(&link, dev, ino) {
+            return Ok(link);
         }
+        if link.ends_with(" (deleted)") {
+            return Err("it was deleted".into());
+        }
+        why = format!("its path {link} names another file now (or cannot be reached)");
     }
     Err(why)
 }

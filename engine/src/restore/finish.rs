@@ -268,7 +268,7 @@ impl Stub {
         }
         let vmas = p.vmas.clone();
         for (i, th) in p.threads.iter().enumerate() {
-            let tid = th.tid;
+            let tid = self.threads[i].pid();
             let mut regs = regs_from_bytes(&th.gpregs);
             resume_sleep_remaining(&mut self.threads[i], &mut regs, &vmas);
             restart_fixup(&mut regs);
@@ -365,7 +365,8 @@ impl Stub {
         }
         let sig = i32::from_le_bytes([siginfo[0], siginfo[1], siginfo[2], siginfo[3]]) as u64;
         let sc = self.scratch;
-        let pid = self.pid as u64;
+        // Injected: the process names itself by the pid it sees.
+        let pid = self.vpid as u64;
         self.leader().write_mem(sc, siginfo)?;
         match thread {
             Some(tid) => self.leader().call(libc::SYS_rt_tgsigqueueinfo, [pid, tid as u64, sig, sc, 0, 0])?,

@@ -32,12 +32,35 @@ pub struct Tree {
     pub(crate) procs: Vec<Stub>,
     finished: bool,
     pub(crate) shm: stub::Shmem,
+    /// The new pid namespace's init (floe's child) under `restore -n`.
+    pub ns_init: Option<i32>,
 }
 
 impl Tree {
     /// Stage a: creates every process and thread, stopped, with its address
     /// space mapped but not filled.
     pub fn create(m: &pb::Manifest, pre: &Preflight) -> Result<Self, RestoreError> {
+        let ns_init = if pre.new_pidns {
+            let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
+            Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
+                pid: root,
+                op: "creating a new pid namespace (needs CAP_SYS_ADMIN)".into(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let r = Self::create_in(m, pre, ns_init);
+        if r.is_err() {
+            if let Some(init) = ns_init {
+                let _ = crate::sys::task::kill(init, libc::SIGKILL);
+                let _ = crate::sys::ptrace::wait(init);
+            }
+        }
+        r
+    }
+
+    fn create_in(m: &pb::Manifest, pre: &Preflight, ns_init: Option<i32>) -> Result<Self, RestoreError> {
         let scratch = stub::choose_scratch(m, pre)?;
         let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
         let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
@@ -46,7 +69,8 @@ impl Tree {
             source,
         })?;
         let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
-        let mut tree = Tree { procs: vec![Stub::create_root(root.pid, pre, scratch)?], finished: false, shm };
+        let mut tree =
+            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
         tree.set_session(0, root)?;
         for p in &m.processes[1..] {
             let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
@@ -92,8 +116,10 @@ impl Tree {
         Ok(())
     }
 
-    fn index_of(&self, pid: i32) -> Option<usize> {
-        self.procs.iter().position(|s| s.pid == pid)
+    /// Index of the process whose pid (as the image and the restored
+    /// processes see it) is `vpid`.
+    fn index_of(&self, vpid: i32) -> Option<usize> {
+        self.procs.iter().position(|s| s.vpid == vpid)
     }
 
     /// The root process's pid.
@@ -101,7 +127,7 @@ impl Tree {
         self.procs.first().map(|s| s.pid).unwrap_or(0)
     }
 
-    /// Stage b: copies `data` into process `pid` at `ranges` (in order).
+    /// Stage b: copies `data` into process `pid` (the image's pid) at `ranges` (in order).
     pub fn write_pages(
         &mut self,
         pid: i32,
@@ -134,6 +160,8 @@ use std::time::Instant;
 pub struct RestoreOptions {
     pub dir: PathBuf,
     pub shell_job: bool,
+    /// Restore into a new pid namespace (the image's pids need not be free).
+    pub new_pidns: bool,
 }
 
 /// Per-phase timings of a restore, in milliseconds.
@@ -150,6 +178,10 @@ pub struct RestoreTimings {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
     pub pid: i32,
+    /// The root's pid as seen from floe (differs from `pid` under `-n`).
+    pub host_pid: i32,
+    /// What to wait for to learn the root's exit status (the namespace's init under `-n`).
+    pub wait_pid: i32,
     pub processes: usize,
     pub page_bytes: u64,
     pub timings: RestoreTimings,
@@ -212,11 +244,20 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let page_bytes = load_pages(&img, &mut tree)?;
     timings.pages_ms = ms(t);
     let t = Instant::now();
-    let pid = tree.finish(&img, &pre)?;
+    let ns_init = tree.ns_init;
+    let host_pid = tree.finish(&img, &pre)?;
+    let pid = img.root().pid;
     timings.finish_ms = ms(t);
     timings.total_ms = ms(t0);
     tracing::info!(pid, timings = ?timings, page_bytes, "restore complete");
-    Ok(RestoreReport { pid, processes: img.manifest.processes.len(), page_bytes, timings })
+    Ok(RestoreReport {
+        pid,
+        host_pid,
+        wait_pid: ns_init.unwrap_or(host_pid),
+        processes: img.manifest.processes.len(),
+        page_bytes,
+        timings,
+    })
 }
 
 /// Waits for a restored process (a child of the caller) to exit and returns

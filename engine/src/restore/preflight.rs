@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 /// What preflight learned that the later stages use.
 pub struct Preflight {
     pub pid: i32,
+    /// Restore into a new pid namespace.
+    pub new_pidns: bool,
     /// floe's descriptor that is a terminal, for `--shell-job`.
     pub terminal_fd: Option<i32>,
     /// This host's vdso block: (start, end) of [vdso] and the whole block.
@@ -132,13 +134,15 @@ impl Preflight {
         } else {
             None
         };
-        for p in &m.processes {
-            check_pid(p.pid)?;
-            for th in p.threads.iter().skip(1) {
-                check_pid(th.tid)?;
+        if !opts.new_pidns {
+            for p in &m.processes {
+                check_pid(p.pid)?;
+                for th in p.threads.iter().skip(1) {
+                    check_pid(th.tid)?;
+                }
             }
         }
-        Ok(Self { pid: root.pid, terminal_fd, host_vdso, host_block, host_parts })
+        Ok(Self { pid: root.pid, new_pidns: opts.new_pidns, terminal_fd, host_vdso, host_block, host_parts })
     }
 }
 

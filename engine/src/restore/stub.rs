@@ -29,7 +29,10 @@ pub(super) const STUB_OPTIONS: libc::c_int =
 
 /// One stopped process being rebuilt.
 pub struct Stub {
+    /// Pid in floe's namespace (ptrace, /proc).
     pub(super) pid: i32,
+    /// Pid as the process itself sees it (the image's pid).
+    pub(super) vpid: i32,
     /// Leader first, then the other threads once created.
     pub(super) threads: Vec<Injector>,
     pub(super) scratch: u64,
@@ -74,9 +77,17 @@ impl Stub {
     }
 
     /// Creates the root stub as floe's child with `pid` and empties it.
-    pub(super) fn create_root(pid: i32, pre: &Preflight, scratch: u64) -> Result<Self, RestoreError> {
-        let child = spawn_with_pid(pid)?;
-        let mut stub = Self { pid: child, threads: Vec::new(), scratch: 0, inst_sock: None };
+    pub(super) fn create_root(
+        pid: i32,
+        pre: &Preflight,
+        scratch: u64,
+        ns_init: Option<i32>,
+    ) -> Result<Self, RestoreError> {
+        let child = match ns_init {
+            Some(init) => find_ns_root(init)?,
+            None => spawn_with_pid(pid)?,
+        };
+        let mut stub = Self { pid: child, vpid: pid, threads: Vec::new(), scratch: 0, inst_sock: None };
         // The caller's Tree owns the pid from here; but until pushed, clean up here on error.
         let r = (|| {
             ptrace::seize(child, STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
@@ -129,6 +140,7 @@ impl Stub {
             let gadget = self.threads[0].gadget();
             Ok(Stub {
                 pid: child,
+                vpid: pid,
                 threads: vec![Injector::new(child, base, gadget)],
                 scratch: self.scratch,
                 inst_sock: None,
@@ -167,9 +179,12 @@ impl Stub {
         }
         self.leader().write_mem(at, &args)?;
         self.leader().write_mem(tid_at, &want.to_le_bytes())?;
+        self.leader().last_child = None;
         let r = self.leader().raw(libc::SYS_clone3, [at, 88, 0, 0, 0, 0])?;
         match r {
-            r if r > 0 => Ok(r as i32),
+            // The syscall returns the pid inside the stub's namespace; ptrace
+            // reports the one floe sees (they differ under `restore -n`).
+            r if r > 0 => Ok(self.threads[0].last_child.unwrap_or(r as i32)),
             r if r == -(libc::EEXIST as i64) => {
                 Err(RestoreError::PidTaken { pid: want, owner: procfs::describe(want) })
             }
@@ -490,6 +505,33 @@ pub(super) fn kill_and_reap(pid: i32, tids: &[i32]) {
                 }
             }
         }
+    }
+}
+
+/// The restore stub created by a new namespace's init (its only child).
+fn find_ns_root(init: i32) -> Result<i32, RestoreError> {
+    let t = std::time::Instant::now();
+    loop {
+        if let Ok(kids) = procfs::children(init) {
+            if let Some(k) = kids.first() {
+                return Ok(*k);
+            }
+        }
+        if let Ok(Some(st)) = ptrace::try_wait(init) {
+            return Err(RestoreError::Stub {
+                pid: init,
+                op: format!("pid namespace init exited early ({st:?}); is the pid above kernel.pid_max?"),
+                source: std::io::Error::other("init exited"),
+            });
+        }
+        if t.elapsed() > std::time::Duration::from_secs(5) {
+            return Err(RestoreError::Stub {
+                pid: init,
+                op: "waiting for the pid namespace init to create the stub".into(),
+                source: std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

@@ -158,7 +158,7 @@ pub fn add_at_numbers(ep: BorrowedFd<'_>, regs: &[Registration]) -> Result<(), (
     }
     let ep_raw = ep.as_raw_fd();
     let res = std::thread::scope(|s| {
-        s.spawn(|| -> Result<(), (Option<usize>, io::Error)> {
+        let worker = std::thread::Builder::new().name("floe-epoll".into()).spawn_scoped(s, || {
             // SAFETY: plain syscall with an integer argument; from here on this
             // thread has its own descriptor table, so the numbers below are
             // private to it and released when the thread exits.
@@ -183,10 +183,12 @@ pub fn add_at_numbers(ep: BorrowedFd<'_>, regs: &[Registration]) -> Result<(), (
                 cvt(d as libc::c_long).map_err(|e| (Some(i), e))?;
                 epoll_add_raw(ep_high, r.tfd, r.events, r.data).map_err(|e| (Some(i), e))?;
             }
-            Ok(())
-        })
-        .join()
-        .unwrap_or_else(|_| Err((None, io::Error::other("registration thread panicked"))))
+            Ok::<(), (Option<usize>, io::Error)>(())
+        });
+        match worker {
+            Ok(w) => w.join().unwrap_or_else(|_| Err((None, io::Error::other("registration thread panicked")))),
+            Err(e) => Err((None, e)),
+        }
     });
     if raised {
         let _ = set_rlimit_nofile(&old);

@@ -288,3 +288,13 @@ pub fn seccomp_filters(tid: i32) -> io::Result<Vec<(Vec<u8>, u64)>> {
     out.reverse();
     Ok(out)
 }
+
+/// PTRACE_GETEVENTMSG: for a fork/clone event stop, the new task's pid in
+/// the tracer's pid namespace.
+pub fn event_msg(pid: i32) -> io::Result<u64> {
+    let mut msg: libc::c_ulong = 0;
+    // SAFETY: the kernel writes one unsigned long into `msg`.
+    let r = unsafe { libc::ptrace(libc::PTRACE_GETEVENTMSG, pid, 0usize, &mut msg as *mut libc::c_ulong) };
+    cvt(r)?;
+    Ok(msg as u64)
+}

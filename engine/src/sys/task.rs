@@ -278,3 +278,61 @@ pub fn flock_struct(write: bool, start: u64, len: u64) -> Vec<u8> {
     v.extend_from_slice(&[0u8; 4]);
     v
 }
+
+/// Creates the init of a new pid namespace (pid 1 inside) which in turn
+/// creates the restore stub with pid `root` inside the namespace, then reaps
+/// children until none is left and exits with the stub's exit code.
+/// Returns the init's pid in floe's namespace.
+///
+/// Both children run only raw syscalls, so this is safe to call from a
+/// multi-threaded process.
+pub fn spawn_ns_init(root: i32) -> io::Result<i32> {
+    let args = CloneArgs { flags: libc::CLONE_NEWPID as u64, exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+    let tid: [i32; 1] = [root];
+    let root_args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: as in spawn_stub: no CLONE_VM, so the child has its own copy
+    // of the argument structs; the child branch uses raw syscalls only and
+    // never returns.
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if r == 0 {
+        // SAFETY: child (pid 1 of the new namespace): raw syscalls only, never returns.
+        unsafe {
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+            let stub =
+                libc::syscall(libc::SYS_clone3, &root_args as *const CloneArgs, std::mem::size_of::<CloneArgs>());
+            if stub == 0 {
+                libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                loop {
+                    libc::syscall(libc::SYS_pause);
+                }
+            }
+            if stub < 0 {
+                libc::syscall(libc::SYS_exit_group, 127);
+            }
+            let mut code: libc::c_long = 0;
+            loop {
+                let mut status: libc::c_int = 0;
+                let w = libc::syscall(libc::SYS_wait4, -1, &mut status as *mut libc::c_int, libc::__WALL, 0usize);
+                if w < 0 {
+                    if *libc::__errno_location() == libc::EINTR {
+                        continue;
+                    }
+                    libc::syscall(libc::SYS_exit_group, code);
+                }
+                if w == stub {
+                    code = if libc::WIFEXITED(status) {
+                        libc::WEXITSTATUS(status) as libc::c_long
+                    } else {
+                        128 + libc::WTERMSIG(status) as libc::c_long
+                    };
+                }
+            }
+        }
+    }
+    cvt(r).map(|p| p as i32)
+}
