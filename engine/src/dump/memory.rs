@@ -275,6 +275,34 @@ pub struct PageSink {
     offset: u64,
     allocated: usize,
     page_bytes: u64,
+    /// Detect pages a child still shares copy-on-write with its parent (same
+    /// physical frame at the same address) and store them once.
+    share_cow: bool,
+    /// Runs stored so far, by (vaddr, pages): their frames, offset and checksum.
+    stored: std::collections::HashMap<(u64, u64), Vec<StoredRun>>,
+}
+
+/// A stored run's physical frames, file offset and checksum.
+type StoredRun = (Vec<u64>, u64, Vec<u8>);
+
+/// Physical frame numbers of `pages` pages at `vaddr` (0 where unknown).
+fn frames(pagemap: &File, vaddr: u64, pages: u64) -> Vec<u64> {
+    let mut buf = vec![0u8; (pages * 8) as usize];
+    if pagemap.read_exact_at(&mut buf, vaddr / PAGE * 8).is_err() {
+        return vec![0; pages as usize];
+    }
+    buf.chunks_exact(8)
+        .map(|c| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            let e = u64::from_le_bytes(a);
+            if e & (1 << 63) != 0 {
+                e & ((1 << 55) - 1)
+            } else {
+                0
+            }
+        })
+        .collect()
 }
 
 impl PageSink {
@@ -299,7 +327,14 @@ impl PageSink {
             offset: crate::image::PAGES_DATA_OFFSET,
             allocated: 0,
             page_bytes: 0,
+            share_cow: false,
+            stored: std::collections::HashMap::new(),
         })
+    }
+
+    /// Turns on copy-on-write sharing detection (for trees of processes).
+    pub fn share_cow(&mut self, on: bool) {
+        self.share_cow = on;
     }
 
     fn join_writer(&mut self, pid: i32) -> Result<File, DumpError> {
@@ -324,9 +359,36 @@ impl PageSink {
 
     /// Copies the data pages of one process.
     pub fn dump_process(&mut self, pid: i32, vmas: &[VmaPlan]) -> Result<Vec<pb::PageRun>, DumpError> {
-        let runs = plan_runs(pid, vmas)?;
+        let mut runs = plan_runs(pid, vmas)?;
         let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
         let mut out_runs = Vec::with_capacity(runs.len());
+        // Pages still shared copy-on-write with an already dumped process
+        // point at the data stored for it.
+        let mut run_frames: Vec<Vec<u64>> = Vec::new();
+        if self.share_cow {
+            let pagemap = File::open(procfs::path(pid, "pagemap")).map_err(proc_err(pid, "pagemap"))?;
+            let mut keep = Vec::with_capacity(runs.len());
+            for r in runs {
+                let f = frames(&pagemap, r.vaddr, r.len / PAGE);
+                let hit = (!f.contains(&0))
+                    .then(|| self.stored.get(&(r.vaddr, r.len / PAGE)))
+                    .flatten()
+                    .and_then(|v| v.iter().find(|(pf, _, _)| *pf == f));
+                match hit {
+                    Some((_, off, hash)) => out_runs.push(pb::PageRun {
+                        vaddr: r.vaddr,
+                        nr_pages: r.len / PAGE,
+                        file_offset: *off,
+                        blake3: hash.clone(),
+                    }),
+                    None => {
+                        keep.push(r);
+                        run_frames.push(f);
+                    }
+                }
+            }
+            runs = keep;
+        }
         let (mut t_read, mut t_hash, mut t_wait) = (0f64, 0f64, 0f64);
         let mut i = 0usize;
         while i < runs.len() {
@@ -364,14 +426,24 @@ impl PageSink {
             t_read += t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
             let mut o = 0usize;
-            for r in &runs[i..j] {
+            for (k, r) in runs[i..j].iter().enumerate() {
                 let data = &buf[o..o + r.len as usize];
-                out_runs.push(pb::PageRun {
+                let run = pb::PageRun {
                     vaddr: r.vaddr,
                     nr_pages: r.len / PAGE,
                     file_offset: self.offset + o as u64,
                     blake3: blake3::hash(data).as_bytes().to_vec(),
-                });
+                };
+                if let Some(f) = run_frames.get_mut(i + k) {
+                    if !f.contains(&0) {
+                        self.stored.entry((r.vaddr, r.len / PAGE)).or_default().push((
+                            std::mem::take(f),
+                            run.file_offset,
+                            run.blake3.clone(),
+                        ));
+                    }
+                }
+                out_runs.push(run);
                 o += r.len as usize;
             }
             t_hash += t.elapsed().as_secs_f64();

@@ -241,6 +241,7 @@ fn dump_frozen(
     let t_mem = Instant::now();
     let pages = writer.open_pages()?;
     let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
+    sink.share_cow(processes.len() > 1);
     for (p, vmas) in processes.iter_mut().zip(&plans) {
         if !p.zombie {
             p.page_runs = sink.dump_process(p.pid, vmas)?;
@@ -331,7 +332,10 @@ fn collect_process(
     }
     let mut timers = posix_timers(pid)?;
     let ids: Vec<i32> = timers.iter().map(|t| t.id).collect();
-    let par = parasite::collect(&mut injs, &masks, &ids)?;
+    // Caught and ignored signals, plus SIGCHLD whose flags matter even with SIG_DFL.
+    let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
+    let sig_query = st.sig_cgt | st.sig_ign | (1 << (libc::SIGCHLD - 1));
+    let par = parasite::collect(&mut injs, &masks, &ids, sig_query)?;
     for (t, (value, interval)) in timers.iter_mut().zip(&par.timers) {
         t.value_ns = *value;
         t.interval_ns = *interval;

@@ -37,7 +37,14 @@ fn u64_at(b: &[u8], off: usize) -> u64 {
 
 /// Runs the queries. `injs[0]` is the thread-group leader; `masks` are
 /// the threads' signal masks, put back afterwards.
-pub fn collect(injs: &mut [Injector], masks: &[u64], timer_ids: &[i32]) -> Result<Collected, DumpError> {
+/// `sig_query` has a bit set for each signal whose disposition to read
+/// (signals with the default action and no flags need no syscall).
+pub fn collect(
+    injs: &mut [Injector],
+    masks: &[u64],
+    timer_ids: &[i32],
+    sig_query: u64,
+) -> Result<Collected, DumpError> {
     // Keep every signal pending (not delivered) while we work.
     for inj in injs.iter() {
         let pid = inj.pid();
@@ -48,7 +55,7 @@ pub fn collect(injs: &mut [Injector], masks: &[u64], timer_ids: &[i32]) -> Resul
         // MAP_SHARED anonymous memory never merges with the process's own mappings.
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
         let scratch = injs[0].call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
-        let out = query(injs, scratch, timer_ids);
+        let out = query(injs, scratch, timer_ids, sig_query);
         let unmap = injs[0].call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
         let out = out?;
         unmap?;
@@ -81,7 +88,7 @@ fn thread_query(inj: &mut Injector, scratch: u64) -> Result<ThreadExtra, DumpErr
     Ok(ThreadExtra { altstack, clear_child_tid: u64_at(&buf, 0) })
 }
 
-fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32]) -> Result<Collected, DumpError> {
+fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32], sig_query: u64) -> Result<Collected, DumpError> {
     let mut threads = Vec::with_capacity(injs.len());
     for inj in injs.iter_mut() {
         threads.push(thread_query(inj, scratch)?);
@@ -97,7 +104,7 @@ fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32]) -> Result<Colle
     }
     let mut sigactions = Vec::new();
     for sig in 1..=64u32 {
-        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
+        if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 || sig_query & (1 << (sig - 1)) == 0 {
             continue;
         }
         inj.call(libc::SYS_rt_sigaction, [sig as u64, 0, scratch, 8, 0, 0])?;
