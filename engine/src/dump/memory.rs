@@ -134,10 +134,14 @@ pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Res
             v.name = m.path.clone();
             scan = Some(anon_private);
         } else if m.shared
-            && (m.path == "/dev/zero (deleted)" || m.path.starts_with("[anon_shmem:") || m.path.starts_with("/memfd:"))
+            && (m.path == "/dev/zero (deleted)"
+                || m.path.starts_with("[anon_shmem:")
+                || m.path.starts_with("/memfd:")
+                || m.path.starts_with("/SYSV"))
         {
             v.kind = pb::VmaKind::AnonShared as i32;
             v.name = m.path.clone();
+            v.sysv = m.path.starts_with("/SYSV");
             let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
             let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
             v.shmem_id = meta.ino();
@@ -157,7 +161,7 @@ pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Res
         } else if m.path.starts_with('/') {
             if m.path.ends_with(" (deleted)") {
                 let what = if m.path.starts_with("/SYSV") {
-                    "System V shared memory is not supported yet"
+                    "private attachments of System V shared memory are not supported"
                 } else if m.path.starts_with("/memfd:") {
                     "private mappings of a memfd are not supported yet"
                 } else {
@@ -521,4 +525,42 @@ fn read_batch(pid: i32, mem_file: &File, runs: &[RunPlan], buf: &mut [u8]) -> Re
         k = e;
     }
     Ok(())
+}
+
+/// The System V segments (from /proc/sysvipc/shm) whose ids are in `ids`.
+pub fn sysv_segments(ids: &std::collections::BTreeSet<u64>) -> Result<Vec<pb::SysvShm>, DumpError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string("/proc/sysvipc/shm").map_err(|source| DumpError::Proc {
+        pid: 0,
+        path: "/proc/sysvipc/shm".into(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 9 {
+            continue;
+        }
+        let shmid: u64 = f[1].parse().unwrap_or(u64::MAX);
+        if !ids.contains(&shmid) {
+            continue;
+        }
+        out.push(pb::SysvShm {
+            key: f[0].parse::<i64>().unwrap_or(0) as i32,
+            shmid: shmid as i32,
+            mode: u32::from_str_radix(f[2], 8).unwrap_or(0o600),
+            size: f[3].parse().unwrap_or(0),
+            uid: f[7].parse().unwrap_or(0),
+            gid: f[8].parse().unwrap_or(0),
+        });
+    }
+    if out.len() != ids.len() {
+        return Err(DumpError::Refused {
+            pid: 0,
+            what: "a System V shared memory segment vanished while dumping".into(),
+        });
+    }
+    Ok(out)
 }

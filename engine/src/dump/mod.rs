@@ -254,6 +254,9 @@ fn dump_frozen(
     let nr_fds = processes.iter().map(|p| p.fds.len()).sum();
     let nr_vmas = processes.iter().map(|p| p.vmas.len()).sum();
     let nr_threads = processes.iter().map(|p| p.threads.len()).sum();
+    let sysv_ids: std::collections::BTreeSet<u64> =
+        processes.iter().flat_map(|p| &p.vmas).filter(|v| v.sysv).map(|v| v.shmem_id).collect();
+    let sysv_shm = memory::sysv_segments(&sysv_ids)?;
     let manifest = pb::Manifest {
         format_version: crate::image::FORMAT_VERSION,
         floe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -269,6 +272,7 @@ fn dump_frozen(
         pages_file_size: out.file_size,
         blobs: out.blobs,
         image_id: writer.image_id.to_vec(),
+        sysv_shm,
     };
     let manifest_len = writer.commit(&manifest, out.file)?;
     timings.commit_ms = ms(t_commit.elapsed());
@@ -309,6 +313,10 @@ fn collect_process(
             sid: procfs::stat_field(&sf, 6) as i32,
             zombie: true,
             exit_status: procfs::stat_field(&sf, 52) as i32,
+            comm: std::fs::read_to_string(procfs::path(pid, "comm"))
+                .unwrap_or_default()
+                .trim_end_matches('\n')
+                .to_string(),
             ..Default::default()
         };
         return Ok((p, Vec::new()));

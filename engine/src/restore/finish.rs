@@ -54,9 +54,10 @@ impl Tree {
         // Zombies exit now; their parents are still stopped and reap them later.
         for (stub, p) in self.procs.iter_mut().zip(procs) {
             if p.zombie {
-                stub.become_zombie(p.exit_status)?;
+                stub.become_zombie(p.exit_status, &p.comm)?;
             }
         }
+        super::sysv::remove_destroyed(&img.manifest.sysv_shm);
         // Release children before parents.
         self.finished = true;
         for (stub, p) in self.procs.iter().zip(procs).rev() {
@@ -73,8 +74,12 @@ impl Tree {
 
 impl Stub {
     /// Makes this stub exit with the dumped wait status, leaving a zombie.
-    fn become_zombie(&mut self, status: i32) -> Result<(), RestoreError> {
+    fn become_zombie(&mut self, status: i32, comm: &str) -> Result<(), RestoreError> {
         let pid = self.pid;
+        if !comm.is_empty() {
+            let at = self.put_str(0, &comm.chars().take(15).collect::<String>())?;
+            self.leader().call(libc::SYS_prctl, [libc::PR_SET_NAME as u64, at, 0, 0, 0, 0])?;
+        }
         let sig = status & 0x7f;
         if sig == 0 {
             let code = (status >> 8) & 0xff;

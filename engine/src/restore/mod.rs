@@ -20,6 +20,7 @@ mod finish;
 mod pages;
 pub mod preflight;
 mod stub;
+mod sysv;
 
 pub use pages::load_pages;
 pub use preflight::Preflight;
@@ -87,6 +88,7 @@ impl Tree {
                 tree.procs[i].leader().call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])?;
             }
         }
+        sysv::ensure_segments(&m.sysv_shm)?;
         for (i, p) in m.processes.iter().enumerate() {
             if p.zombie {
                 continue;

@@ -392,6 +392,19 @@ impl Stub {
                 pb::VmaKind::AnonPrivate => {
                     (prot | rw, flags | (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64, u64::MAX, 0)
                 }
+                pb::VmaKind::AnonShared if v.sysv => {
+                    // shmat maps the whole segment read-write; finish sets the final protection.
+                    let got = self.leader().call(libc::SYS_shmat, [v.shmem_id, v.start, 0, 0, 0, 0])?;
+                    if got != v.start {
+                        return Err(RestoreError::Refused {
+                            what: format!(
+                                "System V segment {} attached at {got:#x} instead of {:#x}",
+                                v.shmem_id, v.start
+                            ),
+                        });
+                    }
+                    continue;
+                }
                 pb::VmaKind::AnonShared if v.shmem_id != 0 => {
                     if let std::collections::hash_map::Entry::Vacant(e) = shm.objects.entry(v.shmem_id) {
                         e.insert(self.create_shmem(v)?);

@@ -336,3 +336,32 @@ pub fn spawn_ns_init(root: i32) -> io::Result<i32> {
     }
     cvt(r).map(|p| p as i32)
 }
+
+/// shmget(2).
+pub fn shmget(key: i32, size: u64, flags: i32) -> io::Result<i32> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::shmget(key, size as usize, flags) };
+    cvt(r as libc::c_long).map(|v| v as i32)
+}
+
+/// shmctl(IPC_SET): owner and permission bits of a segment.
+pub fn shm_set_owner(id: i32, uid: u32, gid: u32, mode: u32) -> io::Result<()> {
+    // SAFETY: shmid_ds is plain old data; all-zero is valid.
+    let mut ds: libc::shmid_ds = unsafe { std::mem::zeroed() };
+    // SAFETY: IPC_STAT fills `ds`, which outlives the call.
+    let r = unsafe { libc::shmctl(id, libc::IPC_STAT, &mut ds) };
+    cvt(r as libc::c_long)?;
+    ds.shm_perm.uid = uid;
+    ds.shm_perm.gid = gid;
+    ds.shm_perm.mode = (mode & 0o777) as _;
+    // SAFETY: IPC_SET reads `ds`.
+    let r = unsafe { libc::shmctl(id, libc::IPC_SET, &mut ds) };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// shmctl(IPC_RMID).
+pub fn shm_remove(id: i32) -> io::Result<()> {
+    // SAFETY: IPC_RMID takes no buffer.
+    let r = unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+    cvt(r as libc::c_long).map(drop)
+}
