@@ -273,3 +273,30 @@ pub fn describe(pid: i32) -> String {
         Err(_) => format!("{pid}"),
     }
 }
+
+/// Soft and hard limits from /proc/PID/limits, in resource order
+/// (RLIMIT_CPU = 0 ...); "unlimited" is RLIM_INFINITY.
+pub fn limits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
+    let text = fs::read_to_string(path(pid, "limits"))?;
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        // The name column is 26 characters wide.
+        let Some(rest) = line.get(26..) else { continue };
+        let mut it = rest.split_whitespace();
+        let parse = |v: Option<&str>| -> io::Result<u64> {
+            match v {
+                Some("unlimited") => Ok(u64::MAX),
+                Some(n) => {
+                    n.parse().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad limit {n:?}")))
+                }
+                None => Err(io::Error::new(io::ErrorKind::InvalidData, "short limits line")),
+            }
+        };
+        out.push((parse(it.next())?, parse(it.next())?));
+    }
+    if out.len() < 16 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} limits, expected 16", out.len())));
+    }
+    out.truncate(16);
+    Ok(out)
+}

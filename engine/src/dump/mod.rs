@@ -490,15 +490,14 @@ fn build_process(
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(50_000);
-    let mut rlimits = Vec::new();
-    for res in 0..16u32 {
-        let (cur, max) = task::get_rlimit(pid, res).map_err(|source| DumpError::Io {
-            pid,
-            what: format!("prlimit64 resource {res}"),
-            source,
-        })?;
-        rlimits.push(pb::Rlimit { resource: res, cur, max });
-    }
+    // /proc/PID/limits is readable where prlimit64 on another user's
+    // process needs CAP_SYS_RESOURCE.
+    let rlimits: Vec<pb::Rlimit> = procfs::limits(pid)
+        .map_err(proc_err(pid, "limits"))?
+        .into_iter()
+        .enumerate()
+        .map(|(res, (cur, max))| pb::Rlimit { resource: res as u32, cur, max })
+        .collect();
     let f = |n| procfs::stat_field(sf, n);
     let mm = pb::MmFields {
         start_code: f(26),
