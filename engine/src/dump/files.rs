@@ -84,7 +84,10 @@ impl FileTable {
             let idx = match existing {
                 Some(i) => i,
                 None => {
-                    let desc = self.describe(pid, fd, &info, shell_job, blobs)?;
+                    let mut desc = self.describe(pid, fd, &info, shell_job, blobs)?;
+                    if info.flags & libc::O_ASYNC as u32 != 0 {
+                        self.async_owner(pid, fd, &mut desc)?;
+                    }
                     self.files.push(desc);
                     self.owners.push((pid, fd, info.ino));
                     let i = self.files.len() - 1;
@@ -123,6 +126,23 @@ impl FileTable {
             }
         }
         Ok(out)
+    }
+
+    /// Signal-driven I/O: who gets the signal, and which signal.
+    fn async_owner(&self, pid: i32, fd: i32, d: &mut pb::FileDesc) -> Result<(), DumpError> {
+        let err = |what: String| DumpError::Refused { pid, what: format!("fd {fd} (O_ASYNC): {what}") };
+        let pidfd = task::pidfd_open(pid).map_err(|e| err(format!("pidfd_open failed ({e})")))?;
+        let own = task::pidfd_getfd(&pidfd, fd).map_err(|e| err(format!("pidfd_getfd failed ({e})")))?;
+        let (kind, owner) = task::get_owner(&own).map_err(|e| err(format!("F_GETOWN_EX failed ({e})")))?;
+        let sig = task::fcntl_int(&own, task::F_GETSIG, 0).map_err(|e| err(format!("F_GETSIG failed ({e})")))?;
+        if owner != 0 && !self.tree.contains(&owner) {
+            // A process group is fine when its leader is in the tree.
+            return Err(err(format!("its signals go to {owner}, which is not in the dumped tree")));
+        }
+        d.owner_type = kind;
+        d.owner_pid = owner;
+        d.async_sig = sig;
+        Ok(())
     }
 
     /// Refuses pipes with an end held outside the tree (the restored pipe

@@ -34,7 +34,13 @@ struct PipePair {
 }
 
 impl OpenFiles {
-    pub fn open(img: &ImageReader, pre: &Preflight, shm: &HashMap<u64, OwnedFd>) -> Result<Self, RestoreError> {
+    /// `host_pid` maps an image pid to the pid floe sees (they differ under `-n`).
+    pub fn open(
+        img: &ImageReader,
+        pre: &Preflight,
+        shm: &HashMap<u64, OwnedFd>,
+        host_pid: &dyn Fn(i32) -> Option<i32>,
+    ) -> Result<Self, RestoreError> {
         let me = std::process::id();
         let mut pipes: HashMap<u64, PipePair> = HashMap::new();
         let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(img.manifest.files.len());
@@ -149,6 +155,25 @@ impl OpenFiles {
             let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm };
             let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
             fds[idx] = Some(fd);
+        }
+        // Signal-driven I/O: owner and signal, then O_ASYNC itself.
+        for (f, fd) in img.manifest.files.iter().zip(&fds) {
+            let Some(fd) = fd else { continue };
+            if f.flags & libc::O_ASYNC as u32 == 0 {
+                continue;
+            }
+            let owner = if f.owner_pid == 0 {
+                0
+            } else {
+                host_pid(f.owner_pid)
+                    .ok_or_else(|| ferr(&f.path, format!("signal owner {} is not restored", f.owner_pid)))?
+            };
+            let kind = if f.owner_type == 0 { task::F_OWNER_PID } else { f.owner_type };
+            let set = task::set_owner(fd, kind, owner)
+                .and_then(|()| task::fcntl_int(fd, task::F_SETSIG, f.async_sig))
+                .and_then(|_| task::fcntl_int(fd, libc::F_GETFL, 0))
+                .and_then(|fl| task::fcntl_int(fd, libc::F_SETFL, fl | libc::O_ASYNC));
+            set.map_err(|e| ferr(&f.path, format!("cannot restore signal-driven I/O ({e})")))?;
         }
         Ok(Self { fds })
     }

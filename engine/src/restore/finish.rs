@@ -42,7 +42,9 @@ impl Tree {
     /// Stage c: applies the remaining state of every process and lets the
     /// tree run. Returns the root's pid.
     pub fn finish(mut self, img: &ImageReader, pre: &Preflight) -> Result<i32, RestoreError> {
-        let files = OpenFiles::open(img, pre, &self.shm.objects)?;
+        let map: Vec<(i32, i32)> = self.procs.iter().map(|s| (s.vpid, s.pid)).collect();
+        let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
+        let files = OpenFiles::open(img, pre, &self.shm.objects, &host_pid)?;
         let procs = &img.manifest.processes;
         let mut locked = std::collections::HashSet::new();
         for (stub, p) in self.procs.iter_mut().zip(procs) {

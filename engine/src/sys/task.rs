@@ -365,3 +365,27 @@ pub fn shm_remove(id: i32) -> io::Result<()> {
     let r = unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
     cvt(r as libc::c_long).map(drop)
 }
+
+pub const F_SETSIG: i32 = 10;
+pub const F_GETSIG: i32 = 11;
+const F_SETOWN_EX: i32 = 15;
+const F_GETOWN_EX: i32 = 16;
+/// F_OWNER_PID of struct f_owner_ex.
+pub const F_OWNER_PID: i32 = 1;
+
+/// F_GETOWN_EX: (owner type, pid) of an open file description.
+pub fn get_owner(fd: &impl std::os::fd::AsRawFd) -> io::Result<(i32, i32)> {
+    let mut o = [0i32; 2];
+    // SAFETY: struct f_owner_ex is two ints; `o` outlives the call.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_GETOWN_EX, o.as_mut_ptr()) };
+    cvt(r as libc::c_long)?;
+    Ok((o[0], o[1]))
+}
+
+/// F_SETOWN_EX.
+pub fn set_owner(fd: &impl std::os::fd::AsRawFd, kind: i32, pid: i32) -> io::Result<()> {
+    let o = [kind, pid];
+    // SAFETY: struct f_owner_ex is two ints; the kernel only reads `o`.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_SETOWN_EX, o.as_ptr()) };
+    cvt(r as libc::c_long).map(drop)
+}

@@ -1,0 +1,396 @@
+//! AF_INET / AF_INET6 sockets: TCP sockets that listen or are not
+//! connected, and UDP sockets (bound or not, connected or not) with an
+//! empty receive queue.
+//!
+//! Established TCP connections (and every other connection state) are
+//! refused: they need TCP_REPAIR (--tcp-established, a later feature). So
+//! are listeners with connections waiting in their accept queue, and UDP
+//! sockets with datagrams waiting to be read or corked data waiting to be
+//! sent: there is no way to put a datagram back with its original sender.
+//!
+//! Restore: socket, options (SO_REUSEADDR, SO_REUSEPORT, IPV6_V6ONLY,
+//! TCP_NODELAY, buffer sizes, ... wherever they differ from a fresh
+//! socket's), bind to the saved address and port (the dumped process is
+//! dead, so the port is free), then listen(backlog) or connect.
+use super::{apply_opts, opt_on, save_opts, Opt, SOCKET_OPTS};
+use crate::fdkinds::DumpCtx;
+use crate::sys::fd_socket;
+use floe_proto::image as pb;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::OwnedFd;
+
+const INT: usize = 4;
+/// TCP states (include/net/tcp_states.h).
+const TCP_ESTABLISHED: u8 = 1;
+const TCP_SYN_SENT: u8 = 2;
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+const TCP_STATE_NAMES: [&str; 12] = [
+    "?",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+];
+const TCP_CONGESTION_LEN: usize = 16;
+const IP_BIND_ADDRESS_NO_PORT: i32 = 24;
+const IPV6_FREEBIND: i32 = 78;
+const IPV6_TRANSPARENT: i32 = 75;
+const UDP_SEGMENT: i32 = 103;
+const UDP_GRO: i32 = 104;
+const LINGER: usize = std::mem::size_of::<libc::linger>();
+const _: () = assert!(LINGER == 8);
+
+/// SOL_SOCKET options of inet sockets.
+pub(super) const INET_OPTS: &[Opt] = &[
+    Opt(libc::SOL_SOCKET, libc::SO_REUSEADDR, "SO_REUSEADDR", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_REUSEPORT, "SO_REUSEPORT", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_KEEPALIVE, "SO_KEEPALIVE", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_BROADCAST, "SO_BROADCAST", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_LINGER, "SO_LINGER", LINGER),
+    Opt(libc::SOL_SOCKET, libc::SO_OOBINLINE, "SO_OOBINLINE", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_DONTROUTE, "SO_DONTROUTE", INT),
+    Opt(libc::SOL_SOCKET, libc::SO_BINDTODEVICE, "SO_BINDTODEVICE", libc::IFNAMSIZ),
+];
+
+pub(super) const IP_OPTS: &[Opt] = &[
+    Opt(libc::IPPROTO_IP, libc::IP_TOS, "IP_TOS", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_TTL, "IP_TTL", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_FREEBIND, "IP_FREEBIND", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_TRANSPARENT, "IP_TRANSPARENT", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_RECVERR, "IP_RECVERR", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_PKTINFO, "IP_PKTINFO", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, "IP_MTU_DISCOVER", INT),
+    Opt(libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, "IP_MULTICAST_TTL", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, "IP_MULTICAST_LOOP", INT),
+];
+
+pub(super) const IPV6_OPTS: &[Opt] = &[
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, "IPV6_V6ONLY", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, "IPV6_UNICAST_HOPS", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, "IPV6_TCLASS", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, "IPV6_RECVPKTINFO", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, "IPV6_MTU_DISCOVER", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, "IPV6_MULTICAST_HOPS", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, "IPV6_MULTICAST_LOOP", INT),
+    Opt(libc::IPPROTO_IPV6, IPV6_FREEBIND, "IPV6_FREEBIND", INT),
+    Opt(libc::IPPROTO_IPV6, IPV6_TRANSPARENT, "IPV6_TRANSPARENT", INT),
+];
+
+pub(super) const TCP_OPTS: &[Opt] = &[
+    Opt(libc::IPPROTO_TCP, libc::TCP_NODELAY, "TCP_NODELAY", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_CORK, "TCP_CORK", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, "TCP_KEEPCNT", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_SYNCNT, "TCP_SYNCNT", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_LINGER2, "TCP_LINGER2", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, "TCP_DEFER_ACCEPT", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_FASTOPEN, "TCP_FASTOPEN", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT", INT),
+    Opt(libc::IPPROTO_TCP, libc::TCP_CONGESTION, "TCP_CONGESTION", TCP_CONGESTION_LEN),
+];
+
+pub(super) const UDP_OPTS: &[Opt] = &[
+    Opt(libc::IPPROTO_UDP, libc::UDP_CORK, "UDP_CORK", INT),
+    Opt(libc::IPPROTO_UDP, UDP_SEGMENT, "UDP_SEGMENT", INT),
+    Opt(libc::IPPROTO_UDP, UDP_GRO, "UDP_GRO", INT),
+];
+
+/// An inet address split out of a raw sockaddr.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Addr {
+    ip: Vec<u8>,
+    port: u16,
+    flowinfo: u32,
+    scope_id: u32,
+}
+
+fn u32_ne(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]])).unwrap_or(0)
+}
+
+/// Parses a raw sockaddr_in / sockaddr_in6.
+fn parse_addr(family: i32, raw: &[u8]) -> Option<Addr> {
+    let port = u16::from_be_bytes([*raw.get(2)?, *raw.get(3)?]);
+    match family {
+        libc::AF_INET => Some(Addr { ip: raw.get(4..8)?.to_vec(), port, ..Default::default() }),
+        libc::AF_INET6 => Some(Addr {
+            ip: raw.get(8..24)?.to_vec(),
+            port,
+            flowinfo: u32::from_be(u32_ne(raw, 4)),
+            scope_id: u32_ne(raw, 24),
+        }),
+        _ => None,
+    }
+}
+
+/// Builds a raw sockaddr_in / sockaddr_in6.
+fn build_addr(family: i32, a: &Addr) -> Result<Vec<u8>, String> {
+    let mut raw = match family {
+        libc::AF_INET if a.ip.len() == 4 => {
+            let mut r = vec![0u8; std::mem::size_of::<libc::sockaddr_in>()];
+            r[4..8].copy_from_slice(&a.ip);
+            r
+        }
+        libc::AF_INET6 if a.ip.len() == 16 => {
+            let mut r = vec![0u8; std::mem::size_of::<libc::sockaddr_in6>()];
+            r[4..8].copy_from_slice(&a.flowinfo.to_be().to_ne_bytes());
+            r[8..24].copy_from_slice(&a.ip);
+            r[24..28].copy_from_slice(&a.scope_id.to_ne_bytes());
+            r
+        }
+        _ => return Err(format!("invalid address of {} bytes for family {family} in the image", a.ip.len())),
+    };
+    raw[..2].copy_from_slice(&(family as u16).to_ne_bytes());
+    raw[2..4].copy_from_slice(&a.port.to_be_bytes());
+    Ok(raw)
+}
+
+/// "127.0.0.1:80", "[::1]:80".
+fn show(a: &Addr) -> String {
+    match a.ip.len() {
+        4 => format!("{}:{}", Ipv4Addr::new(a.ip[0], a.ip[1], a.ip[2], a.ip[3]), a.port),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&a.ip);
+            format!("[{}]:{}", Ipv6Addr::from(b), a.port)
+        }
+        _ => format!("?:{}", a.port),
+    }
+}
+
+fn state_name(s: u8) -> &'static str {
+    TCP_STATE_NAMES.get(s as usize).copied().unwrap_or("?")
+}
+
+pub fn dump(_ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc) -> Result<(), String> {
+    fn err(what: &'static str) -> impl Fn(std::io::Error) -> String {
+        move |e| format!("cannot read its {what} ({e})")
+    }
+    let ty = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_TYPE).map_err(err("type"))?;
+    let protocol = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(err("protocol"))?;
+    let fam = if family == libc::AF_INET { "IPv4" } else { "IPv6" };
+    match (ty, protocol) {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {}
+        (libc::SOCK_RAW, _) => return Err(format!("raw {fam} sockets are not supported yet")),
+        (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => {
+            return Err(format!("{fam} ICMP (ping) sockets are not supported yet"))
+        }
+        _ => return Err(format!("{fam} sockets of type {ty}, protocol {protocol} are not supported yet")),
+    }
+    let local_raw = fd_socket::getsockname(sock).map_err(err("local address"))?;
+    let local = parse_addr(family, &local_raw).ok_or("cannot parse its local address")?;
+    let peer = fd_socket::getpeername(sock).ok().and_then(|raw| parse_addr(family, &raw));
+    let mut s = pb::InetSocket {
+        family,
+        r#type: ty,
+        protocol,
+        bound: local.port != 0,
+        local_addr: local.ip.clone(),
+        local_port: local.port as u32,
+        local_scope_id: local.scope_id,
+        ..Default::default()
+    };
+    let mut lists: Vec<&[Opt]> =
+        vec![SOCKET_OPTS, INET_OPTS, if family == libc::AF_INET { IP_OPTS } else { IPV6_OPTS }];
+    if protocol == libc::IPPROTO_TCP {
+        let st = fd_socket::tcp_state(sock).map_err(err("TCP state (TCP_INFO)"))?;
+        s.state = st.state as u32;
+        match st.state {
+            TCP_LISTEN => {
+                if st.accept_queue > 0 {
+                    return Err(format!(
+                        "TCP listener {} has {} connection(s) waiting in its accept queue; \
+                         connections not yet accepted cannot be checkpointed",
+                        show(&local),
+                        st.accept_queue
+                    ));
+                }
+                s.listening = true;
+                s.backlog = st.backlog;
+            }
+            TCP_CLOSE => {
+                // A connection that ended can leave unread data behind.
+                let unread = fd_socket::ioctl_int(sock, libc::FIONREAD).unwrap_or(0);
+                if unread > 0 {
+                    return Err(format!(
+                        "closed TCP socket {} still holds {unread} unread bytes of its connection; they cannot \
+                         be checkpointed",
+                        show(&local)
+                    ));
+                }
+            }
+            TCP_ESTABLISHED => {
+                let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
+                return Err(format!(
+                    "it is an established TCP connection {} -> {remote}; checkpointing established TCP \
+                     connections needs --tcp-established, which is not available yet",
+                    show(&local)
+                ));
+            }
+            TCP_SYN_SENT => {
+                let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
+                return Err(format!(
+                    "it is a TCP connection {} -> {remote} still being set up (SYN_SENT); TCP connections need \
+                     --tcp-established, which is not available yet",
+                    show(&local)
+                ));
+            }
+            other => {
+                let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
+                return Err(format!(
+                    "it is a TCP connection {} -> {remote} in state {}; TCP connections need --tcp-established, \
+                     which is not available yet",
+                    show(&local),
+                    state_name(other)
+                ));
+            }
+        }
+        lists.push(TCP_OPTS);
+    } else {
+        let mut none = [0u8; 0];
+        match fd_socket::peek(sock, &mut none, libc::MSG_TRUNC) {
+            Ok(p) => {
+                return Err(format!(
+                    "UDP socket {} has datagrams waiting to be read (the next is {} bytes); queued datagrams \
+                     cannot be checkpointed yet",
+                    show(&local),
+                    p.len
+                ))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
+            Err(e) => return Err(format!("cannot look at its receive queue ({e})")),
+        }
+        let unsent = fd_socket::ioctl_int(sock, libc::TIOCOUTQ).unwrap_or(0);
+        if unsent > 0 && opt_corked(sock) {
+            return Err(format!(
+                "UDP socket {} holds {unsent} bytes of corked data not sent yet; they cannot be checkpointed",
+                show(&local)
+            ));
+        }
+        if let Some(p) = &peer {
+            s.connected = true;
+            s.remote_addr = p.ip.clone();
+            s.remote_port = p.port as u32;
+            s.remote_scope_id = p.scope_id;
+            s.remote_flowinfo = p.flowinfo;
+        }
+        lists.push(UDP_OPTS);
+    }
+    save_opts(sock, &lists, &mut s.opts);
+    d.inet_socket = Some(s);
+    Ok(())
+}
+
+fn opt_corked(sock: &OwnedFd) -> bool {
+    fd_socket::getsockopt_int(sock, libc::IPPROTO_UDP, libc::UDP_CORK).map(|v| v != 0).unwrap_or(false)
+}
+
+pub fn restore(d: &pb::FileDesc) -> Result<OwnedFd, String> {
+    let s = d.inet_socket.as_ref().ok_or("the image has no socket state for this descriptor")?;
+    let sock =
+        fd_socket::socket(s.family, s.r#type, s.protocol).map_err(|e| format!("cannot create the socket ({e})"))?;
+    apply_opts(&sock, &s.opts)?;
+    let local = Addr {
+        ip: s.local_addr.clone(),
+        port: u16::try_from(s.local_port).map_err(|_| "invalid port in the image")?,
+        flowinfo: 0,
+        scope_id: s.local_scope_id,
+    };
+    if s.bound {
+        let raw = build_addr(s.family, &local)?;
+        fd_socket::bind(&sock, &raw).map_err(|e| {
+            let hint = if e.raw_os_error() == Some(libc::EADDRINUSE) {
+                if opt_on(&s.opts, libc::SOL_SOCKET, libc::SO_REUSEADDR) {
+                    "; another socket uses it"
+                } else {
+                    "; another socket uses it, or connections of the old process linger in TIME_WAIT \
+                     (the original socket had no SO_REUSEADDR)"
+                }
+            } else {
+                ""
+            };
+            format!("cannot bind to {} ({e}){hint}", show(&local))
+        })?;
+    }
+    if s.listening {
+        fd_socket::listen(&sock, s.backlog as i32).map_err(|e| format!("cannot listen on {} ({e})", show(&local)))?;
+    }
+    if s.connected {
+        let remote = Addr {
+            ip: s.remote_addr.clone(),
+            port: u16::try_from(s.remote_port).map_err(|_| "invalid port in the image")?,
+            flowinfo: s.remote_flowinfo,
+            scope_id: s.remote_scope_id,
+        };
+        let raw = build_addr(s.family, &remote)?;
+        fd_socket::connect(&sock, &raw).map_err(|e| format!("cannot connect to {} ({e})", show(&remote)))?;
+    }
+    Ok(sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_round_trip() {
+        let a = Addr { ip: vec![127, 0, 0, 1], port: 8080, ..Default::default() };
+        let raw = build_addr(libc::AF_INET, &a).expect("v4");
+        assert_eq!(parse_addr(libc::AF_INET, &raw), Some(a.clone()));
+        assert_eq!(show(&a), "127.0.0.1:8080");
+        let mut ip = vec![0u8; 16];
+        ip[15] = 1;
+        let b = Addr { ip, port: 443, flowinfo: 7, scope_id: 2 };
+        let raw = build_addr(libc::AF_INET6, &b).expect("v6");
+        assert_eq!(parse_addr(libc::AF_INET6, &raw), Some(b.clone()));
+        assert_eq!(show(&b), "[::1]:443");
+        assert!(build_addr(libc::AF_INET, &b).is_err());
+    }
+
+    #[test]
+    fn restores_a_listener_on_loopback() {
+        let l = fd_socket::socket(libc::AF_INET, libc::SOCK_STREAM, 0).expect("socket");
+        fd_socket::setsockopt_int(&l, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).expect("reuse");
+        let a = Addr { ip: vec![127, 0, 0, 1], port: 0, ..Default::default() };
+        fd_socket::bind(&l, &build_addr(libc::AF_INET, &a).expect("addr")).expect("bind");
+        fd_socket::listen(&l, 7).expect("listen");
+        let st = fd_socket::tcp_state(&l).expect("tcp_info");
+        assert_eq!((st.state, st.accept_queue, st.backlog), (TCP_LISTEN, 0, 7));
+        let port = parse_addr(libc::AF_INET, &fd_socket::getsockname(&l).expect("name")).expect("parse").port;
+        let mut opts = Vec::new();
+        save_opts(&l, &[SOCKET_OPTS, INET_OPTS, IP_OPTS, TCP_OPTS], &mut opts);
+        drop(l);
+        let d = pb::FileDesc {
+            inet_socket: Some(pb::InetSocket {
+                family: libc::AF_INET,
+                r#type: libc::SOCK_STREAM,
+                protocol: libc::IPPROTO_TCP,
+                state: TCP_LISTEN as u32,
+                bound: true,
+                local_addr: vec![127, 0, 0, 1],
+                local_port: port as u32,
+                listening: true,
+                backlog: 7,
+                opts,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let r = restore(&d).expect("restore");
+        let st = fd_socket::tcp_state(&r).expect("tcp_info");
+        assert_eq!((st.state, st.backlog), (TCP_LISTEN, 7));
+        let got = parse_addr(libc::AF_INET, &fd_socket::getsockname(&r).expect("name")).expect("parse");
+        assert_eq!(got.port, port);
+    }
+}
