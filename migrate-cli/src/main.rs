@@ -44,6 +44,9 @@ enum Cmd {
         /// Dump file locks (flock, POSIX, OFD) held by the processes.
         #[arg(long)]
         file_locks: bool,
+        /// Allow datagram unix sockets connected to a named socket outside the tree (reconnected on restore).
+        #[arg(long)]
+        ext_unix_sk: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -101,8 +104,9 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if report.looks_good() { 0 } else { 1 })
         }
-        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, json } => {
-            let opts = dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force, file_locks };
+        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, ext_unix_sk, json } => {
+            let opts =
+                dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force, file_locks, ext_unix_sk };
             let report =
                 dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
             if json {

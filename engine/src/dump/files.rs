@@ -54,6 +54,8 @@ pub struct FileTable {
     /// Pipes whose buffered data was saved already.
     pipes_saved: HashSet<u64>,
     tree: HashSet<i32>,
+    /// --ext-unix-sk was given.
+    pub ext_unix_sk: bool,
 }
 
 impl FileTable {
@@ -215,7 +217,15 @@ impl FileTable {
         if let Some(kind) = kind {
             let text =
                 std::fs::read_to_string(procfs::path(pid, &format!("fdinfo/{fd}"))).map_err(proc_err(pid, "fdinfo"))?;
-            let mut ctx = crate::fdkinds::DumpCtx { pid, fd, link: &link, info, fdinfo: &text, blobs };
+            let mut ctx = crate::fdkinds::DumpCtx {
+                pid,
+                fd,
+                link: &link,
+                info,
+                fdinfo: &text,
+                blobs,
+                ext_unix_sk: self.ext_unix_sk,
+            };
             crate::fdkinds::dump(kind, &mut ctx, &mut d).map_err(refuse)?;
         } else if link.starts_with("pipe:") {
             d.kind = pb::FdKind::Pipe as i32;

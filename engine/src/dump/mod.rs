@@ -34,6 +34,8 @@ pub struct DumpOptions {
     pub shell_job: bool,
     /// Dump flock/POSIX/OFD locks (without it a held lock is refused).
     pub file_locks: bool,
+    /// Allow datagram unix sockets connected to a named peer outside the tree.
+    pub ext_unix_sk: bool,
     pub force: bool,
 }
 
@@ -226,6 +228,7 @@ fn dump_frozen(
     let t_collect = Instant::now();
     let pids: Vec<i32> = frozen.procs.iter().map(|p| p.pid).collect();
     let mut files = files::FileTable::new(&pids);
+    files.ext_unix_sk = opts.ext_unix_sk;
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());

@@ -31,6 +31,8 @@ pub struct DumpCtx<'a> {
     pub fdinfo: &'a str,
     /// Saved byte strings (file contents, queued data); push and record the index.
     pub blobs: &'a mut Vec<Vec<u8>>,
+    /// --ext-unix-sk: datagram unix sockets may be connected outside the tree.
+    pub ext_unix_sk: bool,
 }
 
 /// What a kind's `restore` gets.

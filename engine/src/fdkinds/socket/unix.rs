@@ -142,7 +142,7 @@ pub fn dump(ctx: &mut DumpCtx, ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc) -
         }
         u.backlog = backlog;
     } else if let Some(peer) = diag.peer {
-        check_peer(ctx.pid, &mut u, peer, sock)?;
+        check_peer(ctx.pid, &mut u, peer, sock, ctx.ext_unix_sk)?;
     }
 
     // An unconnected seqpacket socket has no queue (and cannot be read).
@@ -155,7 +155,7 @@ pub fn dump(ctx: &mut DumpCtx, ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc) -
 }
 
 /// Records the peer, or refuses when it cannot be restored with the socket.
-fn check_peer(pid: i32, u: &mut pb::UnixSocket, peer: u32, sock: &OwnedFd) -> Result<(), String> {
+fn check_peer(pid: i32, u: &mut pb::UnixSocket, peer: u32, sock: &OwnedFd, ext_unix_sk: bool) -> Result<(), String> {
     let me = format!("socket:[{}]", u.ino);
     let stream = u.r#type != libc::SOCK_DGRAM;
     if peer == 0 {
@@ -179,9 +179,21 @@ fn check_peer(pid: i32, u: &mut pb::UnixSocket, peer: u32, sock: &OwnedFd) -> Re
         Holder::Outside(other) => {
             let to = fd_socket::getpeername(sock).map(|r| name_of(&r)).unwrap_or_default();
             let via = if to.is_empty() { String::new() } else { format!(" ({})", show_name(&to)) };
+            if ext_unix_sk && !stream && !to.is_empty() {
+                // Reconnected by name on restore (e.g. /dev/log).
+                u.ext_peer = to;
+                return Ok(());
+            }
+            let hint = if !ext_unix_sk {
+                "pass --ext-unix-sk to reconnect a datagram socket to a named peer outside the tree"
+            } else if stream {
+                "--ext-unix-sk covers datagram sockets only: a stream connection cannot be re-established \
+                 with a process that is not restored"
+            } else {
+                "--ext-unix-sk needs a named peer to reconnect to, and this one has no name"
+            };
             Err(format!(
-                "{me} is connected to socket:[{peer}]{via}, held by process {} outside the dumped tree; \
-                 external unix socket peers need --ext-unix-sk, which is not available yet",
+                "{me} is connected to socket:[{peer}]{via}, held by process {} outside the dumped tree; {hint}",
                 procfs::describe(other)
             ))
         }
@@ -394,6 +406,14 @@ pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String
             return pair(ctx, u);
         }
         take_or_create(ctx, u)?
+    } else if !u.ext_peer.is_empty() {
+        // --ext-unix-sk: reconnect to the outside peer by name.
+        let own = take_or_create(ctx, u)?;
+        let target = sockaddr(&u.ext_peer);
+        fd_socket::connect(&own, &target).map_err(|e| {
+            format!("cannot reconnect to the external peer {} ({e}); is it running here?", show_name(&u.ext_peer))
+        })?;
+        own
     } else if u.peer_ino == u.ino {
         // A datagram socket connected to its own name.
         let own = take_or_create(ctx, u)?;
