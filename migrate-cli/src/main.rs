@@ -1,5 +1,6 @@
 //! `floe`: checkpoint/restore and live migration of Linux processes.
 mod inspect;
+mod sys;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -107,8 +108,10 @@ fn run(cli: Cli) -> Result<i32> {
         Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, ext_unix_sk, json } => {
             let opts =
                 dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force, file_locks, ext_unix_sk };
-            let report =
-                dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()))?;
+            let defer = sys::DeferTermination::new();
+            let report = dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()));
+            drop(defer);
+            let report = report?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -139,7 +142,10 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Restore { dir, restore_detached, shell_job, new_pidns, json } => {
             let opts = restore::RestoreOptions { dir: dir.clone(), shell_job, new_pidns };
-            let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()))?;
+            let defer = sys::DeferTermination::new();
+            let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()));
+            drop(defer);
+            let report = report?;
             if json {
                 println!("{}", serde_json::to_string(&report)?);
             } else if restore_detached {
