@@ -286,8 +286,8 @@ pub struct PageSink {
     stored: std::collections::HashMap<(u64, u64), Vec<StoredRun>>,
 }
 
-/// A stored run's physical frames, file offset and checksum.
-type StoredRun = (Vec<u64>, u64, Vec<u8>);
+/// A stored run's physical frames, file offset, checksum and process.
+type StoredRun = (Vec<u64>, u64, Vec<u8>, i32);
 
 /// Physical frame numbers of `pages` pages at `vaddr` (0 where unknown).
 fn frames(pagemap: &File, vaddr: u64, pages: u64) -> Vec<u64> {
@@ -362,7 +362,8 @@ impl PageSink {
     }
 
     /// Copies the data pages of one process.
-    pub fn dump_process(&mut self, pid: i32, vmas: &[VmaPlan]) -> Result<Vec<pb::PageRun>, DumpError> {
+    /// `ppid` marks runs shared copy-on-write with the parent (`PageRun.cow`).
+    pub fn dump_process(&mut self, pid: i32, ppid: i32, vmas: &[VmaPlan]) -> Result<Vec<pb::PageRun>, DumpError> {
         let mut runs = plan_runs(pid, vmas)?;
         let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
         let mut out_runs = Vec::with_capacity(runs.len());
@@ -377,14 +378,20 @@ impl PageSink {
                 let hit = (!f.contains(&0))
                     .then(|| self.stored.get(&(r.vaddr, r.len / PAGE)))
                     .flatten()
-                    .and_then(|v| v.iter().find(|(pf, _, _)| *pf == f));
-                match hit {
-                    Some((_, off, hash)) => out_runs.push(pb::PageRun {
-                        vaddr: r.vaddr,
-                        nr_pages: r.len / PAGE,
-                        file_offset: *off,
-                        blake3: hash.clone(),
-                    }),
+                    .and_then(|v| v.iter().find(|(pf, _, _, _)| *pf == f));
+                match hit.cloned() {
+                    Some((_, off, hash, owner)) => {
+                        out_runs.push(pb::PageRun {
+                            vaddr: r.vaddr,
+                            nr_pages: r.len / PAGE,
+                            file_offset: off,
+                            blake3: hash.clone(),
+                            // Shared with the parent itself: restore can inherit it by fork.
+                            cow: owner == ppid,
+                        });
+                        // Its own children may share it with this process in turn.
+                        self.stored.entry((r.vaddr, r.len / PAGE)).or_default().push((f, off, hash, pid));
+                    }
                     None => {
                         keep.push(r);
                         run_frames.push(f);
@@ -437,6 +444,7 @@ impl PageSink {
                     nr_pages: r.len / PAGE,
                     file_offset: self.offset + o as u64,
                     blake3: blake3::hash(data).as_bytes().to_vec(),
+                    cow: false,
                 };
                 if let Some(f) = run_frames.get_mut(i + k) {
                     if !f.contains(&0) {
@@ -444,6 +452,7 @@ impl PageSink {
                             std::mem::take(f),
                             run.file_offset,
                             run.blake3.clone(),
+                            pid,
                         ));
                     }
                 }

@@ -247,7 +247,7 @@ fn dump_frozen(
     sink.share_cow(processes.len() > 1);
     for (p, vmas) in processes.iter_mut().zip(&plans) {
         if !p.zombie {
-            p.page_runs = sink.dump_process(p.pid, vmas)?;
+            p.page_runs = sink.dump_process(p.pid, p.ppid, vmas)?;
         }
     }
     let out = sink.finish(&blobs)?;

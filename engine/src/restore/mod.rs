@@ -22,7 +22,7 @@ pub mod preflight;
 mod stub;
 mod sysv;
 
-pub use pages::load_pages;
+pub use pages::{load_pages, load_pages_where};
 pub use preflight::Preflight;
 pub use stub::Stub;
 
@@ -104,6 +104,93 @@ impl Tree {
             }
         }
         Ok(tree)
+    }
+
+    /// Stages a and b in one pass, for a restore from a complete image: each
+    /// process is built and filled before its children are forked from it,
+    /// so memory they shared copy-on-write is shared again. Returns the tree
+    /// and the bytes written.
+    pub fn create_filled(img: &ImageReader, pre: &Preflight) -> Result<(Self, u64, f64), RestoreError> {
+        let m = &img.manifest;
+        let ns_init = if pre.new_pidns {
+            let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
+            Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
+                pid: root,
+                op: "creating a new pid namespace (needs CAP_SYS_ADMIN)".into(),
+                source,
+            })?)
+        } else {
+            None
+        };
+        let r = Self::create_filled_in(img, pre, ns_init);
+        if r.is_err() {
+            if let Some(init) = ns_init {
+                let _ = crate::sys::task::kill(init, libc::SIGKILL);
+                let _ = crate::sys::ptrace::wait(init);
+            }
+        }
+        r
+    }
+
+    fn create_filled_in(
+        img: &ImageReader,
+        pre: &Preflight,
+        ns_init: Option<i32>,
+    ) -> Result<(Self, u64, f64), RestoreError> {
+        let m = &img.manifest;
+        let scratch = stub::choose_scratch(m, pre)?;
+        let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
+        let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
+            pid: 0,
+            op: "creating the descriptor-passing socket".into(),
+            source,
+        })?;
+        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
+        let mut tree =
+            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
+        tree.set_session(0, root)?;
+        sysv::ensure_segments(&m.sysv_shm)?;
+        let vdso_of = |p: &pb::Process| {
+            p.vdso
+                .clone()
+                .ok_or_else(|| RestoreError::Refused { what: format!("process {} has no vdso record", p.pid) })
+        };
+        tree.procs[0].place_vdso(&vdso_of(root)?, pre)?;
+        tree.procs[0].map_vmas(&root.vmas, &mut tree.shm)?;
+        let t = Instant::now();
+        let mut bytes = load_pages_where(img, &mut tree, |pid, _| pid == root.pid)?;
+        let mut pages_ms = ms(t);
+        for p in &m.processes[1..] {
+            let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
+                what: format!("process {} has no parent {} in the image", p.pid, p.ppid),
+            })?;
+            let child = tree.procs[parent].fork_child(p.pid)?;
+            tree.procs.push(child);
+            let i = tree.procs.len() - 1;
+            tree.set_session(i, p)?;
+            if p.zombie {
+                continue;
+            }
+            let fresh = tree.procs[i].inherit_layout(&m.processes[parent], p)?;
+            tree.procs[i].place_vdso(&vdso_of(p)?, pre)?;
+            tree.procs[i].map_vmas(fresh, &mut tree.shm)?;
+            let t = Instant::now();
+            bytes += load_pages_where(img, &mut tree, |pid, r| pid == p.pid && !r.cow)?;
+            pages_ms += ms(t);
+        }
+        for (i, p) in m.processes.iter().enumerate() {
+            if !p.zombie && p.pgid != p.pid && tree.index_of(p.pgid).is_some() {
+                tree.procs[i].leader().call(libc::SYS_setpgid, [0, p.pgid as u64, 0, 0, 0, 0])?;
+            }
+        }
+        for (i, p) in m.processes.iter().enumerate() {
+            if !p.zombie {
+                for t in &p.threads[1..] {
+                    tree.procs[i].clone_thread(t.tid)?;
+                }
+            }
+        }
+        Ok((tree, bytes, pages_ms))
     }
 
     fn set_session(&mut self, i: usize, p: &pb::Process) -> Result<(), RestoreError> {
@@ -240,11 +327,10 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let pre = Preflight::check(&img, opts)?;
     timings.preflight_ms = ms(t);
     let t = Instant::now();
-    let mut tree = Tree::create(&img.manifest, &pre)?;
-    timings.create_ms = ms(t);
-    let t = Instant::now();
-    let page_bytes = load_pages(&img, &mut tree)?;
-    timings.pages_ms = ms(t);
+    let (tree, page_bytes, pages_ms) = Tree::create_filled(&img, &pre)?;
+    // Pages are written while the tree is built (see create_filled).
+    timings.pages_ms = pages_ms;
+    timings.create_ms = ms(t) - pages_ms;
     let t = Instant::now();
     let ns_init = tree.ns_init;
     let host_pid = tree.finish(&img, &pre)?;

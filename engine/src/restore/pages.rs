@@ -22,9 +22,23 @@ struct Batch {
 /// Copies every page of the image into the stub, verifying checksums.
 /// Returns the number of bytes written.
 pub fn load_pages(img: &ImageReader, tree: &mut Tree) -> Result<u64, RestoreError> {
+    load_pages_where(img, tree, |_, _| true)
+}
+
+/// Like [`load_pages`], for the runs `keep(pid, run)` selects.
+pub fn load_pages_where(
+    img: &ImageReader,
+    tree: &mut Tree,
+    keep: impl Fn(i32, &floe_proto::image::PageRun) -> bool,
+) -> Result<u64, RestoreError> {
     // (pid, run) in file order; runs of one process are contiguous.
-    let runs: Vec<(i32, &floe_proto::image::PageRun)> =
-        img.manifest.processes.iter().flat_map(|p| p.page_runs.iter().map(move |r| (p.pid, r))).collect();
+    let runs: Vec<(i32, &floe_proto::image::PageRun)> = img
+        .manifest
+        .processes
+        .iter()
+        .flat_map(|p| p.page_runs.iter().map(move |r| (p.pid, r)))
+        .filter(|(pid, r)| keep(*pid, r))
+        .collect();
     let runs = &runs;
     let file = &img.pages;
     let path = &img.pages_path;

@@ -38,6 +38,8 @@ pub struct Stub {
     pub(super) scratch: u64,
     /// The stub's end of the descriptor-passing socket, once bound.
     pub(super) inst_sock: Option<u64>,
+    /// Where the vvar/vdso block currently starts.
+    pub(super) vdso_at: u64,
 }
 
 /// Where the stub-side descriptor-passing socket is parked.
@@ -87,7 +89,8 @@ impl Stub {
             Some(init) => find_ns_root(init)?,
             None => spawn_with_pid(pid)?,
         };
-        let mut stub = Self { pid: child, vpid: pid, threads: Vec::new(), scratch: 0, inst_sock: None };
+        let mut stub =
+            Self { pid: child, vpid: pid, threads: Vec::new(), scratch: 0, inst_sock: None, vdso_at: pre.host_block.0 };
         // The caller's Tree owns the pid from here; but until pushed, clean up here on error.
         let r = (|| {
             ptrace::seize(child, STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
@@ -144,6 +147,7 @@ impl Stub {
                 threads: vec![Injector::new(child, base, gadget)],
                 scratch: self.scratch,
                 inst_sock: None,
+                vdso_at: self.vdso_at,
             })
         })();
         if r.is_err() {
@@ -198,11 +202,11 @@ impl Stub {
 
     /// Moves the vvar/vdso block to where the image had it.
     pub(super) fn place_vdso(&mut self, vd: &pb::VdsoBlock, pre: &Preflight) -> Result<(), RestoreError> {
-        let (cur_start, cur_end) = pre.host_block;
+        let cur_start = self.vdso_at;
         if vd.start == cur_start {
             return Ok(());
         }
-        let size = cur_end - cur_start;
+        let size = pre.host_block.1 - pre.host_block.0;
         let overlaps = |a: u64, b: u64| a < b + size && b < a + size;
         let mut from = cur_start;
         if overlaps(cur_start, vd.start) || overlaps(self.scratch, vd.start) {
@@ -214,7 +218,53 @@ impl Stub {
             self.move_block(pre, from, temp)?;
             from = temp;
         }
-        self.move_block(pre, from, vd.start)
+        self.move_block(pre, from, vd.start)?;
+        self.vdso_at = vd.start;
+        Ok(())
+    }
+
+    /// After a fork from a fully built parent: drops the parent's mappings
+    /// this process does not have, and the pages the parent has where this
+    /// process had none, keeping everything shared copy-on-write. Returns
+    /// the mappings still to be created.
+    pub(super) fn inherit_layout<'a>(
+        &mut self,
+        parent: &pb::Process,
+        me: &'a pb::Process,
+    ) -> Result<Vec<&'a pb::Vma>, RestoreError> {
+        let same = |a: &pb::Vma, b: &pb::Vma| {
+            a.start == b.start
+                && a.end == b.end
+                && a.kind == b.kind
+                && a.path == b.path
+                && a.pgoff == b.pgoff
+                && a.shmem_id == b.shmem_id
+                && a.sysv == b.sysv
+                && a.growsdown == b.growsdown
+        };
+        for pv in &parent.vmas {
+            if !me.vmas.iter().any(|cv| same(pv, cv)) {
+                self.leader().call(libc::SYS_munmap, [pv.start, pv.end - pv.start, 0, 0, 0, 0])?;
+            }
+        }
+        let mut fresh = Vec::new();
+        for cv in &me.vmas {
+            let Some(pv) = parent.vmas.iter().find(|pv| same(pv, cv)) else {
+                fresh.push(cv);
+                continue;
+            };
+            if cv.kind == pb::VmaKind::AnonShared as i32 || cv.kind == pb::VmaKind::FileShared as i32 {
+                continue;
+            }
+            // Pages the parent has and this process had not: back to a hole.
+            let mine = ranges_in(&me.page_runs, cv);
+            for (s, e) in ranges_in(&parent.page_runs, pv) {
+                for (a, b) in subtract((s, e), &mine) {
+                    self.leader().call(libc::SYS_madvise, [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
+                }
+            }
+        }
+        Ok(fresh)
     }
 
     fn move_block(&mut self, pre: &Preflight, from: u64, to: u64) -> Result<(), RestoreError> {
@@ -377,7 +427,11 @@ impl Stub {
     }
 
     /// Maps every mapping of the process (writable while pages are filled).
-    pub(super) fn map_vmas(&mut self, vmas: &[pb::Vma], shm: &mut Shmem) -> Result<(), RestoreError> {
+    pub(super) fn map_vmas<'v>(
+        &mut self,
+        vmas: impl IntoIterator<Item = &'v pb::Vma>,
+        shm: &mut Shmem,
+    ) -> Result<(), RestoreError> {
         let mut files: HashMap<(String, bool), u64> = HashMap::new();
         let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         for v in vmas {
@@ -504,6 +558,43 @@ impl Stub {
     pub(super) fn tids(&self) -> Vec<i32> {
         self.threads.iter().map(|t| t.pid()).collect()
     }
+}
+
+/// Address ranges of the runs inside `v`, sorted and merged.
+fn ranges_in(runs: &[pb::PageRun], v: &pb::Vma) -> Vec<(u64, u64)> {
+    let mut r: Vec<(u64, u64)> = runs
+        .iter()
+        .map(|r| (r.vaddr, r.vaddr + r.nr_pages * 4096))
+        .filter(|(s, _)| *s >= v.start && *s < v.end)
+        .collect();
+    r.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in r {
+        match out.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// `range` minus the sorted, disjoint `holes`.
+fn subtract(range: (u64, u64), holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut cur = range.0;
+    for &(s, e) in holes {
+        if e <= cur || s >= range.1 {
+            continue;
+        }
+        if s > cur {
+            out.push((cur, s));
+        }
+        cur = cur.max(e);
+    }
+    if cur < range.1 {
+        out.push((cur, range.1));
+    }
+    out
 }
 
 /// Kills a stub process and collects the exit of each of its tasks.

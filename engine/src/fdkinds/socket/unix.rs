@@ -5,7 +5,8 @@
 //! and the data waiting in its receive queue with MSG_PEEK (SO_PEEK_OFF
 //! walks the queue; message boundaries are kept for datagram and seqpacket
 //! sockets). Refused: a peer held by a process outside the dumped tree
-//! (--ext-unix-sk, not available yet), connections not accepted yet,
+//! (with --ext-unix-sk, a datagram socket connected to a named outside
+//! peer is reconnected by name instead), connections not accepted yet,
 //! descriptors in flight (SCM_RIGHTS), out-of-band data, a bound socket
 //! file that was removed or replaced, and queued datagrams from a named
 //! sender other than the peer (their sender address would be lost).
