@@ -14,3 +14,4 @@ pub mod inject;
 pub mod procfs;
 pub mod restore;
 pub mod sys;
+pub mod track;

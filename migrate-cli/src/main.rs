@@ -17,6 +17,23 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Options shared by `dump` and `pre-dump` for incremental images.
+#[derive(clap::Args, Clone)]
+struct IncrementalArgs {
+    /// Build on this earlier image (relative to --images-dir unless absolute): unchanged pages are not stored again.
+    #[arg(long)]
+    prev_images_dir: Option<PathBuf>,
+    /// Keep per-page checksums so a later dump can build on this one.
+    #[arg(long)]
+    track_mem: bool,
+    /// After writing, drop from the parent images the pages this one supersedes.
+    #[arg(long)]
+    auto_dedup: bool,
+    /// How changed pages are found: auto, uffd, soft-dirty or hash.
+    #[arg(long, default_value = "auto")]
+    dirty_tracker: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Probe the running kernel for everything floe needs.
@@ -48,9 +65,43 @@ enum Cmd {
         /// Allow datagram unix sockets connected to a named socket outside the tree (reconnected on restore).
         #[arg(long)]
         ext_unix_sk: bool,
+        #[command(flatten)]
+        inc: IncrementalArgs,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Copy a running process tree's memory without stopping it for long; a later dump builds on it.
+    PreDump {
+        /// PID of the root of the tree.
+        #[arg(short = 't', long = "tree")]
+        pid: i32,
+        /// Image directory (created if missing).
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
+        /// Allow a process attached to a terminal or to a session led outside the dump.
+        #[arg(long)]
+        shell_job: bool,
+        /// Overwrite an existing image in the directory.
+        #[arg(long)]
+        force: bool,
+        /// Allow datagram unix sockets connected to a named socket outside the tree.
+        #[arg(long)]
+        ext_unix_sk: bool,
+        /// Dump file locks too.
+        #[arg(long)]
+        file_locks: bool,
+        #[command(flatten)]
+        inc: IncrementalArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop from an image's parents every page it supersedes.
+    Dedup {
+        /// The newest image of the chain.
+        #[arg(short = 'D', long = "images-dir")]
+        dir: PathBuf,
     },
     /// Bring a process back from an image directory.
     Restore {
@@ -105,9 +156,64 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if report.looks_good() { 0 } else { 1 })
         }
-        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, ext_unix_sk, json } => {
-            let opts =
-                dump::DumpOptions { pid, dir: dir.clone(), leave_running, shell_job, force, file_locks, ext_unix_sk };
+        Cmd::PreDump { pid, dir, shell_job, force, ext_unix_sk, file_locks, inc, json } => {
+            let opts = dump::DumpOptions {
+                pid,
+                dir: dir.clone(),
+                leave_running: true,
+                shell_job,
+                force,
+                file_locks,
+                ext_unix_sk,
+                prev_images_dir: inc.prev_images_dir,
+                track_mem: true,
+                pre_dump: true,
+                auto_dedup: inc.auto_dedup,
+                dirty_tracker: inc.dirty_tracker,
+            };
+            let defer = sys::DeferTermination::new();
+            let report =
+                dump::dump(&opts).with_context(|| format!("pre-dump of pid {pid} into {} failed", dir.display()));
+            drop(defer);
+            let report = report?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "pre-dumped pid {} ({} process(es)) into {}: {:.1} MiB written, {} pages reused; stopped {:.1} ms, total {:.1} ms (tracker {})",
+                    report.pid,
+                    report.processes,
+                    report.dir.display(),
+                    report.page_bytes as f64 / 1048576.0,
+                    report.reused_pages,
+                    report.timings.frozen_ms,
+                    report.timings.total_ms,
+                    report.dirty_tracker
+                );
+            }
+            Ok(0)
+        }
+        Cmd::Dedup { dir } => {
+            let freed =
+                floe_engine::image::dedup::dedup(&dir).with_context(|| format!("dedup of {} failed", dir.display()))?;
+            println!("freed {:.1} MiB in the parents of {}", freed as f64 / 1048576.0, dir.display());
+            Ok(0)
+        }
+        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, ext_unix_sk, inc, json } => {
+            let opts = dump::DumpOptions {
+                pid,
+                dir: dir.clone(),
+                leave_running,
+                shell_job,
+                force,
+                file_locks,
+                ext_unix_sk,
+                prev_images_dir: inc.prev_images_dir,
+                track_mem: inc.track_mem,
+                pre_dump: false,
+                auto_dedup: inc.auto_dedup,
+                dirty_tracker: inc.dirty_tracker,
+            };
             let defer = sys::DeferTermination::new();
             let report = dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()));
             drop(defer);

@@ -132,8 +132,33 @@ impl FrozenTree {
         Ok(tree)
     }
 
+    /// Whether the tasks were already let go (pre-dump).
+    pub fn released(&self) -> bool {
+        self.done
+    }
+
+    /// Lets every task run on, keeping the record (pre-dump copies pages afterwards).
+    pub fn resume_in_place(&mut self) -> Result<(), DumpError> {
+        if self.done {
+            return Ok(());
+        }
+        self.done = true;
+        let mut first_err = None;
+        for p in &self.procs {
+            for t in &p.threads {
+                if let Err(e) = resume_with_restart(t.tid, &t.regs, t.injected) {
+                    first_err.get_or_insert(DumpError::from(e));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Lets every task run on, each from where it stopped.
     pub fn resume(mut self) -> Result<(), DumpError> {
+        if self.done {
+            return Ok(());
+        }
         self.done = true;
         let mut first_err = None;
         for p in &self.procs {

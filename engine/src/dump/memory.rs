@@ -282,12 +282,72 @@ pub struct PageSink {
     /// Detect pages a child still shares copy-on-write with its parent (same
     /// physical frame at the same address) and store them once.
     share_cow: bool,
+    /// Per-page checksums and deduplication (incremental images, pre-dumps,
+    /// --track-mem): set with [`PageSink::incremental`].
+    inc: Option<Incremental>,
+    /// Pre-dump: the processes run while pages are copied; a batch that can
+    /// no longer be read (unmapped meanwhile) is skipped, not an error.
+    tolerate_races: bool,
     /// Runs stored so far, by (vaddr, pages): their frames, offset and checksum.
     stored: std::collections::HashMap<(u64, u64), Vec<StoredRun>>,
 }
 
 /// A stored run's physical frames, file offset, checksum and process.
 type StoredRun = (Vec<u64>, u64, Vec<u8>, i32);
+
+/// Where a page's bytes are: image (0 = the one being written, k = k-th
+/// ancestor), file offset, and its 16-byte blake3 prefix.
+#[derive(Debug, Clone, Copy)]
+pub struct PageLoc {
+    pub image: u32,
+    pub offset: u64,
+    pub hash: [u8; 16],
+}
+
+/// Pages known from the parent chain and from this image so far.
+#[derive(Default)]
+pub struct Incremental {
+    /// (pid, page address) -> the page at that address in the newest parent that has it.
+    pub by_addr: std::collections::HashMap<(i32, u64), PageLoc>,
+    /// Content -> some stored copy (content deduplication).
+    pub by_hash: std::collections::HashMap<[u8; 16], PageLoc>,
+    /// Pages referenced instead of stored (statistics).
+    pub reused: u64,
+}
+
+pub fn hash16(page: &[u8]) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h.copy_from_slice(&blake3::hash(page).as_bytes()[..16]);
+    h
+}
+
+/// Appends a page to the run being built, or starts a new one.
+fn push_page(out: &mut Vec<pb::PageRun>, cur: &mut Option<pb::PageRun>, vaddr: u64, loc: PageLoc) {
+    if let Some(c) = cur.as_mut() {
+        let n = c.nr_pages;
+        if c.vaddr + n * PAGE == vaddr
+            && c.image == loc.image
+            && c.file_offset + n * PAGE == loc.offset
+            && n < RUN_PAGES
+        {
+            c.nr_pages += 1;
+            c.page_hashes.extend_from_slice(&loc.hash);
+            return;
+        }
+    }
+    if let Some(done) = cur.take() {
+        out.push(done);
+    }
+    *cur = Some(pb::PageRun {
+        vaddr,
+        nr_pages: 1,
+        file_offset: loc.offset,
+        blake3: Vec::new(),
+        cow: false,
+        image: loc.image,
+        page_hashes: loc.hash.to_vec(),
+    });
+}
 
 /// Physical frame numbers of `pages` pages at `vaddr` (0 where unknown).
 fn frames(pagemap: &File, vaddr: u64, pages: u64) -> Vec<u64> {
@@ -332,8 +392,28 @@ impl PageSink {
             allocated: 0,
             page_bytes: 0,
             share_cow: false,
+            inc: None,
+            tolerate_races: false,
             stored: std::collections::HashMap::new(),
         })
+    }
+
+    /// Per-page checksums, reuse of unchanged pages from the parent chain
+    /// (`inc.by_addr`) and content deduplication. Turns copy-on-write
+    /// detection off (content deduplication stores those pages once anyway).
+    pub fn incremental(&mut self, inc: Incremental) {
+        self.inc = Some(inc);
+        self.share_cow = false;
+    }
+
+    /// Pages are read from running processes (pre-dump).
+    pub fn tolerate_races(&mut self, on: bool) {
+        self.tolerate_races = on;
+    }
+
+    /// Pages referenced from the chain or deduplicated instead of stored.
+    pub fn reused_pages(&self) -> u64 {
+        self.inc.as_ref().map(|i| i.reused).unwrap_or(0)
     }
 
     /// Turns on copy-on-write sharing detection (for trees of processes).
@@ -388,6 +468,8 @@ impl PageSink {
                             blake3: hash.clone(),
                             // Shared with the parent itself: restore can inherit it by fork.
                             cow: owner == ppid,
+                            image: 0,
+                            page_hashes: Vec::new(),
                         });
                         // Its own children may share it with this process in turn.
                         self.stored.entry((r.vaddr, r.len / PAGE)).or_default().push((f, off, hash, pid));
@@ -433,9 +515,75 @@ impl PageSink {
             }
             t_wait += t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
-            read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total])?;
+            if let Err(e) = read_batch(pid, &mem_file, &runs[i..j], &mut buf[..total]) {
+                if !self.tolerate_races {
+                    return Err(e);
+                }
+                tracing::debug!(pid, error = %e, "pre-dump: pages changed under us, skipped");
+                let _ = self.ret_tx_back(buf);
+                i = j;
+                continue;
+            }
             t_read += t.elapsed().as_secs_f64();
             let t = std::time::Instant::now();
+            if let Some(inc) = self.inc.as_mut() {
+                // Page by page: reuse what the chain has, store the rest compacted.
+                let mut stored = 0usize;
+                let mut cur: Option<pb::PageRun> = None;
+                let mut o = 0usize;
+                for r in &runs[i..j] {
+                    for k in 0..(r.len / PAGE) {
+                        let vaddr = r.vaddr + k * PAGE;
+                        let at = o + (k * PAGE) as usize;
+                        let h = hash16(&buf[at..at + PAGE as usize]);
+                        let known = inc
+                            .by_addr
+                            .get(&(pid, vaddr))
+                            .filter(|l| l.hash == h)
+                            .or_else(|| inc.by_hash.get(&h))
+                            .copied();
+                        let loc = match known {
+                            Some(l) => {
+                                inc.reused += 1;
+                                l
+                            }
+                            None => {
+                                let dst = stored * PAGE as usize;
+                                if dst != at {
+                                    buf.copy_within(at..at + PAGE as usize, dst);
+                                }
+                                let l = PageLoc { image: 0, offset: self.offset + dst as u64, hash: h };
+                                inc.by_hash.insert(h, l);
+                                stored += 1;
+                                l
+                            }
+                        };
+                        push_page(&mut out_runs, &mut cur, vaddr, loc);
+                    }
+                    // A run never crosses a planned run (and so a mapping) boundary.
+                    if let Some(done) = cur.take() {
+                        out_runs.push(done);
+                    }
+                    o += r.len as usize;
+                }
+                if let Some(done) = cur.take() {
+                    out_runs.push(done);
+                }
+                t_hash += t.elapsed().as_secs_f64();
+                let len = stored * PAGE as usize;
+                let sent = self.tx.as_ref().map(|tx| tx.send((buf, len, self.offset)).is_ok()).unwrap_or(false);
+                if !sent {
+                    return Err(self.join_writer(pid).err().unwrap_or(DumpError::Io {
+                        pid,
+                        what: "page writer stopped".into(),
+                        source: std::io::Error::other("writer gone"),
+                    }));
+                }
+                self.offset += len as u64;
+                self.page_bytes += len as u64;
+                i = j;
+                continue;
+            }
             let mut o = 0usize;
             for (k, r) in runs[i..j].iter().enumerate() {
                 let data = &buf[o..o + r.len as usize];
@@ -445,6 +593,8 @@ impl PageSink {
                     file_offset: self.offset + o as u64,
                     blake3: blake3::hash(data).as_bytes().to_vec(),
                     cow: false,
+                    image: 0,
+                    page_hashes: Vec::new(),
                 };
                 if let Some(f) = run_frames.get_mut(i + k) {
                     if !f.contains(&0) {
@@ -474,6 +624,15 @@ impl PageSink {
         }
         tracing::debug!(pid, read_s = t_read, hash_s = t_hash, wait_s = t_wait, "page copy breakdown");
         Ok(out_runs)
+    }
+
+    /// Gives an unused buffer back to the pool.
+    fn ret_tx_back(&mut self, buf: Vec<u8>) -> Result<(), ()> {
+        // Sending an empty chunk returns the buffer through the writer.
+        match self.tx.as_ref() {
+            Some(tx) => tx.send((buf, 0, self.offset)).map_err(drop),
+            None => Err(()),
+        }
     }
 
     /// Waits for the writer, then appends the blobs.

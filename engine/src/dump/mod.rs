@@ -36,6 +36,17 @@ pub struct DumpOptions {
     pub file_locks: bool,
     /// Allow datagram unix sockets connected to a named peer outside the tree.
     pub ext_unix_sk: bool,
+    /// Incremental: the parent image (relative to `dir` unless absolute).
+    pub prev_images_dir: Option<PathBuf>,
+    /// Keep per-page checksums so that a later dump can build on this one.
+    pub track_mem: bool,
+    /// Pre-dump: stop the processes only to collect state, copy pages while
+    /// they run, never kill them; the image serves only as a parent.
+    pub pre_dump: bool,
+    /// After writing, drop from the parent images every page this image supersedes.
+    pub auto_dedup: bool,
+    /// "auto", "uffd", "soft-dirty" or "hash".
+    pub dirty_tracker: String,
     pub force: bool,
 }
 
@@ -67,6 +78,11 @@ pub struct DumpReport {
     pub page_bytes: u64,
     pub image_bytes: u64,
     pub left_running: bool,
+    /// Pages found unchanged in the parent chain or identical to a stored page.
+    pub reused_pages: u64,
+    /// Bytes freed in parent images by --auto-dedup.
+    pub dedup_freed: u64,
+    pub dirty_tracker: String,
     pub timings: DumpTimings,
 }
 
@@ -182,6 +198,12 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
     let pid = opts.pid;
     let pre = checks::preflight(pid, opts)?;
+    let tracker = resolve_tracker(pid, &opts.dirty_tracker)?;
+    // The parent chain is read before anything is stopped.
+    let parent = match &opts.prev_images_dir {
+        Some(rel) => Some(open_parent(pid, &opts.dir, rel)?),
+        None => None,
+    };
     let writer = ImageWriter::create(&opts.dir, opts.force)?;
     let mut timings = DumpTimings::default();
     let t_freeze = Instant::now();
@@ -194,7 +216,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
-    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0) {
+    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), tracker) {
         Ok(r) => r,
         Err(e) => {
             writer.abort();
@@ -203,18 +225,25 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         }
     };
     let t_release = Instant::now();
-    if opts.leave_running {
+    if frozen.released() {
+        // Pre-dump: the processes ran on since the state was collected.
+    } else if opts.leave_running || opts.pre_dump {
         frozen.resume()?;
+        timings.frozen_ms = ms(t_freeze.elapsed());
     } else {
         frozen.kill()?;
+        timings.frozen_ms = ms(t_freeze.elapsed());
     }
-    timings.frozen_ms = ms(t_freeze.elapsed());
+    if opts.auto_dedup && opts.prev_images_dir.is_some() {
+        report.dedup_freed = crate::image::dedup::dedup(&opts.dir)?;
+    }
     report.timings = timings;
     report.timings.total_ms = ms(t0.elapsed());
     tracing::info!(pid, processes = report.processes, release_ms = ms(t_release.elapsed()), timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
     Ok(report)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn dump_frozen(
     opts: &DumpOptions,
     pre: &checks::Preflight,
@@ -222,6 +251,8 @@ fn dump_frozen(
     frozen: &mut FrozenTree,
     timings: &mut DumpTimings,
     t0: Instant,
+    parent: Option<&Parent>,
+    tracker: &'static str,
 ) -> Result<DumpReport, DumpError> {
     let root = opts.pid;
     checks::after_freeze(frozen, pre, root)?;
@@ -245,11 +276,21 @@ fn dump_frozen(
     let pages = writer.open_pages()?;
     let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
     sink.share_cow(processes.len() > 1);
+    if parent.is_some() || opts.track_mem || opts.pre_dump {
+        sink.incremental(parent.map(|p| p.index()).unwrap_or_default());
+    }
+    if opts.pre_dump {
+        // Everything but the pages is collected: let the processes run.
+        frozen.resume_in_place()?;
+        timings.frozen_ms = ms(t_collect.elapsed()) + timings.freeze_ms;
+        sink.tolerate_races(true);
+    }
     for (p, vmas) in processes.iter_mut().zip(&plans) {
         if !p.zombie {
             p.page_runs = sink.dump_process(p.pid, p.ppid, vmas)?;
         }
     }
+    let reused_pages = sink.reused_pages();
     let out = sink.finish(&blobs)?;
     timings.memory_ms = ms(t_mem.elapsed());
 
@@ -276,6 +317,9 @@ fn dump_frozen(
         blobs: out.blobs,
         image_id: writer.image_id.to_vec(),
         sysv_shm,
+        parent: parent.map(|p| p.link.clone()),
+        pre_dump: opts.pre_dump,
+        dirty_tracker: tracker.to_string(),
     };
     let manifest_len = writer.commit(&manifest, out.file)?;
     timings.commit_ms = ms(t_commit.elapsed());
@@ -289,9 +333,85 @@ fn dump_frozen(
         fds: nr_fds,
         page_bytes: out.page_bytes,
         image_bytes: out.file_size + manifest_len,
-        left_running: opts.leave_running,
+        left_running: opts.leave_running || opts.pre_dump,
+        reused_pages,
+        dedup_freed: 0,
+        dirty_tracker: tracker.to_string(),
         timings: timings.clone(),
     })
+}
+
+/// The parent chain of an incremental dump.
+struct Parent {
+    link: pb::ParentRef,
+    chain: crate::image::ImageChain,
+}
+
+impl Parent {
+    /// Where each page of the chain is, by address and by content.
+    fn index(&self) -> memory::Incremental {
+        let mut inc = memory::Incremental::default();
+        for (d, img) in self.chain.images.iter().enumerate() {
+            for p in &img.manifest.processes {
+                for r in &p.page_runs {
+                    for k in 0..r.nr_pages as usize {
+                        let mut hash = [0u8; 16];
+                        hash.copy_from_slice(&r.page_hashes[k * 16..k * 16 + 16]);
+                        let loc = memory::PageLoc {
+                            image: d as u32 + 1 + r.image,
+                            offset: r.file_offset + k as u64 * memory::PAGE,
+                            hash,
+                        };
+                        inc.by_addr.entry((p.pid, r.vaddr + k as u64 * memory::PAGE)).or_insert(loc);
+                        inc.by_hash.entry(hash).or_insert(loc);
+                    }
+                }
+            }
+        }
+        inc
+    }
+}
+
+fn open_parent(pid: i32, dir: &std::path::Path, rel: &std::path::Path) -> Result<Parent, DumpError> {
+    // A relative parent is relative to the new image's directory, which must exist to resolve "..".
+    std::fs::create_dir_all(dir).map_err(|source| DumpError::Io {
+        pid,
+        what: format!("cannot create image directory {}", dir.display()),
+        source,
+    })?;
+    let pdir = if rel.is_absolute() { rel.to_path_buf() } else { dir.join(rel) };
+    let chain = crate::image::ImageChain::open(&pdir)?;
+    for img in &chain.images {
+        let hashed = img
+            .manifest
+            .processes
+            .iter()
+            .flat_map(|p| &p.page_runs)
+            .all(|r| r.page_hashes.len() as u64 == r.nr_pages * 16);
+        if !hashed {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!(
+                    "parent image {} has no per-page checksums; take parents with `floe pre-dump` or `floe dump --track-mem`",
+                    img.dir.display()
+                ),
+            });
+        }
+    }
+    let link =
+        pb::ParentRef { dir: rel.to_string_lossy().into_owned(), image_id: chain.newest().manifest.image_id.clone() };
+    Ok(Parent { link, chain })
+}
+
+/// The dirty tracker for this dump: checked against what the kernel offers.
+fn resolve_tracker(pid: i32, name: &str) -> Result<&'static str, DumpError> {
+    match name {
+        "" | "auto" | "hash" => Ok("hash"),
+        other => Err(DumpError::Refused {
+            pid,
+            what: format!("dirty tracker {other:?} is not available in this build; use --dirty-tracker hash (or auto)"),
+        }),
+    }
 }
 
 /// Everything about one process except its page data.

@@ -4,6 +4,8 @@
 //! Both files are written under temporary names and renamed into place only
 //! when complete, manifest last, so a directory holding a `manifest.img`
 //! always holds a complete image.
+pub mod dedup;
+
 use floe_proto::image::Manifest;
 use floe_proto::Message;
 use std::fs::{self, File, OpenOptions};
@@ -54,6 +56,17 @@ pub enum ImageError {
     },
     #[error("{path}: inconsistent image: {what}")]
     Invalid { path: PathBuf, what: String },
+    #[error("{dir}: its parent image {parent} cannot be used")]
+    Parent {
+        dir: PathBuf,
+        parent: PathBuf,
+        #[source]
+        source: Box<ImageError>,
+    },
+    #[error(
+        "{dir}: its parent image {parent} was replaced or rewritten since (image id differs); the chain is broken"
+    )]
+    ParentChanged { dir: PathBuf, parent: PathBuf },
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> ImageError + 'a {
@@ -155,6 +168,71 @@ impl ImageWriter {
     pub fn abort(&self) {
         let _ = fs::remove_file(&self.pages_tmp);
         let _ = fs::remove_file(&self.manifest_tmp);
+    }
+}
+
+/// Longest chain of parent images followed.
+pub const MAX_CHAIN: usize = 64;
+
+/// An image and its ancestors (images[0] is the one asked for).
+pub struct ImageChain {
+    pub images: Vec<ImageReader>,
+}
+
+impl ImageChain {
+    /// Opens `dir` and every parent it names, checking each link's image id
+    /// and that every run pointing into an ancestor lies inside its file.
+    pub fn open(dir: &Path) -> Result<Self, ImageError> {
+        let mut images = vec![ImageReader::open(dir)?];
+        while let Some(p) = images.last().and_then(|i| i.manifest.parent.clone()) {
+            let child_dir = images.last().map(|i| i.dir.clone()).unwrap_or_default();
+            let pdir = if Path::new(&p.dir).is_absolute() { PathBuf::from(&p.dir) } else { child_dir.join(&p.dir) };
+            if images.len() >= MAX_CHAIN {
+                return Err(ImageError::Invalid {
+                    path: child_dir,
+                    what: format!("parent chain longer than {MAX_CHAIN} images (a loop?)"),
+                });
+            }
+            let parent = ImageReader::open(&pdir).map_err(|e| ImageError::Parent {
+                dir: child_dir.clone(),
+                parent: pdir.clone(),
+                source: Box::new(e),
+            })?;
+            if parent.manifest.image_id != p.image_id {
+                return Err(ImageError::ParentChanged { dir: child_dir, parent: pdir });
+            }
+            images.push(parent);
+        }
+        for (i, img) in images.iter().enumerate() {
+            for p in &img.manifest.processes {
+                for r in p.page_runs.iter().filter(|r| r.image != 0) {
+                    let bad = |what: String| ImageError::Invalid { path: img.dir.join(MANIFEST_FILE), what };
+                    let src = images.get(i + r.image as usize).ok_or_else(|| {
+                        bad(format!("page run at {:#x} of pid {} points past the oldest parent", r.vaddr, p.pid))
+                    })?;
+                    let end = r.file_offset.saturating_add(r.nr_pages * 4096);
+                    if r.file_offset < PAGES_DATA_OFFSET || end > src.manifest.pages_file_size {
+                        return Err(bad(format!(
+                            "page run at {:#x} of pid {} lies outside {}",
+                            r.vaddr,
+                            p.pid,
+                            src.pages_path.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Self { images })
+    }
+
+    /// The image asked for.
+    pub fn newest(&self) -> &ImageReader {
+        &self.images[0]
+    }
+
+    /// The pages file a run of image `from` lives in.
+    pub fn pages_of(&self, from: usize, run: &floe_proto::image::PageRun) -> Option<(&File, &Path)> {
+        self.images.get(from + run.image as usize).map(|i| (&i.pages, i.pages_path.as_path()))
     }
 }
 
@@ -277,16 +355,22 @@ impl ImageReader {
             }
             for r in &p.page_runs {
                 let len = r.nr_pages.checked_mul(4096).ok_or_else(|| bad("page run too long".into()))?;
-                let end = r.file_offset.checked_add(len).ok_or_else(|| bad("page run offset overflows".into()))?;
-                if r.file_offset < PAGES_DATA_OFFSET
-                    || end > m.pages_file_size
-                    || r.vaddr % 4096 != 0
-                    || r.blake3.len() != 32
-                {
-                    return Err(bad(format!(
-                        "page run at {:#x} of pid {} lies outside the pages file",
-                        r.vaddr, p.pid
-                    )));
+                if r.vaddr % 4096 != 0 || r.vaddr.checked_add(len).is_none() {
+                    return Err(bad(format!("page run at {:#x} of pid {} is misaligned", r.vaddr, p.pid)));
+                }
+                let hashed = r.page_hashes.len() as u64 == r.nr_pages * 16;
+                if !hashed && (r.blake3.len() != 32 || r.image != 0) {
+                    return Err(bad(format!("page run at {:#x} of pid {} has no usable checksum", r.vaddr, p.pid)));
+                }
+                // Runs in an ancestor's pages.img are checked against it by ImageChain.
+                if r.image == 0 {
+                    let end = r.file_offset.checked_add(len).ok_or_else(|| bad("page run offset overflows".into()))?;
+                    if r.file_offset < PAGES_DATA_OFFSET || end > m.pages_file_size {
+                        return Err(bad(format!(
+                            "page run at {:#x} of pid {} lies outside the pages file",
+                            r.vaddr, p.pid
+                        )));
+                    }
                 }
                 if !p.vmas.iter().any(|v| r.vaddr >= v.start && r.vaddr + len <= v.end) {
                     return Err(bad(format!("page run at {:#x} of pid {} is outside every mapping", r.vaddr, p.pid)));

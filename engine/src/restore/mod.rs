@@ -110,8 +110,8 @@ impl Tree {
     /// process is built and filled before its children are forked from it,
     /// so memory they shared copy-on-write is shared again. Returns the tree
     /// and the bytes written.
-    pub fn create_filled(img: &ImageReader, pre: &Preflight) -> Result<(Self, u64, f64), RestoreError> {
-        let m = &img.manifest;
+    pub fn create_filled(chain: &ImageChain, pre: &Preflight) -> Result<(Self, u64, f64), RestoreError> {
+        let m = &chain.newest().manifest;
         let ns_init = if pre.new_pidns {
             let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
             Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
@@ -122,7 +122,7 @@ impl Tree {
         } else {
             None
         };
-        let r = Self::create_filled_in(img, pre, ns_init);
+        let r = Self::create_filled_in(chain, pre, ns_init);
         if r.is_err() {
             if let Some(init) = ns_init {
                 let _ = crate::sys::task::kill(init, libc::SIGKILL);
@@ -133,11 +133,11 @@ impl Tree {
     }
 
     fn create_filled_in(
-        img: &ImageReader,
+        chain: &ImageChain,
         pre: &Preflight,
         ns_init: Option<i32>,
     ) -> Result<(Self, u64, f64), RestoreError> {
-        let m = &img.manifest;
+        let m = &chain.newest().manifest;
         let scratch = stub::choose_scratch(m, pre)?;
         let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
         let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
@@ -158,7 +158,7 @@ impl Tree {
         tree.procs[0].place_vdso(&vdso_of(root)?, pre)?;
         tree.procs[0].map_vmas(&root.vmas, &mut tree.shm)?;
         let t = Instant::now();
-        let mut bytes = load_pages_where(img, &mut tree, |pid, _| pid == root.pid)?;
+        let mut bytes = load_pages_where(chain, &mut tree, |pid, _| pid == root.pid)?;
         let mut pages_ms = ms(t);
         for p in &m.processes[1..] {
             let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
@@ -175,7 +175,7 @@ impl Tree {
             tree.procs[i].place_vdso(&vdso_of(p)?, pre)?;
             tree.procs[i].map_vmas(fresh, &mut tree.shm)?;
             let t = Instant::now();
-            bytes += load_pages_where(img, &mut tree, |pid, r| pid == p.pid && !r.cow)?;
+            bytes += load_pages_where(chain, &mut tree, |pid, r| pid == p.pid && !r.cow)?;
             pages_ms += ms(t);
         }
         for (i, p) in m.processes.iter().enumerate() {
@@ -240,7 +240,7 @@ impl Drop for Tree {
     }
 }
 
-use crate::image::{ImageError, ImageReader};
+use crate::image::{ImageChain, ImageError};
 use crate::inject::InjectError;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -321,19 +321,28 @@ fn ms(t: Instant) -> f64 {
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let t0 = Instant::now();
     let mut timings = RestoreTimings::default();
-    let img = ImageReader::open(&opts.dir)?;
+    let chain = ImageChain::open(&opts.dir)?;
+    let img = chain.newest();
+    if img.manifest.pre_dump {
+        return Err(RestoreError::Refused {
+            what: format!(
+                "{} is a pre-dump (its pages were copied while the processes ran); restore from a dump that builds on it",
+                opts.dir.display()
+            ),
+        });
+    }
     timings.open_ms = ms(t0);
     let t = Instant::now();
-    let pre = Preflight::check(&img, opts)?;
+    let pre = Preflight::check(img, opts)?;
     timings.preflight_ms = ms(t);
     let t = Instant::now();
-    let (tree, page_bytes, pages_ms) = Tree::create_filled(&img, &pre)?;
+    let (tree, page_bytes, pages_ms) = Tree::create_filled(&chain, &pre)?;
     // Pages are written while the tree is built (see create_filled).
     timings.pages_ms = pages_ms;
     timings.create_ms = ms(t) - pages_ms;
     let t = Instant::now();
     let ns_init = tree.ns_init;
-    let host_pid = tree.finish(&img, &pre)?;
+    let host_pid = tree.finish(img, &pre)?;
     let pid = img.root().pid;
     timings.finish_ms = ms(t);
     timings.total_ms = ms(t0);

@@ -4,7 +4,7 @@
 //! while this thread copies the previous batch into the stub, so checksum
 //! cost overlaps with the page faults of the copy.
 use super::{RestoreError, Tree};
-use crate::image::{ImageError, ImageReader};
+use crate::image::{ImageChain, ImageError};
 use crate::sys::memory::{Range, MAX_IOV};
 use std::os::unix::fs::FileExt;
 use std::sync::mpsc;
@@ -21,17 +21,18 @@ struct Batch {
 
 /// Copies every page of the image into the stub, verifying checksums.
 /// Returns the number of bytes written.
-pub fn load_pages(img: &ImageReader, tree: &mut Tree) -> Result<u64, RestoreError> {
-    load_pages_where(img, tree, |_, _| true)
+pub fn load_pages(chain: &ImageChain, tree: &mut Tree) -> Result<u64, RestoreError> {
+    load_pages_where(chain, tree, |_, _| true)
 }
 
 /// Like [`load_pages`], for the runs `keep(pid, run)` selects.
 pub fn load_pages_where(
-    img: &ImageReader,
+    chain: &ImageChain,
     tree: &mut Tree,
     keep: impl Fn(i32, &floe_proto::image::PageRun) -> bool,
 ) -> Result<u64, RestoreError> {
     // (pid, run) in file order; runs of one process are contiguous.
+    let img = chain.newest();
     let runs: Vec<(i32, &floe_proto::image::PageRun)> = img
         .manifest
         .processes
@@ -40,8 +41,6 @@ pub fn load_pages_where(
         .filter(|(pid, r)| keep(*pid, r))
         .collect();
     let runs = &runs;
-    let file = &img.pages;
-    let path = &img.pages_path;
     let (tx, rx) = mpsc::sync_channel::<Result<Batch, ImageError>>(BUFFERS - 1);
     let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
     let mut written = 0u64;
@@ -55,10 +54,20 @@ pub fn load_pages_where(
                 // Runs laid out back to back in the file are read in one pread.
                 let start = runs[i].1.file_offset;
                 let pid = runs[i].0;
+                let image = runs[i].1.image;
+                let Some((file, path)) = chain.pages_of(0, runs[i].1) else {
+                    let _ = tx.send(Err(ImageError::Invalid {
+                        path: img.dir.clone(),
+                        what: format!("page run at {:#x} points at a missing parent image", runs[i].1.vaddr),
+                    }));
+                    return;
+                };
+                let path = path.to_path_buf();
                 let mut j = i;
                 let mut len = 0u64;
                 while j < runs.len()
                     && runs[j].0 == pid
+                    && runs[j].1.image == image
                     && runs[j].1.file_offset == start + len
                     && (j == i || len + runs[j].1.nr_pages * 4096 <= BATCH)
                     && j - i < MAX_IOV
@@ -90,7 +99,15 @@ pub fn load_pages_where(
                     let mut ranges = Vec::with_capacity(j - i);
                     for (_, r) in &runs[i..j] {
                         let n = (r.nr_pages * 4096) as usize;
-                        if blake3::hash(&buf[o..o + n]).as_bytes()[..] != r.blake3[..] {
+                        let ok = if r.page_hashes.len() == r.nr_pages as usize * 16 {
+                            buf[o..o + n]
+                                .chunks_exact(4096)
+                                .zip(r.page_hashes.chunks_exact(16))
+                                .all(|(page, h)| blake3::hash(page).as_bytes()[..16] == *h)
+                        } else {
+                            blake3::hash(&buf[o..o + n]).as_bytes()[..] == r.blake3[..]
+                        };
+                        if !ok {
                             return Err(ImageError::Checksum {
                                 path: path.clone(),
                                 what: format!(

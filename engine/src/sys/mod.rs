@@ -11,6 +11,7 @@ pub mod memory;
 pub mod probe;
 pub mod ptrace;
 pub mod task;
+pub mod track;
 
 use std::io;
 

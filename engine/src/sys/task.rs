@@ -389,3 +389,17 @@ pub fn set_owner(fd: &impl std::os::fd::AsRawFd, kind: i32, pid: i32) -> io::Res
     let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_SETOWN_EX, o.as_ptr()) };
     cvt(r as libc::c_long).map(drop)
 }
+
+/// Deallocates [offset, offset+len) of a file, keeping its size (reads give zeros).
+pub fn punch_hole(fd: &impl std::os::fd::AsRawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe {
+        libc::fallocate(
+            fd.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+    };
+    cvt(r as libc::c_long).map(drop)
+}

@@ -1,0 +1,1 @@
+//! Raw calls of the dirty-page trackers.

@@ -1,0 +1,1 @@
+//! Dirty-page trackers (being written).
