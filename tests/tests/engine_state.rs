@@ -1,0 +1,823 @@
+//! End-to-end: process state that floe supports but the other suites do
+//! not exercise. Each fixture checks its own state after the restore and
+//! reports it on SIGUSR1; the tests also look from outside (/proc, and by
+//! competing for the same resources). Needs root; skipped otherwise.
+//!
+//! * file locks (`--file-locks`): an flock, a POSIX record lock and an OFD
+//!   lock come back held by the restored process (fixture `state_locks`);
+//!   without the flag the dump is refused and the process is unharmed;
+//! * POSIX timers: same ids, clock, signal and value, the periodic one keeps
+//!   firing and the one-shot keeps counting down (fixture `state_timers`);
+//! * memory shared between a parent and its child: MAP_SHARED|MAP_ANONYMOUS,
+//!   a memfd (mapped and read through its fd) and a System V segment, which
+//!   keeps its id and key, also when it was removed before the restore
+//!   (fixture `state_shm`);
+//! * `floe restore -n`: a second copy of a process still running here, in
+//!   a new pid namespace where it has its old pid (fixture `sleeper`);
+//! * `--ext-unix-sk`: a datagram client of a unix server outside the dumped
+//!   tree reconnects by name and no message is lost; a stream connection
+//!   stays refused (fixtures `state_unixclient`, `state_unixserver`).
+//!
+//! Restored processes are not children of the test: [`TreeGuard`] and
+//! [`Fixture::adopt_restored`] kill them by pid, panics included; System V
+//! segments the fixtures create are removed by [`SysvGuard`].
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use floe_tests::*;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+/// How long the killed original processes may take to vanish (PID 1 reaps
+/// orphans slowly here).
+const ORIGINALS_GONE: Duration = Duration::from_secs(10);
+
+/// A fixture following the `--ready`/`--report` convention.
+struct Fx {
+    fx: Fixture,
+    ready: PathBuf,
+    report_path: PathBuf,
+}
+
+impl Fx {
+    fn spawn<S: AsRef<std::ffi::OsStr>>(name: &str, td: &TestDir, extra: &[S]) -> Self {
+        let ready = td.join(format!("{name}.ready"));
+        let report_path = td.join(format!("{name}.report"));
+        let fx = Spawn::fixture(name, td.path())
+            .arg("--ready")
+            .arg(&ready)
+            .arg("--report")
+            .arg(&report_path)
+            .args(extra)
+            .ready_file(&ready)
+            .spawn();
+        Self { fx, ready, report_path }
+    }
+
+    fn pid(&self) -> i32 {
+        self.fx.pid
+    }
+
+    fn ready_info(&self) -> Report {
+        read_report(&self.ready)
+    }
+
+    fn report(&self) -> Report {
+        request_report(self.fx.pid, &self.report_path, libc::SIGUSR1, &self.fx.log)
+    }
+
+    /// Requests reports until `cond` holds for one (panics after 10 s).
+    fn await_report(&self, what: &str, cond: impl FnMut(&Report) -> bool) -> Report {
+        eprintln!("waiting for: {what}");
+        signal_and_await_report(self.fx.pid, None, &self.report_path, &self.fx.log, Duration::from_secs(10), cond)
+    }
+}
+
+/// Panics unless `haystack` contains `n` as a whole number (not as part of
+/// a longer run of digits), e.g. a pid.
+fn assert_mentions_number(haystack: &str, n: impl std::fmt::Display, what: &str) {
+    let n = n.to_string();
+    let found = haystack.match_indices(&n).any(|(i, _)| {
+        let before = haystack[..i].chars().next_back();
+        let after = haystack[i + n.len()..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_digit()) && !after.is_some_and(|c| c.is_ascii_digit())
+    });
+    assert!(found, "{what}: expected the message to mention {n}, got:\n{haystack}");
+}
+
+/// No manifest.img or pages.img in `dir`.
+fn assert_no_image(dir: &Path, what: &str) {
+    for f in ["manifest.img", "pages.img"] {
+        assert!(!dir.join(f).exists(), "{what}: {} exists after a refused dump", dir.join(f).display());
+    }
+}
+
+/// `floe dump` without options must be refused (the process keeps running,
+/// no image); returns the lower-cased message.
+fn refused_dump(pid: i32, dir: &Path, extra: &[&str], what: &str) -> String {
+    let out = dump(pid, dir, extra);
+    let err = assert_failed_cleanly(&out, what);
+    assert_no_image(dir, what);
+    err
+}
+
+// ---------------------------------------------------------------------------
+// file locks
+
+/// One line of /proc/locks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProcLock {
+    kind: String,
+    mode: String,
+    pid: i32,
+    start: String,
+    end: String,
+}
+
+/// "maj:min:ino" as /proc/locks names a file.
+fn lock_file_id(path: &Path) -> String {
+    let m = fs::metadata(path).unwrap();
+    let dev = m.dev();
+    format!("{:02x}:{:02x}:{}", libc::major(dev), libc::minor(dev), m.ino())
+}
+
+/// The granted locks /proc/locks lists for `path` (waiters, "->", skipped).
+fn proc_locks_on(path: &Path) -> Vec<ProcLock> {
+    let id = lock_file_id(path);
+    fs::read_to_string("/proc/locks")
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() < 8 || f[1] == "->" || f[5] != id {
+                return None;
+            }
+            Some(ProcLock {
+                kind: f[1].to_owned(),
+                mode: f[3].to_owned(),
+                pid: f[4].parse().ok()?,
+                start: f[6].to_owned(),
+                end: f[7].to_owned(),
+            })
+        })
+        .collect()
+}
+
+fn lock(kind: &str, mode: &str, pid: i32, start: &str, end: &str) -> ProcLock {
+    ProcLock { kind: kind.into(), mode: mode.into(), pid, start: start.into(), end: end.into() }
+}
+
+/// /proc/locks holds exactly the fixture's three locks on A, B and C.
+fn assert_proc_locks(pid: i32, files: &[PathBuf; 3], what: &str) {
+    let want = [
+        vec![lock("FLOCK", "WRITE", pid, "0", "EOF")],
+        vec![lock("POSIX", "WRITE", pid, "10", "29")],
+        vec![lock("OFDLCK", "READ", -1, "0", "99")],
+    ];
+    for (f, want) in files.iter().zip(want) {
+        assert_eq!(proc_locks_on(f), want, "{what}: /proc/locks for {}", f.display());
+    }
+}
+
+fn flock_struct(ty: libc::c_int, start: i64, len: i64) -> libc::flock {
+    // SAFETY: struct flock is plain old data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = ty as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = len;
+    fl
+}
+
+fn fcntl_lock(f: &File, cmd: libc::c_int, fl: &mut libc::flock) -> io::Result<()> {
+    // SAFETY: f is an open fd and fl a valid, writable struct flock.
+    if unsafe { libc::fcntl(f.as_raw_fd(), cmd, fl as *mut libc::flock) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Asserts a lock attempt failed because someone else holds the lock.
+fn assert_would_block(r: io::Result<()>, what: &str) {
+    match r {
+        Ok(()) => panic!("{what}: the test got the lock, so the fixture does not hold it"),
+        Err(e) => assert!(
+            matches!(e.raw_os_error(), Some(libc::EWOULDBLOCK) | Some(libc::EACCES)),
+            "{what}: expected EWOULDBLOCK/EAGAIN, got {e}"
+        ),
+    }
+}
+
+/// The test (another process, other open file descriptions) competes for
+/// the fixture's locks and loses each time.
+fn assert_locks_held(pid: i32, files: &[PathBuf; 3], what: &str) {
+    let open_rw = |p: &Path| OpenOptions::new().read(true).write(true).open(p).unwrap();
+    let a = open_rw(&files[0]);
+    // SAFETY: flock takes an open fd and an integer operation.
+    let rc = unsafe { libc::flock(a.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    let r = if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) };
+    assert_would_block(r, &format!("{what}: flock(LOCK_EX|LOCK_NB) on A"));
+
+    let b = open_rw(&files[1]);
+    let mut fl = flock_struct(libc::F_WRLCK, 15, 2);
+    assert_would_block(fcntl_lock(&b, libc::F_SETLK, &mut fl), &format!("{what}: F_SETLK write on B 15..16"));
+    // F_GETLK names the holder and its range.
+    let mut fl = flock_struct(libc::F_WRLCK, 15, 2);
+    fcntl_lock(&b, libc::F_GETLK, &mut fl).unwrap();
+    assert_eq!(
+        (i32::from(fl.l_type), fl.l_start, fl.l_len, fl.l_pid),
+        (libc::F_WRLCK, 10, 20, pid),
+        "{what}: F_GETLK on B 15..16 (type, start, len, pid)"
+    );
+    // Outside 10..29 nothing conflicts.
+    let mut fl = flock_struct(libc::F_WRLCK, 30, 10);
+    fcntl_lock(&b, libc::F_GETLK, &mut fl).unwrap();
+    assert_eq!(i32::from(fl.l_type), libc::F_UNLCK, "{what}: B 30..39 should be free");
+
+    let c = open_rw(&files[2]);
+    let mut fl = flock_struct(libc::F_WRLCK, 50, 1);
+    assert_would_block(fcntl_lock(&c, libc::F_OFD_SETLK, &mut fl), &format!("{what}: F_OFD_SETLK write on C 50"));
+    // A read lock is compatible with the fixture's read lock.
+    let mut fl = flock_struct(libc::F_RDLCK, 50, 1);
+    fcntl_lock(&c, libc::F_OFD_GETLK, &mut fl).unwrap();
+    assert_eq!(i32::from(fl.l_type), libc::F_UNLCK, "{what}: a read lock on C should be compatible");
+}
+
+/// The fixture's own view of its locks (from /proc/self/fdinfo).
+fn assert_fixture_locks(r: &Report, pid: i32, what: &str) {
+    for (k, want) in [
+        ("a", format!("FLOCK WRITE {pid} 0 EOF")),
+        ("b", format!("POSIX WRITE {pid} 10 29")),
+        ("c", "OFDLCK READ -1 0 99".to_owned()),
+    ] {
+        assert_eq!(r[&format!("{k}.locks")], "1", "{what}: locks on fd {k}: {r:?}");
+        assert_eq!(r[&format!("{k}.lock")], want, "{what}: lock on fd {k}: {r:?}");
+    }
+    assert_eq!(r["fds_ok"], "1", "{what}: the descriptors refer to other files: {r:?}");
+}
+
+/// flock, POSIX and OFD locks: refused without --file-locks (the process
+/// keeps its locks and runs on), dumped with it, and held again by the
+/// restored process: in its own fdinfo, in /proc/locks, and against the
+/// test competing for them.
+#[test]
+fn file_locks_need_the_flag_and_survive_restore() {
+    require_root!();
+    let td = TestDir::new("locks");
+    let files = [td.join("a.dat"), td.join("b.dat"), td.join("c.dat")];
+    for (i, f) in files.iter().enumerate() {
+        write_pattern_file(f, 4096, 40 + i as u64);
+    }
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--file-a".as_ref(),
+        files[0].as_os_str(),
+        "--file-b".as_ref(),
+        files[1].as_os_str(),
+        "--file-c".as_ref(),
+        files[2].as_os_str(),
+    ];
+    let mut h = Fx::spawn("state_locks", &td, &args);
+    let pid = h.pid();
+    let r1 = h.report();
+    assert_fixture_locks(&r1, pid, "before the dump");
+    assert_proc_locks(pid, &files, "before the dump");
+    assert_locks_held(pid, &files, "before the dump");
+
+    // Without --file-locks: refused, nothing changes.
+    let err = refused_dump(pid, &td.join("img-refused"), &[], "dump of a lock holder without --file-locks");
+    assert_mentions(&err, &["--file-locks"], "lock refusal suggests --file-locks");
+    assert!(h.fx.child_running(), "the refused dump killed the fixture:\n{}", h.fx.log_contents());
+    assert_running_untouched(pid, "after the refused dump");
+    let r2 = h.report();
+    assert_eq!(report_num(&r2, "sigusr1_count"), 2);
+    assert!(report_num(&r2, "loops") > report_num(&r1, "loops"), "the main loop stopped: {r1:?} -> {r2:?}");
+    assert_reports_equal(&r1, &r2, &["loops"], "after the refused dump");
+    assert_proc_locks(pid, &files, "after the refused dump");
+
+    let img = td.join("img");
+    dump_and_reap(&mut h.fx, &img, &["--file-locks"]);
+    for f in &files {
+        assert_eq!(proc_locks_on(f), vec![], "locks on {} survived the dumped process", f.display());
+    }
+    restore_and_adopt(&mut h.fx, &img, &[], Stdio::null());
+    assert_running_untouched(pid, "restored lock holder");
+    let r3 = h.report();
+    assert_eq!(report_num(&r3, "sigusr1_count"), 3, "{r3:?}");
+    assert_fixture_locks(&r3, pid, "after the restore");
+    assert_proc_locks(pid, &files, "after the restore");
+    assert_locks_held(pid, &files, "after the restore");
+    assert_reports_equal(&r2, &r3, &["loops"], "after the restore");
+    h.fx.kill_all();
+    for f in &files {
+        assert_eq!(proc_locks_on(f), vec![], "locks on {} outlived the restored process", f.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// POSIX timers
+
+/// The entries of a /proc/PID/timers listing ("ID: N" and the lines up to
+/// the next one), sorted.
+fn timer_blocks(text: &str) -> Vec<String> {
+    let mut blocks: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("ID:") || blocks.is_empty() {
+            blocks.push(String::new());
+        }
+        let b = blocks.last_mut().unwrap();
+        b.push_str(line);
+        b.push('\n');
+    }
+    blocks.sort();
+    blocks
+}
+
+/// /proc/PID/timers keeps ids, clocks, signals, values and targets; the
+/// periodic timer keeps delivering SIGUSR2 with its value and id; the
+/// one-shot keeps counting down from where it was.
+#[test]
+fn posix_timers_keep_ids_settings_and_remaining_time() {
+    require_root!();
+    let td = TestDir::new("timers");
+    let mut h = Fx::spawn::<&str>("state_timers", &td, &[]);
+    let pid = h.pid();
+    let info = h.ready_info();
+    assert_eq!(report_num(&info, "periodic_id"), 1, "the periodic timer should get id 1: {info:?}");
+    assert_eq!(report_num(&info, "oneshot_id"), 2, "{info:?}");
+    let r0 = h.await_report("a few SIGUSR2 from the periodic timer", |r| report_num(r, "usr2_good") >= 3);
+    assert_eq!(report_num(&r0, "usr2_bad"), 0, "unexpected SIGUSR2: {r0:?}");
+
+    let timers = fs::read_to_string(format!("/proc/{pid}/timers")).unwrap();
+    eprintln!("/proc/{pid}/timers:\n{timers}");
+    for want in [
+        "ID: 1\nsignal: 12/0000000000001234\n".to_owned(),
+        format!("notify: signal/pid.{pid}\nClockID: 1\n"),
+        "ID: 2\nsignal: 0/0000000000005678\n".to_owned(),
+        format!("notify: none/pid.{pid}\nClockID: 1\n"),
+    ] {
+        assert!(timers.contains(&want), "/proc/{pid}/timers lacks {want:?}:\n{timers}");
+    }
+    assert!(!timers.contains("ID: 0\n"), "the deleted timer is still listed:\n{timers}");
+
+    let r1 = h.report();
+    assert_eq!(r1["gettime_ok"], "1", "{r1:?}");
+    assert_eq!(report_num(&r1, "periodic.interval_ns"), 100_000_000, "{r1:?}");
+    assert_eq!(report_num(&r1, "oneshot.interval_ns"), 0, "{r1:?}");
+    let oneshot_at_dump = report_num(&r1, "oneshot.value_ns");
+    assert!((50_000_000_000..=60_000_000_000).contains(&oneshot_at_dump), "{r1:?}");
+
+    let img = td.join("img");
+    dump_and_reap(&mut h.fx, &img, &[]);
+    restore_and_adopt(&mut h.fx, &img, &[], Stdio::null());
+    let after = fs::read_to_string(format!("/proc/{pid}/timers")).unwrap();
+    // The listing order (newest first) is not part of a timer's state.
+    assert_eq!(timer_blocks(&after), timer_blocks(&timers), "/proc/{pid}/timers changed across the restore");
+
+    let r2 = h.report();
+    assert_eq!(r2["gettime_ok"], "1", "{r2:?}");
+    assert_eq!(report_num(&r2, "sigusr1_count"), report_num(&r1, "sigusr1_count") + 1);
+    assert!(report_num(&r2, "usr2_good") >= report_num(&r1, "usr2_good"), "{r1:?} -> {r2:?}");
+    assert_eq!(report_num(&r2, "periodic.interval_ns"), 100_000_000, "{r2:?}");
+    let pv = report_num(&r2, "periodic.value_ns");
+    assert!(pv > 0 && pv <= 100_000_000, "periodic timer not armed: {r2:?}");
+    let ov = report_num(&r2, "oneshot.value_ns");
+    assert_eq!(report_num(&r2, "oneshot.interval_ns"), 0, "{r2:?}");
+    assert!(
+        ov > 0 && ov <= oneshot_at_dump,
+        "the one-shot's remaining time must not grow ({oneshot_at_dump} ns before the dump, {ov} ns after)"
+    );
+    assert!(ov >= oneshot_at_dump - 20_000_000_000, "the one-shot lost far too much time: {ov} ns");
+
+    let good = report_num(&r2, "usr2_good");
+    let r3 = h.await_report("the periodic timer to keep firing", |r| report_num(r, "usr2_good") >= good + 5);
+    assert_eq!(report_num(&r3, "usr2_bad"), 0, "SIGUSR2 with a wrong si_code/value/timer id: {r3:?}");
+    assert_eq!(report_num(&r3, "periodic_id"), 1);
+    assert_eq!(report_num(&r3, "oneshot_id"), 2);
+    assert!(report_num(&r3, "oneshot.value_ns") < ov, "the one-shot stopped counting down: {r3:?}");
+    h.fx.kill_all();
+}
+
+// ---------------------------------------------------------------------------
+// shared memory
+
+/// Removes every System V shared memory segment with `key` when created and
+/// when dropped (panics included).
+struct SysvGuard {
+    key: i32,
+}
+
+/// One line of /proc/sysvipc/shm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SysvShm {
+    key: i32,
+    shmid: i32,
+    size: u64,
+    nattch: u64,
+}
+
+fn sysv_segments() -> Vec<SysvShm> {
+    fs::read_to_string("/proc/sysvipc/shm")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some(SysvShm {
+                key: f.first()?.parse::<i64>().ok()? as i32,
+                shmid: f.get(1)?.parse().ok()?,
+                size: f.get(3)?.parse().ok()?,
+                nattch: f.get(6)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+fn sysv_by_id(shmid: i32) -> Option<SysvShm> {
+    sysv_segments().into_iter().find(|s| s.shmid == shmid)
+}
+
+fn shm_remove(shmid: i32) -> io::Result<()> {
+    // SAFETY: IPC_RMID takes no buffer (a null pointer is allowed).
+    if unsafe { libc::shmctl(shmid, libc::IPC_RMID, std::ptr::null_mut()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl SysvGuard {
+    fn new(key: i32) -> Self {
+        let g = Self { key };
+        g.remove_all();
+        g
+    }
+
+    fn remove_all(&self) {
+        for s in sysv_segments().into_iter().filter(|s| s.key == self.key) {
+            match shm_remove(s.shmid) {
+                Ok(()) => eprintln!("removed System V segment {} (key {:#x})", s.shmid, self.key),
+                Err(e) => eprintln!("warning: cannot remove System V segment {}: {e}", s.shmid),
+            }
+        }
+    }
+}
+
+impl Drop for SysvGuard {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// (inode, path) of the mapping of `pid` that starts at `addr`.
+fn mapping_at(pid: i32, addr: u64) -> Option<(u64, String)> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|l| {
+        let mut f = l.splitn(6, ' ');
+        let range = f.next()?;
+        let start = u64::from_str_radix(range.split('-').next()?, 16).ok()?;
+        if start != addr {
+            return None;
+        }
+        let (_perms, _off, _dev) = (f.next()?, f.next()?, f.next()?);
+        let ino: u64 = f.next()?.parse().ok()?;
+        Some((ino, f.next().unwrap_or("").trim().to_owned()))
+    })
+}
+
+/// Parent and child map one object per region (same inode), the memfd
+/// mapping is the object behind the kept descriptor, and the System V
+/// mapping names the key and has the segment's id as its inode.
+fn assert_same_objects(pid: i32, child: i32, info: &Report, key: i32, shmid: i32, what: &str) {
+    let addr = |k: &str| u64::from_str_radix(&info[k], 16).unwrap();
+    for (k, path) in [
+        ("anon_addr", "/dev/zero (deleted)".to_owned()),
+        ("memfd_addr", "/memfd:floe-test (deleted)".to_owned()),
+        ("sysv_addr", format!("/SYSV{key:08x} (deleted)")),
+    ] {
+        let p = mapping_at(pid, addr(k)).unwrap_or_else(|| panic!("{what}: parent {pid} has no mapping at {k}"));
+        let c = mapping_at(child, addr(k)).unwrap_or_else(|| panic!("{what}: child {child} has no mapping at {k}"));
+        assert_eq!(p.1, path, "{what}: parent's mapping at {k}");
+        assert_eq!(p, c, "{what}: parent and child map different objects at {k}");
+        assert_ne!(p.0, 0, "{what}: {k} has no inode");
+        if k == "sysv_addr" {
+            assert_eq!(p.0, shmid as u64, "{what}: the System V mapping is not segment {shmid}");
+        }
+        if k == "memfd_addr" {
+            let fd = report_num(info, "memfd_fd");
+            let link = fd_target(pid, fd as i32).unwrap_or_default();
+            assert_eq!(link, "/memfd:floe-test (deleted)", "{what}: fd {fd}");
+            let ino = fs::metadata(format!("/proc/{pid}/fd/{fd}")).unwrap().ino();
+            assert_eq!(ino, p.0, "{what}: the memfd descriptor and mapping are different objects");
+        }
+    }
+}
+
+fn counters(r: &Report) -> [u64; 3] {
+    [report_num(r, "anon.counter"), report_num(r, "memfd.counter"), report_num(r, "sysv.counter")]
+}
+
+/// The child increments the three counters one after the other: they are
+/// never more than one apart, unless a region lost its contents.
+fn assert_counters_in_step(r: &Report, what: &str) {
+    let c = counters(r);
+    let (lo, hi) = (c.iter().min().unwrap(), c.iter().max().unwrap());
+    assert!(hi - lo <= 1, "{what}: the counters (anon, memfd, sysv) drifted apart: {c:?}");
+}
+
+fn assert_shm_report(r: &Report, before: &Report, what: &str) {
+    assert_eq!(r["child_alive"], "1", "{what}: {r:?}");
+    assert_eq!(r["memfd.coherent"], "1", "{what}: pread on the memfd disagrees with its mapping: {r:?}");
+    for k in ["anon", "memfd", "sysv"] {
+        assert_eq!(r[&format!("{k}.pattern_ok")], "1", "{what}: {k} lost its contents: {r:?}");
+        assert_eq!(r[&format!("{k}.hash")], before[&format!("{k}.hash")], "{what}: {k} contents");
+    }
+    assert_counters_in_step(r, what);
+}
+
+fn shared_memory_case(tag: &str, key_low: i32, remove_segment: bool) {
+    let td = TestDir::new(tag);
+    // A key of our own ("FL" + pid bits + case), removed on drop.
+    let key = 0x464c_0000 | ((std::process::id() as i32 & 0xfff) << 4) | key_low;
+    let _seg = SysvGuard::new(key);
+    let mut h = Fx::spawn("state_shm", &td, &["--key", &key.to_string()]);
+    let pid = h.pid();
+    let info = h.ready_info();
+    let child = report_num(&info, "child_pid") as i32;
+    let shmid = report_num(&info, "shmid") as i32;
+    let mut guard = TreeGuard::new();
+    guard.add(child);
+
+    let r1 = h.await_report("the child to count", |r| counters(r).iter().all(|&c| c >= 3));
+    assert_shm_report(&r1, &r1, "before the dump");
+    assert_same_objects(pid, child, &info, key, shmid, "before the dump");
+    let seg = sysv_by_id(shmid).unwrap_or_else(|| panic!("segment {shmid} not in /proc/sysvipc/shm"));
+    assert_eq!(seg, SysvShm { key, shmid, size: 64 << 10, nattch: 2 }, "before the dump");
+    let r1 = h.report();
+
+    let img = td.join("img");
+    dump_and_reap(&mut h.fx, &img, &[]);
+    wait_all_gone(&[child], ORIGINALS_GONE, "the original child after the dump");
+    guard.kill_all();
+    let seg = sysv_by_id(shmid).unwrap_or_else(|| panic!("segment {shmid} vanished with the dumped processes"));
+    assert_eq!(seg.nattch, 0, "nobody should be attached after the dump: {seg:?}");
+    if remove_segment {
+        shm_remove(shmid).unwrap();
+        assert_eq!(sysv_by_id(shmid), None, "IPC_RMID did not remove segment {shmid}");
+        assert!(sysv_segments().iter().all(|s| s.key != key), "a segment with key {key:#x} is left");
+    }
+
+    restore_and_adopt(&mut h.fx, &img, &[], Stdio::null());
+    guard.add(child);
+    assert!(pid_alive(child), "the child {child} was not restored");
+    assert_eq!(proc_ids(child).map(|i| i.ppid), Some(pid), "the restored child has another parent");
+    let seg = sysv_by_id(shmid).unwrap_or_else(|| panic!("segment {shmid} does not exist after the restore"));
+    assert_eq!(seg, SysvShm { key, shmid, size: 64 << 10, nattch: 2 }, "after the restore");
+    assert_eq!(sysv_segments().iter().filter(|s| s.key == key).count(), 1, "more than one segment with key {key:#x}");
+    assert_same_objects(pid, child, &info, key, shmid, "after the restore");
+
+    let r2 = h.report();
+    assert_eq!(report_num(&r2, "sigusr1_count"), report_num(&r1, "sigusr1_count") + 1);
+    assert_eq!(report_num(&r2, "child_pid"), child as u64);
+    assert_shm_report(&r2, &r1, "after the restore");
+    let c1 = counters(&r1);
+    let c2 = counters(&r2);
+    for i in 0..3 {
+        assert!(c2[i] >= c1[i], "counter {i} went back from {} to {} (memory not restored)", c1[i], c2[i]);
+    }
+    let r3 = h.await_report("the restored child to keep counting in all three regions", |r| {
+        counters(r).iter().zip(&c2).all(|(now, then)| *now >= then + 5)
+    });
+    assert_shm_report(&r3, &r1, "later after the restore");
+    guard.kill_all();
+    h.fx.kill_all();
+}
+
+/// MAP_SHARED|MAP_ANONYMOUS, memfd and System V memory shared by a parent
+/// and its child: after the restore both map the same objects again, the
+/// contents survived and the child's writes reach the parent (and the
+/// memfd's page cache, read through its descriptor). The System V segment,
+/// still present, is reused with its id and key.
+#[test]
+fn shared_memory_between_parent_and_child_survives_restore() {
+    require_root!();
+    shared_memory_case("shm", 1, false);
+}
+
+/// As above, but the System V segment was removed after the dump: the
+/// restore recreates it with the same id and key and fills it from the image.
+#[test]
+fn removed_sysv_segment_is_recreated_with_its_id() {
+    require_root!();
+    shared_memory_case("shm-removed", 2, true);
+}
+
+// ---------------------------------------------------------------------------
+// restore -n
+
+/// Pid and host pid from `floe restore --json`, and the pid to wait for.
+fn restore_json_pids(v: &serde_json::Value) -> (i32, i32, i32) {
+    let num = |k: &str| {
+        v.get(k).and_then(serde_json::Value::as_i64).unwrap_or_else(|| panic!("restore --json has no {k}: {v}")) as i32
+    };
+    (num("pid"), num("host_pid"), num("wait_pid"))
+}
+
+/// A copy of a process still running here (dumped with --leave-running)
+/// cannot be restored over its pid, but `restore -n` brings it back in a new
+/// pid namespace, where it has its old pid; both copies run side by side.
+#[test]
+fn restore_into_new_pid_namespace_beside_the_original() {
+    require_root!();
+    let td = TestDir::new("pidns");
+    let img = td.join("img");
+    let mut s = Sleeper::spawn(td.path(), 50);
+    let pid = s.fx.pid;
+    let start = start_time(pid);
+    s.wait_ticks(3, Duration::from_secs(5));
+    let r1 = s.report();
+
+    let out = dump(pid, &img, &["--leave-running"]);
+    assert_ok(&out, "dump --leave-running");
+    assert_image_files(&img);
+    assert!(s.fx.child_running(), "--leave-running killed the sleeper");
+    assert_running_untouched(pid, "after dump --leave-running");
+
+    // The pid is taken by the original.
+    let out = restore_detached(&img, &["--json"], Stdio::null());
+    let err = assert_failed_cleanly(&out, "restore over the running original");
+    assert_mentions_number(&err, pid, "the refusal names the pid");
+    assert_mentions(&err, &["taken", "in use", "exists"], "the refusal says the pid is taken");
+    assert_eq!(start_time(pid), start, "the original was replaced");
+
+    let out = floe(&[
+        "restore".as_ref(),
+        "-n".as_ref(),
+        "-D".as_ref(),
+        img.as_os_str(),
+        "--restore-detached".as_ref(),
+        "--json".as_ref(),
+    ]);
+    let mut guard = TreeGuard::new();
+    let json = out.status.success().then(|| parse_json_stdout(&out));
+    if let Some(j) = &json {
+        let (_, host, init) = restore_json_pids(j);
+        // The namespace's init first: killing it kills the namespace.
+        guard.add(init);
+        guard.add(host);
+    }
+    assert_ok(&out, "restore -n");
+    let (inner, host, init) = restore_json_pids(json.as_ref().unwrap());
+    assert_eq!(inner, pid, "pid inside the new namespace");
+    assert_ne!(host, pid, "host pid must differ from the original's pid");
+    assert_eq!(status_field(host, "NSpid").as_deref(), Some(format!("{host}\t{pid}").as_str()), "NSpid of {host}");
+    assert_eq!(status_field(init, "NSpid").as_deref(), Some(format!("{init}\t1").as_str()), "NSpid of the init");
+    assert_eq!(proc_ids(host).map(|i| i.ppid), Some(init), "the restored process is not the init's child");
+    assert_eq!(exe_of(host), exe_of(pid), "the copy runs another program");
+    assert_eq!(cmdline_of(host), cmdline_of(pid));
+    assert_running_untouched(host, "restored copy");
+    assert_running_untouched(pid, "original after restore -n");
+    assert_eq!(start_time(pid), start, "the original was replaced");
+
+    // The copy answers with its pid inside the namespace and the state it
+    // had at the dump, and keeps ticking.
+    let c1 = request_report(host, &s.report_path, libc::SIGUSR1, &s.fx.log);
+    assert_eq!(report_num(&c1, "pid"), pid as u64, "getpid() of the copy: {c1:?}");
+    assert_eq!(report_num(&c1, "sigusr1_count"), report_num(&r1, "sigusr1_count") + 1, "{c1:?}");
+    let o1 = s.report();
+    assert_eq!(report_num(&o1, "pid"), pid as u64);
+    assert_eq!(report_num(&o1, "sigusr1_count"), report_num(&r1, "sigusr1_count") + 1, "{o1:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let c2 = request_report(host, &s.report_path, libc::SIGUSR1, &s.fx.log);
+    assert!(report_num(&c2, "next_tick") > report_num(&c1, "next_tick"), "the copy does not tick: {c1:?} -> {c2:?}");
+    assert_eq!(report_num(&c2, "sigusr1_count"), report_num(&c1, "sigusr1_count") + 1);
+    let o2 = s.report();
+    assert!(report_num(&o2, "next_tick") > report_num(&o1, "next_tick"), "the original stopped: {o1:?} -> {o2:?}");
+    assert_eq!(report_num(&o2, "sigusr1_count"), report_num(&o1, "sigusr1_count") + 1);
+    // Both append to the same ticks file: tick numbers written by both.
+    let twice = |ticks: &[(u64, u64)]| {
+        let nums: Vec<u64> = ticks.iter().map(|t| t.0).collect();
+        nums.iter().filter(|n| nums.iter().filter(|m| m == n).count() == 2).count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || twice(&s.ticks()) >= 6),
+        "the two copies do not both write ticks: {:?}",
+        s.ticks()
+    );
+
+    guard.kill_all();
+    assert!(!pid_exists(host) && !pid_exists(init), "the namespace survived its init");
+    assert_running_untouched(pid, "original after the copy was killed");
+    assert_eq!(start_time(pid), start);
+    let o3 = s.report();
+    assert_eq!(report_num(&o3, "sigusr1_count"), report_num(&o2, "sigusr1_count") + 1);
+}
+
+// ---------------------------------------------------------------------------
+// --ext-unix-sk
+
+struct UnixPeers {
+    /// Declared first: killed after the client.
+    server: Fixture,
+    client: Fx,
+    out: PathBuf,
+}
+
+impl UnixPeers {
+    fn spawn(td: &TestDir, ty: &str) -> Self {
+        let sock = td.join("server.sock");
+        let out = td.join("server.out");
+        let sready = td.join("server.ready");
+        let server = Spawn::fixture("state_unixserver", td.path())
+            .arg("--ready")
+            .arg(&sready)
+            .arg("--path")
+            .arg(&sock)
+            .arg("--out")
+            .arg(&out)
+            .arg("--type")
+            .arg(ty)
+            .ready_file(&sready)
+            .spawn();
+        let client =
+            Fx::spawn("state_unixclient", td, &["--path".as_ref(), sock.as_os_str(), "--type".as_ref(), ty.as_ref()]);
+        Self { server, client, out }
+    }
+
+    /// The message numbers the server received so far.
+    fn received(&self) -> Vec<u64> {
+        numbered_lines(&self.out, "msg ")
+    }
+
+    fn wait_received(&self, n: usize, what: &str) -> Vec<u64> {
+        if !wait_until(Duration::from_secs(10), || self.received().len() >= n) {
+            panic!(
+                "{what}: the server got only {} messages, expected {n}\nclient log:\n{}\nserver log:\n{}",
+                self.received().len(),
+                self.client.fx.log_contents(),
+                self.server.log_contents()
+            );
+        }
+        self.received()
+    }
+}
+
+/// Messages 0, 1, 2, ... each exactly once, in order.
+fn assert_consecutive(nums: &[u64], what: &str) {
+    let want: Vec<u64> = (0..nums.len() as u64).collect();
+    if nums != want.as_slice() {
+        let bad = nums.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(nums.len());
+        panic!(
+            "{what}: messages are not 0..{} in order; first difference at index {bad}: {:?}",
+            nums.len(),
+            &nums[bad.saturating_sub(3)..(bad + 3).min(nums.len())]
+        );
+    }
+}
+
+/// A datagram client of a server outside the tree: refused without
+/// --ext-unix-sk (and unharmed), dumped with it, reconnected by name on
+/// restore; the server receives every message number exactly once.
+#[test]
+fn ext_unix_sk_reconnects_datagram_client_without_a_gap() {
+    require_root!();
+    let td = TestDir::new("ext-unix-dgram");
+    let mut p = UnixPeers::spawn(&td, "dgram");
+    let pid = p.client.pid();
+    p.wait_received(3, "before the dump");
+    let r1 = p.client.report();
+
+    let err = refused_dump(pid, &td.join("img-refused"), &[], "dump of an external datagram client");
+    assert_mentions(&err, &["--ext-unix-sk"], "the refusal suggests --ext-unix-sk");
+    assert_mentions_number(&err, p.server.pid, "the refusal names the server");
+    assert!(p.client.fx.child_running(), "the refused dump killed the client");
+    assert_running_untouched(pid, "after the refused dump");
+    let n = p.received().len();
+    p.wait_received(n + 3, "after the refused dump");
+    let r2 = p.client.report();
+    assert_eq!(report_num(&r2, "send_errors"), 0, "{r2:?}");
+    assert!(report_num(&r2, "next_msg") > report_num(&r1, "next_msg"));
+
+    let img = td.join("img");
+    dump_and_reap(&mut p.client.fx, &img, &["--ext-unix-sk"]);
+    std::thread::sleep(Duration::from_millis(200));
+    let at_dump = p.received();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(p.received(), at_dump, "messages arrived while the client was not running");
+    restore_and_adopt(&mut p.client.fx, &img, &[], Stdio::null());
+    assert_running_untouched(pid, "restored client");
+    let got = p.wait_received(at_dump.len() + 10, "after the restore");
+    assert_consecutive(&got, "messages received across the dump and restore");
+    let r3 = p.client.report();
+    assert_eq!(report_num(&r3, "sigusr1_count"), 3, "{r3:?}");
+    assert_eq!(report_num(&r3, "send_errors"), 0, "sends failed after the restore: {r3:?}");
+    assert!(report_num(&r3, "next_msg") > at_dump.len() as u64, "{r3:?}");
+    assert!(pid_alive(p.server.pid), "the server died");
+    p.client.fx.kill_all();
+}
+
+/// --ext-unix-sk does not cover a stream connection to a listener outside
+/// the tree: still refused, and the client carries on.
+#[test]
+fn ext_unix_sk_still_refuses_stream_connection() {
+    require_root!();
+    let td = TestDir::new("ext-unix-stream");
+    let mut p = UnixPeers::spawn(&td, "stream");
+    let pid = p.client.pid();
+    p.wait_received(3, "before the dump");
+    let r1 = p.client.report();
+
+    let err = refused_dump(pid, &td.join("img"), &["--ext-unix-sk"], "dump --ext-unix-sk of a stream client");
+    assert_mentions(&err, &["stream"], "the refusal explains streams are not covered");
+    assert_mentions_number(&err, p.server.pid, "the refusal names the server");
+    assert!(p.client.fx.child_running(), "the refused dump killed the client");
+    assert_running_untouched(pid, "after the refused dump");
+    let n = p.received().len();
+    let got = p.wait_received(n + 3, "after the refused dump");
+    assert_consecutive(&got, "stream messages");
+    let r2 = p.client.report();
+    assert_eq!(report_num(&r2, "send_errors"), 0, "{r2:?}");
+    assert!(report_num(&r2, "next_msg") > report_num(&r1, "next_msg"));
+}
