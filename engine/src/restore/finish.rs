@@ -308,7 +308,8 @@ impl Stub {
                 ),
             }
         })?;
-        for t in &p.posix_timers {
+        // /proc lists the newest first: create the oldest first so the listing order comes back.
+        for t in p.posix_timers.iter().rev() {
             // struct sigevent: value, signo, notify, tid (64 bytes).
             let mut sev = vec![0u8; 64];
             sev[..8].copy_from_slice(&t.sival.to_le_bytes());
