@@ -204,6 +204,8 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         Some(rel) => Some(open_parent(pid, &opts.dir, rel)?),
         None => None,
     };
+    // Indexed before the freeze: it grows with the parent chain.
+    let index = parent.as_ref().map(|p| p.index());
     let writer = ImageWriter::create(&opts.dir, opts.force)?;
     let mut timings = DumpTimings::default();
     let t_freeze = Instant::now();
@@ -216,7 +218,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
-    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), tracker) {
+    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker) {
         Ok(r) => r,
         Err(e) => {
             writer.abort();
@@ -252,6 +254,7 @@ fn dump_frozen(
     timings: &mut DumpTimings,
     t0: Instant,
     parent: Option<&Parent>,
+    index: Option<memory::Incremental>,
     tracker: &'static str,
 ) -> Result<DumpReport, DumpError> {
     let root = opts.pid;
@@ -277,7 +280,7 @@ fn dump_frozen(
     let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
     sink.share_cow(processes.len() > 1);
     if parent.is_some() || opts.track_mem || opts.pre_dump {
-        sink.incremental(parent.map(|p| p.index()).unwrap_or_default());
+        sink.incremental(index.unwrap_or_default());
     }
     if opts.pre_dump {
         // Everything but the pages is collected: let the processes run.
