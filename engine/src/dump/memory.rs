@@ -443,10 +443,55 @@ impl PageSink {
 
     /// Copies the data pages of one process.
     /// `ppid` marks runs shared copy-on-write with the parent (`PageRun.cow`).
-    pub fn dump_process(&mut self, pid: i32, ppid: i32, vmas: &[VmaPlan]) -> Result<Vec<pb::PageRun>, DumpError> {
+    /// `dirty`: the pages written since the parent image (a dirty tracker's
+    /// answer); other pages the parent has are referenced without reading.
+    pub fn dump_process(
+        &mut self,
+        pid: i32,
+        ppid: i32,
+        vmas: &[VmaPlan],
+        dirty: Option<&[(u64, u64)]>,
+    ) -> Result<Vec<pb::PageRun>, DumpError> {
         let mut runs = plan_runs(pid, vmas)?;
-        let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
         let mut out_runs = Vec::with_capacity(runs.len());
+        if let (Some(dirty), Some(inc)) = (dirty, self.inc.as_mut()) {
+            let mut keep = Vec::with_capacity(runs.len());
+            for r in runs {
+                let mut cur: Option<pb::PageRun> = None;
+                let mut read_from: Option<u64> = None;
+                let end = r.vaddr + r.len;
+                let mut a = r.vaddr;
+                while a < end {
+                    // `dirty` is sorted and disjoint.
+                    let i = dirty.partition_point(|(s, _)| *s <= a);
+                    let clean = i == 0 || dirty[i - 1].1 <= a;
+                    match (clean, inc.by_addr.get(&(pid, a)).copied()) {
+                        (true, Some(loc)) => {
+                            if let Some(s) = read_from.take() {
+                                keep.push(RunPlan { vaddr: s, len: a - s, readable: r.readable });
+                            }
+                            inc.reused += 1;
+                            push_page(&mut out_runs, &mut cur, a, loc);
+                        }
+                        _ => {
+                            if let Some(done) = cur.take() {
+                                out_runs.push(done);
+                            }
+                            read_from.get_or_insert(a);
+                        }
+                    }
+                    a += PAGE;
+                }
+                if let Some(done) = cur.take() {
+                    out_runs.push(done);
+                }
+                if let Some(s) = read_from {
+                    keep.push(RunPlan { vaddr: s, len: end - s, readable: r.readable });
+                }
+            }
+            runs = keep;
+        }
+        let mem_file = File::open(procfs::path(pid, "mem")).map_err(proc_err(pid, "mem"))?;
         // Pages still shared copy-on-write with an already dumped process
         // point at the data stored for it.
         let mut run_frames: Vec<Vec<u64>> = Vec::new();

@@ -124,6 +124,8 @@ pub enum DumpError {
     Inject(#[from] InjectError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Track(#[from] crate::track::TrackError),
 }
 
 pub(crate) fn proc_err(pid: i32, path: &str) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
@@ -198,7 +200,14 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let t0 = Instant::now();
     let pid = opts.pid;
     let pre = checks::preflight(pid, opts)?;
-    let tracker = resolve_tracker(pid, &opts.dirty_tracker)?;
+    let incremental = opts.prev_images_dir.is_some() || opts.track_mem || opts.pre_dump;
+    let tracker = if incremental { resolve_tracker(&opts.dirty_tracker)? } else { crate::track::Tracker::Hash };
+    if tracker == crate::track::Tracker::SoftDirty {
+        return Err(DumpError::Refused {
+            pid,
+            what: "the soft-dirty tracker is not wired into dumps yet; use --dirty-tracker uffd or hash".into(),
+        });
+    }
     // The parent chain is read before anything is stopped.
     let parent = match &opts.prev_images_dir {
         Some(rel) => Some(open_parent(pid, &opts.dir, rel)?),
@@ -218,14 +227,15 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
-    let mut report = match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker) {
-        Ok(r) => r,
-        Err(e) => {
-            writer.abort();
-            drop(frozen); // resumes every task
-            return Err(e);
-        }
-    };
+    let mut report =
+        match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker) {
+            Ok(r) => r,
+            Err(e) => {
+                writer.abort();
+                drop(frozen); // resumes every task
+                return Err(e);
+            }
+        };
     let t_release = Instant::now();
     if frozen.released() {
         // Pre-dump: the processes ran on since the state was collected.
@@ -255,7 +265,7 @@ fn dump_frozen(
     t0: Instant,
     parent: Option<&Parent>,
     index: Option<memory::Incremental>,
-    tracker: &'static str,
+    tracker: crate::track::Tracker,
 ) -> Result<DumpReport, DumpError> {
     let root = opts.pid;
     checks::after_freeze(frozen, pre, root)?;
@@ -267,8 +277,19 @@ fn dump_frozen(
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());
     let mut shmem = memory::ShmemCoverage::new();
+    // uffd: per process, the pages written since the parent image (None: unknown, compare them all).
+    let use_uffd = tracker == crate::track::Tracker::Uffd && (parent.is_some() || opts.track_mem || opts.pre_dump);
+    let mut tracked: Vec<Tracked> = Vec::new();
+    let mut dirty: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
     for i in 0..frozen.procs.len() {
         let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
+        let mut d = None;
+        if use_uffd && !proc_pb.zombie {
+            let (t, written) = track_process(frozen, i, &proc_pb, parent.is_some())?;
+            d = written;
+            tracked.push(t);
+        }
+        dirty.push(d);
         processes.push(proc_pb);
         plans.push(vmas);
     }
@@ -288,9 +309,9 @@ fn dump_frozen(
         timings.frozen_ms = ms(t_collect.elapsed()) + timings.freeze_ms;
         sink.tolerate_races(true);
     }
-    for (p, vmas) in processes.iter_mut().zip(&plans) {
+    for ((p, vmas), d) in processes.iter_mut().zip(&plans).zip(&dirty) {
         if !p.zombie {
-            p.page_runs = sink.dump_process(p.pid, p.ppid, vmas)?;
+            p.page_runs = sink.dump_process(p.pid, p.ppid, vmas, d.as_deref())?;
         }
     }
     let reused_pages = sink.reused_pages();
@@ -322,9 +343,18 @@ fn dump_frozen(
         sysv_shm,
         parent: parent.map(|p| p.link.clone()),
         pre_dump: opts.pre_dump,
-        dirty_tracker: tracker.to_string(),
+        dirty_tracker: tracker.name().to_string(),
     };
     let manifest_len = writer.commit(&manifest, out.file)?;
+    // The image is safe: keep tracking for the next one, or stop.
+    for t in tracked {
+        if opts.pre_dump || opts.track_mem {
+            crate::track::holder::hold(t.pid, t.tracker)?;
+        } else {
+            drop(t.tracker);
+            crate::track::holder::stop(t.pid)?;
+        }
+    }
     timings.commit_ms = ms(t_commit.elapsed());
     timings.total_ms = ms(t0.elapsed());
     Ok(DumpReport {
@@ -339,7 +369,7 @@ fn dump_frozen(
         left_running: opts.leave_running || opts.pre_dump,
         reused_pages,
         dedup_freed: 0,
-        dirty_tracker: tracker.to_string(),
+        dirty_tracker: tracker.name().to_string(),
         timings: timings.clone(),
     })
 }
@@ -407,14 +437,50 @@ fn open_parent(pid: i32, dir: &std::path::Path, rel: &std::path::Path) -> Result
 }
 
 /// The dirty tracker for this dump: checked against what the kernel offers.
-fn resolve_tracker(pid: i32, name: &str) -> Result<&'static str, DumpError> {
-    match name {
-        "" | "auto" | "hash" => Ok("hash"),
-        other => Err(DumpError::Refused {
-            pid,
-            what: format!("dirty tracker {other:?} is not available in this build; use --dirty-tracker hash (or auto)"),
-        }),
+fn resolve_tracker(name: &str) -> Result<crate::track::Tracker, DumpError> {
+    Ok(crate::track::Tracker::resolve(if name.is_empty() { "auto" } else { name })?)
+}
+
+/// Sorted, disjoint address ranges.
+type Ranges = Vec<(u64, u64)>;
+
+/// Dirty tracking state of one process during an incremental dump.
+struct Tracked {
+    pid: i32,
+    tracker: crate::track::UffdTracker,
+}
+
+/// Takes up or starts uffd tracking of process `idx` (stopped): returns the
+/// tracker and the pages written since the parent image, if that is known.
+fn track_process(
+    frozen: &mut FrozenTree,
+    idx: usize,
+    p: &pb::Process,
+    has_parent: bool,
+) -> Result<(Tracked, Option<Ranges>), DumpError> {
+    let pid = p.pid;
+    let ranges: Vec<(u64, u64)> = p
+        .vmas
+        .iter()
+        .filter(|v| v.prot != 0 && v.kind != pb::VmaKind::FileShared as i32)
+        .map(|v| (v.start, v.end))
+        .collect();
+    if let Some(mut t) = crate::track::holder::fetch(pid)? {
+        let new = t.untracked(&ranges);
+        t.register(&new)?;
+        let written = t.dirty(pid, &ranges)?;
+        return Ok((Tracked { pid, tracker: t }, has_parent.then_some(written)));
     }
+    // No tracker kept for it: start one now; this dump compares every page.
+    let fp = &frozen.procs[idx];
+    let leader = fp.threads.first().ok_or_else(|| DumpError::Refused { pid, what: "no main thread".into() })?;
+    let maps = procfs::maps(pid, false).map_err(proc_err(pid, "maps"))?;
+    let vdso = memory::vdso_block(pid, &maps)?;
+    let gadget = Injector::find_gadget(pid, vdso.vdso_start, vdso.vdso_end)?;
+    let mut inj = Injector::new(pid, leader.regs, gadget);
+    frozen.mark_injected(pid);
+    let t = crate::track::uffd_start(pid, &mut inj, &ranges)?;
+    Ok((Tracked { pid, tracker: t }, None))
 }
 
 /// Everything about one process except its page data.

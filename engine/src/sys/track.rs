@@ -656,9 +656,8 @@ fn serve(ctx: &HolderCtx, conn: i32) -> bool {
     }
     let mut req = [0u8; 16];
     // SAFETY: recvfrom writes at most 16 bytes into `req`; null address pointers.
-    let n = unsafe {
-        raw(libc::SYS_recvfrom, [conn as u64, req.as_mut_ptr() as u64, 16, libc::MSG_DONTWAIT as u64, 0, 0])
-    };
+    let n =
+        unsafe { raw(libc::SYS_recvfrom, [conn as u64, req.as_mut_ptr() as u64, 16, libc::MSG_DONTWAIT as u64, 0, 0]) };
     match n {
         3 if req[..3] == *b"get" => {
             send_payload(ctx, conn);
@@ -685,11 +684,8 @@ fn raw_poll1(fd: i32, events: libc::c_short) -> bool {
 /// Sends the payload in chunks, the uffd attached to the first.
 fn send_payload(ctx: &HolderCtx, conn: i32) {
     // cmsghdr { len: u64, level: i32, type: i32 } followed by one int: CMSG_SPACE(4) = 24.
-    let cbuf: [u64; 3] = [
-        16 + 4,
-        (libc::SOL_SOCKET as u32 as u64) | ((libc::SCM_RIGHTS as u32 as u64) << 32),
-        ctx.uffd as u32 as u64,
-    ];
+    let cbuf: [u64; 3] =
+        [16 + 4, (libc::SOL_SOCKET as u32 as u64) | ((libc::SCM_RIGHTS as u32 as u64) << 32), ctx.uffd as u32 as u64];
     let mut off = 0usize;
     while off < ctx.payload_len {
         let n = HOLDER_CHUNK.min(ctx.payload_len - off);
@@ -709,7 +705,14 @@ fn send_payload(ctx: &HolderCtx, conn: i32) {
             let r = unsafe {
                 raw(
                     libc::SYS_sendmsg,
-                    [conn as u64, (&msg as *const libc::msghdr) as u64, (libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u64, 0, 0, 0],
+                    [
+                        conn as u64,
+                        (&msg as *const libc::msghdr) as u64,
+                        (libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) as u64,
+                        0,
+                        0,
+                        0,
+                    ],
                 )
             };
             if r == -(libc::EINTR as i64) {
@@ -748,9 +751,7 @@ fn reset_signals() {
     }
     let empty: u64 = 0;
     // SAFETY: rt_sigprocmask reads 8 bytes from `empty`; no old mask is requested.
-    unsafe {
-        raw(libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as u64, (&empty as *const u64) as u64, 0, 8, 0, 0])
-    };
+    unsafe { raw(libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as u64, (&empty as *const u64) as u64, 0, 8, 0, 0]) };
 }
 
 /// Unmaps the inherited anonymous memory the holder does not need, so that it
@@ -777,7 +778,10 @@ fn scrub_memory(ctx: &HolderCtx) {
     for _pass in 0..16 {
         // SAFETY: openat reads the NUL-terminated path in `path`.
         let fd = unsafe {
-            raw(libc::SYS_openat, [libc::AT_FDCWD as u64, path.as_ptr() as u64, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])
+            raw(
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, path.as_ptr() as u64, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0],
+            )
         };
         if fd < 0 {
             return;
@@ -832,8 +836,7 @@ pub(crate) fn droppable_mappings(text: &[u8], keep: &[u64], out: &mut [u64]) -> 
         }
         let Some(m) = parse_maps_line(line) else { continue };
         let anon = m.inode == 0 && (m.path.is_empty() || m.path == b"[heap]" || m.path.starts_with(b"[anon:"));
-        let shared =
-            m.path.starts_with(b"/memfd:") || m.path.starts_with(b"/dev/zero") || m.path.starts_with(b"/SYSV");
+        let shared = m.path.starts_with(b"/memfd:") || m.path.starts_with(b"/dev/zero") || m.path.starts_with(b"/SYSV");
         if !(anon || shared) || keep.iter().any(|k| (m.start..m.end).contains(k)) {
             continue;
         }

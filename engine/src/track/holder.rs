@@ -54,14 +54,16 @@ fn connect(pid: i32) -> Result<Option<OwnedFd>, TrackError> {
         Err(e) if is_absent(&e) => return Ok(None),
         Err(source) => return Err(TrackError::Sys { pid, op: "connecting to the tracker holder", source }),
     };
-    let (_, uid) =
-        sys::peer_cred(sock.as_fd()).map_err(|source| TrackError::Sys { pid, op: "SO_PEERCRED", source })?;
+    let (_, uid) = sys::peer_cred(sock.as_fd()).map_err(|source| TrackError::Sys { pid, op: "SO_PEERCRED", source })?;
     let me = sys::geteuid();
     if uid != 0 && uid != me {
         return Err(holder_err(pid, format!("socket is owned by uid {uid}, not by floe's uid {me} or root")));
     }
-    sys::set_recv_timeout(sock.as_fd(), IO_TIMEOUT)
-        .map_err(|source| TrackError::Sys { pid, op: "SO_RCVTIMEO", source })?;
+    sys::set_recv_timeout(sock.as_fd(), IO_TIMEOUT).map_err(|source| TrackError::Sys {
+        pid,
+        op: "SO_RCVTIMEO",
+        source,
+    })?;
     Ok(Some(sock))
 }
 
@@ -150,10 +152,7 @@ pub(crate) fn fetch_with_pid(pid: i32) -> Result<Option<(UffdTracker, i32)>, Tra
     if link.as_os_str() != "anon_inode:[userfaultfd]" {
         return Err(holder_err(pid, format!("descriptor received is {}, not a userfaultfd", link.display())));
     }
-    let ranges = payload[HEADER..]
-        .chunks_exact(16)
-        .map(|c| (le64(&c[..8]), le64(&c[8..])))
-        .collect();
+    let ranges = payload[HEADER..].chunks_exact(16).map(|c| (le64(&c[..8]), le64(&c[8..]))).collect();
     Ok(Some((UffdTracker::from_fd(fd, ranges), holder_pid)))
 }
 

@@ -195,10 +195,10 @@ fn probe_soft_dirty() -> Result<(), String> {
     let mut child = probe::spawn_soft_dirty_child(&map).map_err(|e| format!("fork: {e}"))?;
     match child.wait_timeout(Duration::from_secs(5)).map_err(|e| format!("soft-dirty probe child: {e}"))? {
         probe::WaitEvent::Exited(probe::SOFT_DIRTY_SET) => Ok(()),
-        probe::WaitEvent::Exited(probe::SOFT_DIRTY_CLEAR) => Err(
-            "the kernel lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 stayed clear after clear_refs=4 and a write"
-                .to_string(),
-        ),
+        probe::WaitEvent::Exited(probe::SOFT_DIRTY_CLEAR) => {
+            Err("the kernel lacks CONFIG_MEM_SOFT_DIRTY: pagemap bit 55 stayed clear after clear_refs=4 and a write"
+                .to_string())
+        }
         probe::WaitEvent::Exited(probe::SOFT_DIRTY_CLEAR_REFS_FAILED) => {
             Err("writing 4 to /proc/self/clear_refs failed".to_string())
         }
@@ -616,6 +616,19 @@ mod tests {
         drop(std::mem::replace(&mut w, Writer::spawn(PAGE_SIZE).expect("writer")));
         wait_gone(hpid);
         assert!(!holder::running(pid));
+    }
+
+    #[test]
+    fn track_holder_serves_large_range_lists() {
+        // 10000 ranges = 160 KiB of payload: several 64 KiB messages
+        let w = Writer::spawn(PAGE_SIZE).expect("writer");
+        let ranges: Vec<(u64, u64)> = (0..10_000u64).map(|i| (i * 2 * PAGE_SIZE, (i * 2 + 1) * PAGE_SIZE)).collect();
+        let uffd = crate::sys::track::userfaultfd().expect("userfaultfd");
+        holder::hold(w.pid, UffdTracker::from_fd(uffd, ranges.clone())).expect("hold");
+        let t = holder::fetch(w.pid).expect("fetch").expect("a holder");
+        assert_eq!(t.ranges(), &ranges[..]);
+        holder::stop(w.pid).expect("stop");
+        assert!(!holder::running(w.pid));
     }
 
     /// Scan cost over 1 GiB: `cargo test -p floe-engine track_uffd_scan_1gib -- --ignored --nocapture`.

@@ -58,7 +58,9 @@ pub fn dirty(pid: i32, ranges: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, TrackEr
                 source,
             })?;
             entries.clear();
-            entries.extend(buf.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])));
+            entries.extend(
+                buf.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
+            );
             collect(addr, &entries, &mut out);
             addr += n * PAGE_SIZE;
         }
@@ -98,7 +100,8 @@ mod tests {
         let swapped_dirty = PM_SWAPPED | PM_SOFT_DIRTY | 0x3f;
         let hole_dirty = PM_SOFT_DIRTY; // new VMA, never populated
         let uffd_marker = 0x4200_0000_0000_003f; // swapped + uffd-wp, not soft-dirty
-        let entries = [present_dirty, present_dirty, present_clean, swapped_dirty, hole_dirty, uffd_marker, present_dirty];
+        let entries =
+            [present_dirty, present_dirty, present_clean, swapped_dirty, hole_dirty, uffd_marker, present_dirty];
         let base = 0x7f00_0000_0000;
         let mut out = Vec::new();
         collect(base, &entries, &mut out);

@@ -46,19 +46,19 @@ pub fn uffd_start(pid: i32, inj: &mut Injector, ranges: &[(u64, u64)]) -> Result
     let remote = inj
         .call(libc::SYS_userfaultfd, [sys::UFFD_FLAGS as u64, 0, 0, 0, 0, 0])
         .map_err(|source| TrackError::Inject { pid, what: "userfaultfd", source })?;
-    let taken = pidfd_open(pid)
-        .map_err(|source| TrackError::Sys { pid, op: "pidfd_open", source })
-        .and_then(|pidfd| {
-            pidfd_getfd(&pidfd, remote as i32).map_err(|source| TrackError::Sys {
-                pid,
-                op: "pidfd_getfd of the injected userfaultfd",
-                source,
-            })
-        });
+    let taken = pidfd_open(pid).map_err(|source| TrackError::Sys { pid, op: "pidfd_open", source }).and_then(|pidfd| {
+        pidfd_getfd(&pidfd, remote as i32).map_err(|source| TrackError::Sys {
+            pid,
+            op: "pidfd_getfd of the injected userfaultfd",
+            source,
+        })
+    });
     // Close the target's copy whatever happened: the target keeps nothing.
-    let closed = inj
-        .call(libc::SYS_close, [remote, 0, 0, 0, 0, 0])
-        .map_err(|source| TrackError::Inject { pid, what: "close of the userfaultfd", source });
+    let closed = inj.call(libc::SYS_close, [remote, 0, 0, 0, 0, 0]).map_err(|source| TrackError::Inject {
+        pid,
+        what: "close of the userfaultfd",
+        source,
+    });
     let fd = taken?;
     closed?;
 
