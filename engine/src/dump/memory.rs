@@ -307,12 +307,44 @@ pub struct PageLoc {
 /// Pages known from the parent chain and from this image so far.
 #[derive(Default)]
 pub struct Incremental {
+    /// The newest parent's runs per pid, sorted by address, with `image`
+    /// already relative to the image being written: they describe every page
+    /// the parent had.
+    pub runs: std::collections::HashMap<i32, Vec<pb::PageRun>>,
     /// (pid, page address) -> the page at that address in the newest parent that has it.
     pub by_addr: std::collections::HashMap<(i32, u64), PageLoc>,
     /// Content -> some stored copy (content deduplication).
     pub by_hash: std::collections::HashMap<[u8; 16], PageLoc>,
     /// Pages referenced instead of stored (statistics).
     pub reused: u64,
+}
+
+/// Splits [s, e) by the sorted, disjoint `dirty` ranges: (start, end, clean).
+fn split_clean(s: u64, e: u64, dirty: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let mut a = s;
+    let mut i = dirty.partition_point(|(_, de)| *de <= a);
+    while a < e {
+        match dirty.get(i) {
+            Some(&(ds, de)) if ds < e => {
+                if ds > a {
+                    out.push((a, ds, true));
+                    a = ds;
+                }
+                let stop = de.min(e);
+                if stop > a {
+                    out.push((a, stop, false));
+                    a = stop;
+                }
+                i += 1;
+            }
+            _ => {
+                out.push((a, e, true));
+                a = e;
+            }
+        }
+    }
+    out
 }
 
 pub fn hash16(page: &[u8]) -> [u8; 16] {
@@ -455,38 +487,40 @@ impl PageSink {
         let mut runs = plan_runs(pid, vmas)?;
         let mut out_runs = Vec::with_capacity(runs.len());
         if let (Some(dirty), Some(inc)) = (dirty, self.inc.as_mut()) {
+            // Clean spans are taken from the parent's runs in bulk; the rest is read.
+            let parent_runs = inc.runs.get(&pid).map(Vec::as_slice).unwrap_or(&[]);
             let mut keep = Vec::with_capacity(runs.len());
             for r in runs {
-                let mut cur: Option<pb::PageRun> = None;
-                let mut read_from: Option<u64> = None;
-                let end = r.vaddr + r.len;
-                let mut a = r.vaddr;
-                while a < end {
-                    // `dirty` is sorted and disjoint.
-                    let i = dirty.partition_point(|(s, _)| *s <= a);
-                    let clean = i == 0 || dirty[i - 1].1 <= a;
-                    match (clean, inc.by_addr.get(&(pid, a)).copied()) {
-                        (true, Some(loc)) => {
-                            if let Some(s) = read_from.take() {
-                                keep.push(RunPlan { vaddr: s, len: a - s, readable: r.readable });
+                for (s, e, clean) in split_clean(r.vaddr, r.vaddr + r.len, dirty) {
+                    let mut a = s;
+                    if clean {
+                        let mut k = parent_runs.partition_point(|p| p.vaddr + p.nr_pages * PAGE <= a);
+                        while a < e && k < parent_runs.len() && parent_runs[k].vaddr < e {
+                            let p = &parent_runs[k];
+                            if p.vaddr > a {
+                                keep.push(RunPlan { vaddr: a, len: p.vaddr - a, readable: r.readable });
+                                a = p.vaddr;
                             }
-                            inc.reused += 1;
-                            push_page(&mut out_runs, &mut cur, a, loc);
-                        }
-                        _ => {
-                            if let Some(done) = cur.take() {
-                                out_runs.push(done);
-                            }
-                            read_from.get_or_insert(a);
+                            let stop = e.min(p.vaddr + p.nr_pages * PAGE);
+                            let first = ((a - p.vaddr) / PAGE) as usize;
+                            let n = ((stop - a) / PAGE) as usize;
+                            out_runs.push(pb::PageRun {
+                                vaddr: a,
+                                nr_pages: n as u64,
+                                file_offset: p.file_offset + first as u64 * PAGE,
+                                blake3: Vec::new(),
+                                cow: false,
+                                image: p.image,
+                                page_hashes: p.page_hashes[first * 16..(first + n) * 16].to_vec(),
+                            });
+                            inc.reused += n as u64;
+                            a = stop;
+                            k += 1;
                         }
                     }
-                    a += PAGE;
-                }
-                if let Some(done) = cur.take() {
-                    out_runs.push(done);
-                }
-                if let Some(s) = read_from {
-                    keep.push(RunPlan { vaddr: s, len: end - s, readable: r.readable });
+                    if a < e {
+                        keep.push(RunPlan { vaddr: a, len: e - a, readable: r.readable });
+                    }
                 }
             }
             runs = keep;

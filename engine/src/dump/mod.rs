@@ -214,7 +214,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         None => None,
     };
     // Indexed before the freeze: it grows with the parent chain.
-    let index = parent.as_ref().map(|p| p.index());
+    let index = parent.as_ref().map(|p| p.index(tracker != crate::track::Tracker::Uffd));
     let writer = ImageWriter::create(&opts.dir, opts.force)?;
     let mut timings = DumpTimings::default();
     let t_freeze = Instant::now();
@@ -227,15 +227,19 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
-    let mut report =
-        match dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker) {
-            Ok(r) => r,
-            Err(e) => {
-                writer.abort();
-                drop(frozen); // resumes every task
-                return Err(e);
-            }
-        };
+    let result = if opts.pre_dump {
+        pre_dump_frozen(opts, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker)
+    } else {
+        dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker)
+    };
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            writer.abort();
+            drop(frozen); // resumes every task
+            return Err(e);
+        }
+    };
     let t_release = Instant::now();
     if frozen.released() {
         // Pre-dump: the processes ran on since the state was collected.
@@ -253,6 +257,145 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     report.timings.total_ms = ms(t0.elapsed());
     tracing::info!(pid, processes = report.processes, release_ms = ms(t_release.elapsed()), timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
     Ok(report)
+}
+
+/// Pre-dump: the processes are stopped only to read their mappings and
+/// scan the dirty tracker; page contents are copied while they run. The
+/// image holds the page data and mappings only (it serves as a parent).
+#[allow(clippy::too_many_arguments)]
+fn pre_dump_frozen(
+    opts: &DumpOptions,
+    writer: &ImageWriter,
+    frozen: &mut FrozenTree,
+    timings: &mut DumpTimings,
+    t0: Instant,
+    parent: Option<&Parent>,
+    index: Option<memory::Incremental>,
+    tracker: crate::track::Tracker,
+) -> Result<DumpReport, DumpError> {
+    let root = opts.pid;
+    let t_collect = Instant::now();
+    let use_uffd = tracker == crate::track::Tracker::Uffd;
+    let mut tracked: Vec<Tracked> = Vec::new();
+    // Per live process: (pid, ppid, pages written since the parent (None: unknown), ranges scanned).
+    let mut scans: Vec<(i32, i32, Option<Ranges>)> = Vec::new();
+    for i in 0..frozen.procs.len() {
+        let (pid, ppid, zombie) = (frozen.procs[i].pid, frozen.procs[i].ppid, frozen.procs[i].zombie);
+        if zombie {
+            continue;
+        }
+        let mut dirty = None;
+        if use_uffd {
+            let maps = procfs::maps(pid, false).map_err(proc_err(pid, "maps"))?;
+            let ranges: Ranges = maps
+                .iter()
+                .filter(|m| {
+                    m.prot() != 0
+                        && !memory::is_vdso_part(&m.path)
+                        && m.path != "[vsyscall]"
+                        && !(m.shared && m.path.starts_with('/') && !m.path.ends_with(" (deleted)"))
+                })
+                .map(|m| (m.start, m.end))
+                .collect();
+            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.is_some())?;
+            // Anything outside the scanned ranges (mapped after this point) counts as written.
+            dirty = written.map(|w| with_unscanned(w, &ranges));
+            tracked.push(t);
+        }
+        scans.push((pid, ppid, dirty));
+    }
+    frozen.resume_in_place()?;
+    timings.collect_ms = ms(t_collect.elapsed());
+    timings.frozen_ms = timings.freeze_ms + timings.collect_ms;
+
+    let t_mem = Instant::now();
+    let pages = writer.open_pages()?;
+    let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
+    sink.incremental(index.unwrap_or_default());
+    sink.tolerate_races(true);
+    let mut processes = Vec::with_capacity(scans.len());
+    let mut shmem = memory::ShmemCoverage::new();
+    for (pid, ppid, dirty) in &scans {
+        // Read while running: a process that exited meanwhile is skipped.
+        let Ok(maps) = procfs::maps(*pid, true) else { continue };
+        let plans = memory::classify(*pid, &maps, &mut shmem)?;
+        let runs = sink.dump_process(*pid, *ppid, &plans, dirty.as_deref())?;
+        processes.push(pb::Process {
+            pid: *pid,
+            ppid: *ppid,
+            vmas: plans.iter().map(|v| v.pb.clone()).collect(),
+            page_runs: runs,
+            ..Default::default()
+        });
+    }
+    let reused_pages = sink.reused_pages();
+    let out = sink.finish(&[])?;
+    timings.memory_ms = ms(t_mem.elapsed());
+
+    let t_commit = Instant::now();
+    let manifest = pb::Manifest {
+        format_version: crate::image::FORMAT_VERSION,
+        floe_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        hostname: std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        root_pid: root,
+        processes,
+        pages_file_size: out.file_size,
+        image_id: writer.image_id.to_vec(),
+        parent: parent.map(|p| p.link.clone()),
+        pre_dump: true,
+        dirty_tracker: tracker.name().to_string(),
+        ..Default::default()
+    };
+    let manifest_len = writer.commit(&manifest, out.file)?;
+    for t in tracked {
+        crate::track::holder::hold(t.pid, t.tracker)?;
+    }
+    timings.commit_ms = ms(t_commit.elapsed());
+    timings.total_ms = ms(t0.elapsed());
+    Ok(DumpReport {
+        pid: root,
+        dir: opts.dir.clone(),
+        processes: manifest.processes.len(),
+        threads: frozen.procs.iter().map(|p| p.threads.len()).sum(),
+        vmas: manifest.processes.iter().map(|p| p.vmas.len()).sum(),
+        fds: 0,
+        page_bytes: out.page_bytes,
+        image_bytes: out.file_size + manifest_len,
+        left_running: true,
+        reused_pages,
+        dedup_freed: 0,
+        dirty_tracker: tracker.name().to_string(),
+        timings: timings.clone(),
+    })
+}
+
+/// `written` plus every gap between the `scanned` ranges (both sorted).
+fn with_unscanned(written: Ranges, scanned: &[(u64, u64)]) -> Ranges {
+    let mut all = written;
+    let mut cur = 0u64;
+    let mut sorted = scanned.to_vec();
+    sorted.sort_unstable();
+    for (s, e) in sorted {
+        if s > cur {
+            all.push((cur, s));
+        }
+        cur = cur.max(e);
+    }
+    all.push((cur, u64::MAX));
+    all.sort_unstable();
+    let mut out: Ranges = Vec::with_capacity(all.len());
+    for (s, e) in all {
+        match out.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -382,8 +525,18 @@ struct Parent {
 
 impl Parent {
     /// Where each page of the chain is, by address and by content.
-    fn index(&self) -> memory::Incremental {
+    /// `by_addr`: also index every page by address (the hash tracker
+    /// compares each page; the uffd tracker takes clean spans in bulk).
+    fn index(&self, by_addr: bool) -> memory::Incremental {
         let mut inc = memory::Incremental::default();
+        if let Some(newest) = self.chain.images.first() {
+            for p in &newest.manifest.processes {
+                let mut runs: Vec<pb::PageRun> =
+                    p.page_runs.iter().map(|r| pb::PageRun { image: r.image + 1, ..r.clone() }).collect();
+                runs.sort_unstable_by_key(|r| r.vaddr);
+                inc.runs.insert(p.pid, runs);
+            }
+        }
         for (d, img) in self.chain.images.iter().enumerate() {
             for p in &img.manifest.processes {
                 for r in &p.page_runs {
@@ -395,7 +548,9 @@ impl Parent {
                             offset: r.file_offset + k as u64 * memory::PAGE,
                             hash,
                         };
-                        inc.by_addr.entry((p.pid, r.vaddr + k as u64 * memory::PAGE)).or_insert(loc);
+                        if by_addr {
+                            inc.by_addr.entry((p.pid, r.vaddr + k as u64 * memory::PAGE)).or_insert(loc);
+                        }
                         inc.by_hash.entry(hash).or_insert(loc);
                     }
                 }
@@ -458,17 +613,28 @@ fn track_process(
     p: &pb::Process,
     has_parent: bool,
 ) -> Result<(Tracked, Option<Ranges>), DumpError> {
-    let pid = p.pid;
-    let ranges: Vec<(u64, u64)> = p
+    let ranges: Ranges = p
         .vmas
         .iter()
         .filter(|v| v.prot != 0 && v.kind != pb::VmaKind::FileShared as i32)
         .map(|v| (v.start, v.end))
         .collect();
+    track_ranges(frozen, idx, p.pid, &ranges, has_parent)
+}
+
+/// Takes up (from its holder) or starts uffd tracking of `ranges` of process
+/// `idx` (stopped) and returns the pages written since, when known.
+fn track_ranges(
+    frozen: &mut FrozenTree,
+    idx: usize,
+    pid: i32,
+    ranges: &[(u64, u64)],
+    has_parent: bool,
+) -> Result<(Tracked, Option<Ranges>), DumpError> {
     if let Some(mut t) = crate::track::holder::fetch(pid)? {
-        let new = t.untracked(&ranges);
+        let new = t.untracked(ranges);
         t.register(&new)?;
-        let written = t.dirty(pid, &ranges)?;
+        let written = t.dirty(pid, ranges)?;
         return Ok((Tracked { pid, tracker: t }, has_parent.then_some(written)));
     }
     // No tracker kept for it: start one now; this dump compares every page.
@@ -479,7 +645,7 @@ fn track_process(
     let gadget = Injector::find_gadget(pid, vdso.vdso_start, vdso.vdso_end)?;
     let mut inj = Injector::new(pid, leader.regs, gadget);
     frozen.mark_injected(pid);
-    let t = crate::track::uffd_start(pid, &mut inj, &ranges)?;
+    let t = crate::track::uffd_start(pid, &mut inj, ranges)?;
     Ok((Tracked { pid, tracker: t }, None))
 }
 

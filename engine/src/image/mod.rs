@@ -350,7 +350,8 @@ impl ImageReader {
             if p.zombie {
                 continue;
             }
-            if p.threads.first().map(|t| t.tid) != Some(p.pid) {
+            // A pre-dump holds pages and mappings only.
+            if !m.pre_dump && p.threads.first().map(|t| t.tid) != Some(p.pid) {
                 return Err(bad(format!("process {} has no leader thread record", p.pid)));
             }
             for r in &p.page_runs {

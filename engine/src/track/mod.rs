@@ -538,10 +538,21 @@ mod tests {
         assert!(rss_kib < 32 * 1024, "holder RSS {rss_kib} KiB: inherited memory not dropped");
         assert!(status.lines().any(|l| l == "Name:\tfloe-track"), "{status}");
         // only the listening socket, the pidfd and the uffd
-        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{hpid}/fd"))
-            .expect("holder fds")
-            .filter_map(|e| Some(std::fs::read_link(e.ok()?.path()).ok()?.to_string_lossy().into_owned()))
-            .collect();
+        // (it closes its start-up pipe right after answering hold(): allow a moment)
+        let list = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{hpid}/fd"))
+                .expect("holder fds")
+                .filter_map(|e| Some(std::fs::read_link(e.ok()?.path()).ok()?.to_string_lossy().into_owned()))
+                .collect()
+        };
+        let mut fds = list();
+        for _ in 0..100 {
+            if fds.len() == 3 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            fds = list();
+        }
         assert_eq!(fds.len(), 3, "{fds:?}");
         assert!(fds.iter().any(|l| l == "anon_inode:[userfaultfd]"), "{fds:?}");
         assert!(fds.iter().any(|l| l == "anon_inode:[pidfd]"), "{fds:?}");
