@@ -202,12 +202,6 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     let pre = checks::preflight(pid, opts)?;
     let incremental = opts.prev_images_dir.is_some() || opts.track_mem || opts.pre_dump;
     let tracker = if incremental { resolve_tracker(&opts.dirty_tracker)? } else { crate::track::Tracker::Hash };
-    if tracker == crate::track::Tracker::SoftDirty {
-        return Err(DumpError::Refused {
-            pid,
-            what: "the soft-dirty tracker is not wired into dumps yet; use --dirty-tracker uffd or hash".into(),
-        });
-    }
     // The parent chain is read before anything is stopped.
     let parent = match &opts.prev_images_dir {
         Some(rel) => Some(open_parent(pid, &opts.dir, rel)?),
@@ -276,6 +270,7 @@ fn pre_dump_frozen(
     let root = opts.pid;
     let t_collect = Instant::now();
     let use_uffd = tracker == crate::track::Tracker::Uffd;
+    let soft_dirty = tracker == crate::track::Tracker::SoftDirty;
     let mut tracked: Vec<Tracked> = Vec::new();
     // Per live process: (pid, ppid, pages written since the parent (None: unknown), ranges scanned).
     let mut scans: Vec<(i32, i32, Option<Ranges>)> = Vec::new();
@@ -301,6 +296,8 @@ fn pre_dump_frozen(
             // Anything outside the scanned ranges (mapped after this point) counts as written.
             dirty = written.map(|w| with_unscanned(w, &ranges));
             tracked.push(t);
+        } else if soft_dirty {
+            dirty = soft_dirty_scan(pid, parent.is_some())?;
         }
         scans.push((pid, ppid, dirty));
     }
@@ -374,6 +371,21 @@ fn pre_dump_frozen(
     })
 }
 
+/// Soft-dirty: the pages written since the last clear (when there is a
+/// parent to compare with), then a new clear. The process is stopped.
+fn soft_dirty_scan(pid: i32, has_parent: bool) -> Result<Option<Ranges>, DumpError> {
+    let maps = procfs::maps(pid, false).map_err(proc_err(pid, "maps"))?;
+    let ranges: Ranges = maps
+        .iter()
+        .filter(|m| !memory::is_vdso_part(&m.path) && m.path != "[vsyscall]")
+        .map(|m| (m.start, m.end))
+        .collect();
+    // Pages outside these mappings were not there: nothing to compare.
+    let written = if has_parent { Some(crate::track::softdirty::dirty(pid, &ranges)?) } else { None };
+    crate::track::softdirty::clear(pid)?;
+    Ok(written)
+}
+
 /// `written` plus every gap between the `scanned` ranges (both sorted).
 fn with_unscanned(written: Ranges, scanned: &[(u64, u64)]) -> Ranges {
     let mut all = written;
@@ -421,7 +433,8 @@ fn dump_frozen(
     let mut plans = Vec::with_capacity(frozen.procs.len());
     let mut shmem = memory::ShmemCoverage::new();
     // uffd: per process, the pages written since the parent image (None: unknown, compare them all).
-    let use_uffd = tracker == crate::track::Tracker::Uffd && (parent.is_some() || opts.track_mem || opts.pre_dump);
+    let incremental = parent.is_some() || opts.track_mem || opts.pre_dump;
+    let use_uffd = tracker == crate::track::Tracker::Uffd && incremental;
     let mut tracked: Vec<Tracked> = Vec::new();
     let mut dirty: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
     for i in 0..frozen.procs.len() {
@@ -431,6 +444,8 @@ fn dump_frozen(
             let (t, written) = track_process(frozen, i, &proc_pb, parent.is_some())?;
             d = written;
             tracked.push(t);
+        } else if tracker == crate::track::Tracker::SoftDirty && !proc_pb.zombie && incremental {
+            d = soft_dirty_scan(proc_pb.pid, parent.is_some())?;
         }
         dirty.push(d);
         processes.push(proc_pb);
