@@ -416,8 +416,8 @@ fn chain_scenario(test: &str, tracker: Option<&str>) {
 
     restore_expecting(&mut rw, &c, &state_c, "restore from C after dedup");
     kill_restored(&mut rw);
-    restore_refused(&mut rw, &b, &["checksum"], "restore of B alone after dedup");
-    restore_refused(&mut rw, &a, &["checksum"], "restore of A alone after dedup");
+    restore_refused(&mut rw, &b, &["deduplicated"], "restore of B alone after dedup");
+    restore_refused(&mut rw, &a, &["deduplicated"], "restore of A alone after dedup");
     // C is still fine after those failures.
     restore_expecting(&mut rw, &c, &state_c, "restore from C after the refused ones");
 }

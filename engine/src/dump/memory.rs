@@ -226,6 +226,7 @@ fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
             }
             Err(source) => return Err(DumpError::Proc { pid, path: "pagemap (PAGEMAP_SCAN)".into(), source }),
         }
+        let regions = drop_wp_markers(&pagemap, std::mem::take(&mut regions));
         for r in &regions {
             let mut a = r.start.max(v.pb.start);
             let end = r.end.min(v.pb.end);
@@ -237,6 +238,40 @@ fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
         }
     }
     Ok(runs)
+}
+
+/// PAGEMAP_SCAN reports the uffd-wp markers a write-protected hole gets as
+/// "swapped". The classic pagemap tells them apart from real swap entries
+/// (swap type 0x1f is reserved for such special entries): holes are not
+/// data and must not be read (that would fill them in).
+fn drop_wp_markers(pagemap: &File, regions: Vec<PageRegion>) -> Vec<PageRegion> {
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        if r.categories & mem::PAGE_IS_PRESENT != 0 || r.categories & mem::PAGE_IS_SWAPPED == 0 {
+            out.push(r);
+            continue;
+        }
+        let pages = (r.end - r.start) / PAGE;
+        let mut buf = vec![0u8; (pages * 8) as usize];
+        if pagemap.read_exact_at(&mut buf, r.start / PAGE * 8).is_err() {
+            out.push(r);
+            continue;
+        }
+        for (i, e) in buf.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(e);
+            let e = u64::from_le_bytes(a);
+            let real_swap = e & (1 << 62) != 0 && e & 0x1f != 0x1f;
+            if real_swap {
+                let s = r.start + i as u64 * PAGE;
+                match out.last_mut() {
+                    Some(l) if l.end == s && l.categories == r.categories => l.end += PAGE,
+                    _ => out.push(PageRegion { start: s, end: s + PAGE, categories: r.categories }),
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Pre-6.7 kernels: read 8 bytes per page from /proc/PID/pagemap.
@@ -253,7 +288,8 @@ fn classic_scan(pid: i32, pagemap: &File, v: &VmaPlan, out: &mut Vec<PageRegion>
         let mut a = [0u8; 8];
         a.copy_from_slice(e);
         let e = u64::from_le_bytes(a);
-        let present = e & (1 << 63) != 0 || e & (1 << 62) != 0;
+        // Swap type 0x1f: a uffd-wp marker on a hole, not swapped data.
+        let present = e & (1 << 63) != 0 || (e & (1 << 62) != 0 && e & 0x1f != 0x1f);
         let file_page = e & (1 << 61) != 0;
         if present && !(private_file && file_page) {
             let s = v.pb.start + i as u64 * PAGE;

@@ -292,7 +292,7 @@ fn pre_dump_frozen(
                 })
                 .map(|m| (m.start, m.end))
                 .collect();
-            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.is_some())?;
+            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.map(|p| p.link.image_id.as_slice()))?;
             // Anything outside the scanned ranges (mapped after this point) counts as written.
             dirty = written.map(|w| with_unscanned(w, &ranges));
             tracked.push(t);
@@ -351,6 +351,7 @@ fn pre_dump_frozen(
     let manifest_len = writer.commit(&manifest, out.file)?;
     for t in tracked {
         crate::track::holder::hold(t.pid, t.tracker)?;
+        epoch::record(t.pid, &writer.image_id);
     }
     timings.commit_ms = ms(t_commit.elapsed());
     timings.total_ms = ms(t0.elapsed());
@@ -441,7 +442,7 @@ fn dump_frozen(
         let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
         let mut d = None;
         if use_uffd && !proc_pb.zombie {
-            let (t, written) = track_process(frozen, i, &proc_pb, parent.is_some())?;
+            let (t, written) = track_process(frozen, i, &proc_pb, parent.map(|p| p.link.image_id.as_slice()))?;
             d = written;
             tracked.push(t);
         } else if tracker == crate::track::Tracker::SoftDirty && !proc_pb.zombie && incremental {
@@ -508,6 +509,7 @@ fn dump_frozen(
     for t in tracked {
         if opts.pre_dump || opts.track_mem {
             crate::track::holder::hold(t.pid, t.tracker)?;
+            epoch::record(t.pid, &writer.image_id);
         } else {
             drop(t.tracker);
             crate::track::holder::stop(t.pid)?;
@@ -552,7 +554,10 @@ impl Parent {
                 inc.runs.insert(p.pid, runs);
             }
         }
-        for (d, img) in self.chain.images.iter().enumerate() {
+        // Only the newest parent: its runs describe every page it had, and
+        // a dedup of its chain never removes what it points at (older
+        // ancestors' other pages may be gone).
+        for (d, img) in self.chain.images.iter().enumerate().take(1) {
             for p in &img.manifest.processes {
                 for r in &p.page_runs {
                     for k in 0..r.nr_pages as usize {
@@ -583,6 +588,12 @@ fn open_parent(pid: i32, dir: &std::path::Path, rel: &std::path::Path) -> Result
         source,
     })?;
     let pdir = if rel.is_absolute() { rel.to_path_buf() } else { dir.join(rel) };
+    if let Ok(why) = std::fs::read_to_string(pdir.join(crate::image::dedup::MARKER)) {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("parent image {} was deduplicated: {}", pdir.display(), why.trim()),
+        });
+    }
     let chain = crate::image::ImageChain::open(&pdir)?;
     for img in &chain.images {
         let hashed = img
@@ -626,7 +637,7 @@ fn track_process(
     frozen: &mut FrozenTree,
     idx: usize,
     p: &pb::Process,
-    has_parent: bool,
+    parent_id: Option<&[u8]>,
 ) -> Result<(Tracked, Option<Ranges>), DumpError> {
     let ranges: Ranges = p
         .vmas
@@ -634,7 +645,41 @@ fn track_process(
         .filter(|v| v.prot != 0 && v.kind != pb::VmaKind::FileShared as i32)
         .map(|v| (v.start, v.end))
         .collect();
-    track_ranges(frozen, idx, p.pid, &ranges, has_parent)
+    track_ranges(frozen, idx, p.pid, &ranges, parent_id)
+}
+
+/// Which image a kept uffd tracker last ended at: its answer ("written since
+/// the previous scan") is only about the parent if the parent is that image.
+/// Invalidated before every scan, so a dump that fails after scanning leaves
+/// no trusted state behind.
+mod epoch {
+    use std::path::PathBuf;
+
+    fn path(pid: i32) -> PathBuf {
+        PathBuf::from(format!("/run/floe/track-{pid}.last"))
+    }
+
+    fn hex(id: &[u8]) -> String {
+        id.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn matches(pid: i32, image_id: &[u8]) -> bool {
+        std::fs::read_to_string(path(pid)).map(|s| s.trim() == hex(image_id)).unwrap_or(false)
+    }
+
+    pub fn invalidate(pid: i32) {
+        let _ = std::fs::remove_file(path(pid));
+    }
+
+    pub fn record(pid: i32, image_id: &[u8]) {
+        let p = path(pid);
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        if let Err(e) = std::fs::write(&p, hex(image_id)) {
+            tracing::warn!(pid, error = %e, "cannot record the tracker's image; the next dump compares every page");
+        }
+    }
 }
 
 /// Takes up (from its holder) or starts uffd tracking of `ranges` of process
@@ -644,14 +689,18 @@ fn track_ranges(
     idx: usize,
     pid: i32,
     ranges: &[(u64, u64)],
-    has_parent: bool,
+    parent_id: Option<&[u8]>,
 ) -> Result<(Tracked, Option<Ranges>), DumpError> {
     if let Some(mut t) = crate::track::holder::fetch(pid)? {
+        // Trusted only if the tracker's last scan was for exactly this parent.
+        let trusted = parent_id.is_some_and(|id| epoch::matches(pid, id));
+        epoch::invalidate(pid);
         let new = t.untracked(ranges);
         t.register(&new)?;
         let written = t.dirty(pid, ranges)?;
-        return Ok((Tracked { pid, tracker: t }, has_parent.then_some(written)));
+        return Ok((Tracked { pid, tracker: t }, trusted.then_some(written)));
     }
+    epoch::invalidate(pid);
     // No tracker kept for it: start one now; this dump compares every page.
     let fp = &frozen.procs[idx];
     let leader = fp.threads.first().ok_or_else(|| DumpError::Refused { pid, what: "no main thread".into() })?;

@@ -7,6 +7,9 @@ use super::{ImageChain, ImageError, PAGES_DATA_OFFSET};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// File left in each deduplicated ancestor, saying which image it now serves.
+pub const MARKER: &str = "DEDUPLICATED";
+
 /// Punches out of every ancestor of `dir` what the image in `dir` does not
 /// reference. Returns the bytes of disk space freed.
 pub fn dedup(dir: &Path) -> Result<u64, ImageError> {
@@ -44,6 +47,16 @@ pub fn dedup(dir: &Path) -> Result<u64, ImageError> {
             crate::sys::task::punch_hole(&f, s, e - s).map_err(io)?;
         }
         f.sync_all().map_err(io)?;
+        let note = format!(
+            "pages that {} does not need were removed; restore or build on {} instead\n",
+            newest.dir.display(),
+            newest.dir.display()
+        );
+        std::fs::write(img.dir.join(MARKER), note).map_err(|source| ImageError::Io {
+            path: img.dir.join(MARKER),
+            what: "cannot mark the image as deduplicated",
+            source,
+        })?;
         let after = f.metadata().map_err(io)?.blocks();
         freed += before.saturating_sub(after) * 512;
     }

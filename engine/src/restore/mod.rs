@@ -321,6 +321,11 @@ fn ms(t: Instant) -> f64 {
 pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let t0 = Instant::now();
     let mut timings = RestoreTimings::default();
+    if let Ok(why) = std::fs::read_to_string(opts.dir.join(crate::image::dedup::MARKER)) {
+        return Err(RestoreError::Refused {
+            what: format!("{} was deduplicated into a newer image: {}", opts.dir.display(), why.trim()),
+        });
+    }
     let chain = ImageChain::open(&opts.dir)?;
     let img = chain.newest();
     if img.manifest.pre_dump {
