@@ -37,42 +37,42 @@ pub struct Tree {
     pub ns_init: Option<i32>,
 }
 
+/// Runs `build` with the init of a new pid namespace under `restore -n`
+/// (None otherwise), killing that init if `build` fails.
+fn with_ns_init<T>(
+    m: &pb::Manifest,
+    pre: &Preflight,
+    build: impl FnOnce(Option<i32>) -> Result<T, RestoreError>,
+) -> Result<T, RestoreError> {
+    let ns_init = if pre.new_pidns {
+        let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
+        Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
+            pid: root,
+            op: "creating a new pid namespace (needs CAP_SYS_ADMIN)".into(),
+            source,
+        })?)
+    } else {
+        None
+    };
+    let r = build(ns_init);
+    if r.is_err() {
+        if let Some(init) = ns_init {
+            let _ = crate::sys::task::kill(init, libc::SIGKILL);
+            let _ = crate::sys::ptrace::wait(init);
+        }
+    }
+    r
+}
+
 impl Tree {
     /// Stage a: creates every process and thread, stopped, with its address
     /// space mapped but not filled.
     pub fn create(m: &pb::Manifest, pre: &Preflight) -> Result<Self, RestoreError> {
-        let ns_init = if pre.new_pidns {
-            let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
-            Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
-                pid: root,
-                op: "creating a new pid namespace (needs CAP_SYS_ADMIN)".into(),
-                source,
-            })?)
-        } else {
-            None
-        };
-        let r = Self::create_in(m, pre, ns_init);
-        if r.is_err() {
-            if let Some(init) = ns_init {
-                let _ = crate::sys::task::kill(init, libc::SIGKILL);
-                let _ = crate::sys::ptrace::wait(init);
-            }
-        }
-        r
+        with_ns_init(m, pre, |ns_init| Self::create_in(m, pre, ns_init))
     }
 
     fn create_in(m: &pb::Manifest, pre: &Preflight, ns_init: Option<i32>) -> Result<Self, RestoreError> {
-        let scratch = stub::choose_scratch(m, pre)?;
-        let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
-        let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
-            pid: 0,
-            op: "creating the descriptor-passing socket".into(),
-            source,
-        })?;
-        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
-        let mut tree =
-            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
-        tree.set_session(0, root)?;
+        let (mut tree, _) = Self::start(m, pre, ns_init)?;
         for p in &m.processes[1..] {
             let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
                 what: format!("process {} has no parent {} in the image", p.pid, p.ppid),
@@ -111,25 +111,7 @@ impl Tree {
     /// so memory they shared copy-on-write is shared again. Returns the tree
     /// and the bytes written.
     pub fn create_filled(chain: &ImageChain, pre: &Preflight) -> Result<(Self, u64, f64), RestoreError> {
-        let m = &chain.newest().manifest;
-        let ns_init = if pre.new_pidns {
-            let root = m.processes.first().map(|p| p.pid).unwrap_or(1);
-            Some(crate::sys::task::spawn_ns_init(root).map_err(|source| RestoreError::Stub {
-                pid: root,
-                op: "creating a new pid namespace (needs CAP_SYS_ADMIN)".into(),
-                source,
-            })?)
-        } else {
-            None
-        };
-        let r = Self::create_filled_in(chain, pre, ns_init);
-        if r.is_err() {
-            if let Some(init) = ns_init {
-                let _ = crate::sys::task::kill(init, libc::SIGKILL);
-                let _ = crate::sys::ptrace::wait(init);
-            }
-        }
-        r
+        with_ns_init(&chain.newest().manifest, pre, |ns_init| Self::create_filled_in(chain, pre, ns_init))
     }
 
     fn create_filled_in(
@@ -138,17 +120,7 @@ impl Tree {
         ns_init: Option<i32>,
     ) -> Result<(Self, u64, f64), RestoreError> {
         let m = &chain.newest().manifest;
-        let scratch = stub::choose_scratch(m, pre)?;
-        let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
-        let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
-            pid: 0,
-            op: "creating the descriptor-passing socket".into(),
-            source,
-        })?;
-        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
-        let mut tree =
-            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
-        tree.set_session(0, root)?;
+        let (mut tree, root) = Self::start(m, pre, ns_init)?;
         sysv::ensure_segments(&m.sysv_shm)?;
         let vdso_of = |p: &pb::Process| {
             p.vdso
@@ -191,6 +163,26 @@ impl Tree {
             }
         }
         Ok((tree, bytes, pages_ms))
+    }
+
+    /// The root stub (emptied, in its session) and the tree around it.
+    fn start<'m>(
+        m: &'m pb::Manifest,
+        pre: &Preflight,
+        ns_init: Option<i32>,
+    ) -> Result<(Self, &'m pb::Process), RestoreError> {
+        let scratch = stub::choose_scratch(m, pre)?;
+        let root = m.processes.first().ok_or_else(|| RestoreError::Refused { what: "image has no process".into() })?;
+        let sender = crate::sys::task::unix_dgram_socket().map_err(|source| RestoreError::Stub {
+            pid: 0,
+            op: "creating the descriptor-passing socket".into(),
+            source,
+        })?;
+        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
+        let mut tree =
+            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
+        tree.set_session(0, root)?;
+        Ok((tree, root))
     }
 
     fn set_session(&mut self, i: usize, p: &pb::Process) -> Result<(), RestoreError> {
