@@ -304,6 +304,35 @@ fn classic_scan(pid: i32, pagemap: &File, v: &VmaPlan, out: &mut Vec<PageRegion>
 
 type Chunk = (Vec<u8>, usize, u64);
 
+/// Keys of `Incremental::by_hash` are blake3 prefixes, already uniformly
+/// distributed: their first eight bytes serve as the hash (hashing them
+/// again with SipHash costs more than the whole lookup).
+#[derive(Default, Clone, Copy)]
+pub struct HashKeyBuild;
+
+#[derive(Default)]
+pub struct HashKey(u64);
+
+impl std::hash::Hasher for HashKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= (*b as u64) << (8 * i);
+        }
+    }
+}
+
+impl std::hash::BuildHasher for HashKeyBuild {
+    type Hasher = HashKey;
+
+    fn build_hasher(&self) -> HashKey {
+        HashKey(0)
+    }
+}
+
 /// Streams page data into pages.img: the caller's thread reads and
 /// checksums, a writer thread writes. One sink serves every process of a
 /// dump, so the pages of all of them land in one file.
@@ -350,7 +379,7 @@ pub struct Incremental {
     /// (pid, page address) -> the page at that address in the newest parent that has it.
     pub by_addr: std::collections::HashMap<(i32, u64), PageLoc>,
     /// Content -> some stored copy (content deduplication).
-    pub by_hash: std::collections::HashMap<[u8; 16], PageLoc>,
+    pub by_hash: std::collections::HashMap<[u8; 16], PageLoc, HashKeyBuild>,
     /// Pages referenced instead of stored (statistics).
     pub reused: u64,
 }
