@@ -144,10 +144,20 @@ impl Tree {
                 continue;
             }
             let fresh = tree.procs[i].inherit_layout(&m.processes[parent], p)?;
+            // Only mappings kept from the parent still hold its pages: a `cow`
+            // run elsewhere (the parent's mapping had other bounds) is written.
+            let kept: Vec<(u64, u64)> = p
+                .vmas
+                .iter()
+                .filter(|v| !fresh.iter().any(|f| f.start == v.start && f.end == v.end))
+                .map(|v| (v.start, v.end))
+                .collect();
             tree.procs[i].place_vdso(&vdso_of(p)?, pre)?;
             tree.procs[i].map_vmas(fresh, &mut tree.shm)?;
             let t = Instant::now();
-            bytes += load_pages_where(chain, &mut tree, |pid, r| pid == p.pid && !r.cow)?;
+            let inherited =
+                |r: &pb::PageRun| r.cow && kept.iter().any(|(s, e)| *s <= r.vaddr && r.vaddr + r.nr_pages * 4096 <= *e);
+            bytes += load_pages_where(chain, &mut tree, |pid, r| pid == p.pid && !inherited(r))?;
             pages_ms += ms(t);
         }
         for (i, p) in m.processes.iter().enumerate() {
