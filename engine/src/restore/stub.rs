@@ -232,33 +232,50 @@ impl Stub {
         parent: &pb::Process,
         me: &'a pb::Process,
     ) -> Result<Vec<&'a pb::Vma>, RestoreError> {
-        let same = |a: &pb::Vma, b: &pb::Vma| {
-            a.start == b.start
-                && a.end == b.end
-                && a.kind == b.kind
-                && a.path == b.path
-                && a.pgoff == b.pgoff
-                && a.shmem_id == b.shmem_id
-                && a.sysv == b.sysv
-                && a.growsdown == b.growsdown
+        // A parent mapping can serve a child mapping of the same kind over
+        // their overlap (bounds may differ: the kernel merges and splits
+        // mappings differently in each process).
+        let compatible = |pv: &pb::Vma, cv: &pb::Vma| {
+            let same_offsets = pv.kind == pb::VmaKind::AnonPrivate as i32
+                || pv.pgoff as i128 - pv.start as i128 == cv.pgoff as i128 - cv.start as i128;
+            pv.kind == cv.kind
+                && pv.path == cv.path
+                && pv.shmem_id == cv.shmem_id
+                && pv.sysv == cv.sysv
+                && pv.growsdown == cv.growsdown
+                && pv.start < cv.end
+                && cv.start < pv.end
+                && same_offsets
         };
+        // What each parent mapping keeps; the rest is unmapped.
+        let mut kept: Vec<(u64, u64)> = Vec::new();
         for pv in &parent.vmas {
-            if !me.vmas.iter().any(|cv| same(pv, cv)) {
-                self.leader().call(libc::SYS_munmap, [pv.start, pv.end - pv.start, 0, 0, 0, 0])?;
+            let mut parts: Vec<(u64, u64)> = me
+                .vmas
+                .iter()
+                .filter(|cv| compatible(pv, cv))
+                .map(|cv| (pv.start.max(cv.start), pv.end.min(cv.end)))
+                .collect();
+            parts.sort_unstable();
+            for (a, b) in subtract((pv.start, pv.end), &parts) {
+                self.leader().call(libc::SYS_munmap, [a, b - a, 0, 0, 0, 0])?;
             }
+            kept.extend(parts);
         }
+        kept.sort_unstable();
         let mut fresh = Vec::new();
         for cv in &me.vmas {
-            let Some(pv) = parent.vmas.iter().find(|pv| same(pv, cv)) else {
+            // Inherited only when the kept parts cover it entirely.
+            if !subtract((cv.start, cv.end), &kept).is_empty() {
                 fresh.push(cv);
                 continue;
-            };
+            }
             if cv.kind == pb::VmaKind::AnonShared as i32 || cv.kind == pb::VmaKind::FileShared as i32 {
                 continue;
             }
             // Pages the parent has and this process had not: back to a hole.
-            let mine = ranges_in(&me.page_runs, cv);
-            for (s, e) in ranges_in(&parent.page_runs, pv) {
+            let mine = ranges_within(&me.page_runs, cv.start, cv.end);
+            for (s, e) in ranges_within(&parent.page_runs, cv.start, cv.end) {
                 for (a, b) in subtract((s, e), &mine) {
                     self.leader().call(libc::SYS_madvise, [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
                 }
@@ -560,12 +577,12 @@ impl Stub {
     }
 }
 
-/// Address ranges of the runs inside `v`, sorted and merged.
-fn ranges_in(runs: &[pb::PageRun], v: &pb::Vma) -> Vec<(u64, u64)> {
+/// Address ranges of the runs within [start, end), clipped, sorted and merged.
+fn ranges_within(runs: &[pb::PageRun], start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut r: Vec<(u64, u64)> = runs
         .iter()
-        .map(|r| (r.vaddr, r.vaddr + r.nr_pages * 4096))
-        .filter(|(s, _)| *s >= v.start && *s < v.end)
+        .map(|r| (r.vaddr.max(start), (r.vaddr + r.nr_pages * 4096).min(end)))
+        .filter(|(s, e)| s < e)
         .collect();
     r.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
