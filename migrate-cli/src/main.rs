@@ -180,13 +180,14 @@ fn run(cli: Cli) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "pre-dumped pid {} ({} process(es)) into {}: {:.1} MiB written, {} pages reused; stopped {:.1} ms, total {:.1} ms (tracker {})",
+                    "pre-dumped pid {} ({} process(es)) into {}: {:.1} MiB written, {} pages reused; stopped {:.1} ms (scan {:.1} ms), total {:.1} ms (tracker {})",
                     report.pid,
                     report.processes,
                     report.dir.display(),
                     report.page_bytes as f64 / 1048576.0,
                     report.reused_pages,
                     report.timings.frozen_ms,
+                    report.timings.scan_ms,
                     report.timings.total_ms,
                     report.dirty_tracker
                 );

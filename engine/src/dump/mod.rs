@@ -63,6 +63,9 @@ pub struct DumpTimings {
     pub commit_ms: f64,
     /// Time the process spent stopped.
     pub frozen_ms: f64,
+    /// Dirty-tracker work while stopped (uffd: registering and scanning;
+    /// soft-dirty: reading and clearing the bits); part of collect_ms.
+    pub scan_ms: f64,
     pub total_ms: f64,
 }
 
@@ -292,12 +295,16 @@ fn pre_dump_frozen(
                 })
                 .map(|m| (m.start, m.end))
                 .collect();
+            let t_scan = Instant::now();
             let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.map(|p| p.link.image_id.as_slice()))?;
+            timings.scan_ms += ms(t_scan.elapsed());
             // Anything outside the scanned ranges (mapped after this point) counts as written.
             dirty = written.map(|w| with_unscanned(w, &ranges));
             tracked.push(t);
         } else if soft_dirty {
+            let t_scan = Instant::now();
             dirty = soft_dirty_scan(pid, parent.is_some())?;
+            timings.scan_ms += ms(t_scan.elapsed());
         }
         scans.push((pid, ppid, dirty));
     }
@@ -442,11 +449,15 @@ fn dump_frozen(
         let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
         let mut d = None;
         if use_uffd && !proc_pb.zombie {
+            let t_scan = Instant::now();
             let (t, written) = track_process(frozen, i, &proc_pb, parent.map(|p| p.link.image_id.as_slice()))?;
+            timings.scan_ms += ms(t_scan.elapsed());
             d = written;
             tracked.push(t);
         } else if tracker == crate::track::Tracker::SoftDirty && !proc_pb.zombie && incremental {
+            let t_scan = Instant::now();
             d = soft_dirty_scan(proc_pb.pid, parent.is_some())?;
+            timings.scan_ms += ms(t_scan.elapsed());
         }
         dirty.push(d);
         processes.push(proc_pb);
