@@ -119,7 +119,7 @@ printf 'n\trep\tdump_s\trestore_s\trundir\n' >"$RESULTS"
 
 # ----------------------------------------------------------------- build ---
 log "tree-bench: building fixture and baseline (gcc -O2) into $WORK/bin"
-gcc -O2 -Wall -o "$WORK/bin/tree_fixture" "$REPO/bench/tree_fixture.c"
+gcc -O2 -Wall -o "$WORK/bin/tree_fixture" "$REPO/tests/fixtures/cowtree.c"
 gcc -O2 -Wall -o "$WORK/bin/baseline" "$REPO/bench/baseline.c"
 FIXTURE="$WORK/bin/tree_fixture"
 BASELINE="$WORK/bin/baseline"
