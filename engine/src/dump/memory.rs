@@ -428,7 +428,9 @@ fn push_page(out: &mut Vec<pb::PageRun>, cur: &mut Option<pb::PageRun>, vaddr: u
             && n < RUN_PAGES
         {
             c.nr_pages += 1;
-            c.page_hashes.extend_from_slice(&loc.hash);
+            if c.image == 0 {
+                c.page_hashes.extend_from_slice(&loc.hash);
+            }
             return;
         }
     }
@@ -442,7 +444,8 @@ fn push_page(out: &mut Vec<pb::PageRun>, cur: &mut Option<pb::PageRun>, vaddr: u
         blake3: Vec::new(),
         cow: false,
         image: loc.image,
-        page_hashes: loc.hash.to_vec(),
+        // Pages in an ancestor keep their checksums there (ImageChain::run_page_hashes).
+        page_hashes: if loc.image == 0 { loc.hash.to_vec() } else { Vec::new() },
     });
 }
 
@@ -576,7 +579,8 @@ impl PageSink {
                                 blake3: Vec::new(),
                                 cow: false,
                                 image: p.image,
-                                page_hashes: p.page_hashes[first * 16..(first + n) * 16].to_vec(),
+                                // In an ancestor: its checksums stay there.
+                                page_hashes: Vec::new(),
                             });
                             inc.reused += n as u64;
                             a = stop;

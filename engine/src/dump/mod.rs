@@ -66,6 +66,9 @@ pub struct DumpTimings {
     /// Dirty-tracker work while stopped (uffd: registering and scanning;
     /// soft-dirty: reading and clearing the bits); part of collect_ms.
     pub scan_ms: f64,
+    /// Resuming the processes, or killing them (and the kernel freeing
+    /// their memory) after a dump without --leave-running.
+    pub release_ms: f64,
     pub total_ms: f64,
 }
 
@@ -244,15 +247,18 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         frozen.resume()?;
         timings.frozen_ms = ms(t_freeze.elapsed());
     } else {
-        frozen.kill()?;
+        // The image is complete: the process is gone from here on, however
+        // long the kernel takes to tear its memory down.
         timings.frozen_ms = ms(t_freeze.elapsed());
+        frozen.kill()?;
     }
+    timings.release_ms = ms(t_release.elapsed());
     if opts.auto_dedup && opts.prev_images_dir.is_some() {
         report.dedup_freed = crate::image::dedup::dedup(&opts.dir)?;
     }
     report.timings = timings;
     report.timings.total_ms = ms(t0.elapsed());
-    tracing::info!(pid, processes = report.processes, release_ms = ms(t_release.elapsed()), timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
+    tracing::info!(pid, processes = report.processes, timings = ?report.timings, page_bytes = report.page_bytes, "dump complete");
     Ok(report)
 }
 
@@ -321,7 +327,7 @@ fn pre_dump_frozen(
     let mut shmem = memory::ShmemCoverage::new();
     for (pid, ppid, dirty) in &scans {
         // Read while running: a process that exited meanwhile is skipped.
-        let Ok(maps) = procfs::maps(*pid, true) else { continue };
+        let Ok(maps) = pre_dump_maps(*pid) else { continue };
         let plans = memory::classify(*pid, &maps, &mut shmem)?;
         let runs = sink.dump_process(*pid, *ppid, &plans, dirty.as_deref())?;
         processes.push(pb::Process {
@@ -392,6 +398,23 @@ fn soft_dirty_scan(pid: i32, has_parent: bool) -> Result<Option<Ranges>, DumpErr
     let written = if has_parent { Some(crate::track::softdirty::dirty(pid, &ranges)?) } else { None };
     crate::track::softdirty::clear(pid)?;
     Ok(written)
+}
+
+/// The mappings a pre-dump copies. smaps walks every page table to count
+/// pages (about 15 ms per GiB); the VM flags it adds only matter for
+/// hugetlb and device mappings, so it is read only when a mapping may be
+/// one of those (the final dump always reads it and refuses them).
+fn pre_dump_maps(pid: i32) -> std::io::Result<Vec<procfs::MapEntry>> {
+    let maps = procfs::maps(pid, false)?;
+    let maybe_special = |p: &str| {
+        (p.starts_with("/dev/") && !p.starts_with("/dev/shm/") && !p.starts_with("/dev/zero"))
+            || p.contains("anon_hugepage")
+            || p.starts_with("/SYSV")
+    };
+    if maps.iter().any(|m| maybe_special(&m.path)) {
+        return procfs::maps(pid, true);
+    }
+    Ok(maps)
 }
 
 /// `written` plus every gap between the `scanned` ranges (both sorted).
@@ -557,33 +580,37 @@ impl Parent {
     /// compares each page; the uffd tracker takes clean spans in bulk).
     fn index(&self, by_addr: bool) -> memory::Incremental {
         let mut inc = memory::Incremental::default();
-        if let Some(newest) = self.chain.images.first() {
-            for p in &newest.manifest.processes {
-                let mut runs: Vec<pb::PageRun> =
-                    p.page_runs.iter().map(|r| pb::PageRun { image: r.image + 1, ..r.clone() }).collect();
-                runs.sort_unstable_by_key(|r| r.vaddr);
-                inc.runs.insert(p.pid, runs);
-            }
+        let Some(newest) = self.chain.images.first() else { return inc };
+        let pages: u64 = newest.manifest.processes.iter().flat_map(|p| &p.page_runs).map(|r| r.nr_pages).sum();
+        // Sized once: growing a map of a million entries rehashes it many times.
+        let pages = usize::try_from(pages).unwrap_or(0).min(1 << 26);
+        inc.by_hash.reserve(pages);
+        if by_addr {
+            inc.by_addr.reserve(pages);
         }
         // Only the newest parent: its runs describe every page it had, and
         // a dedup of its chain never removes what it points at (older
         // ancestors' other pages may be gone).
-        for (d, img) in self.chain.images.iter().enumerate().take(1) {
-            for p in &img.manifest.processes {
-                for r in &p.page_runs {
-                    for k in 0..r.nr_pages as usize {
-                        let mut hash = [0u8; 16];
-                        hash.copy_from_slice(&r.page_hashes[k * 16..k * 16 + 16]);
-                        let loc = memory::PageLoc {
-                            image: d as u32 + 1 + r.image,
-                            offset: r.file_offset + k as u64 * memory::PAGE,
-                            hash,
-                        };
-                        if by_addr {
-                            inc.by_addr.entry((p.pid, r.vaddr + k as u64 * memory::PAGE)).or_insert(loc);
-                        }
-                        inc.by_hash.entry(hash).or_insert(loc);
+        for p in &newest.manifest.processes {
+            let mut runs: Vec<pb::PageRun> = p
+                .page_runs
+                .iter()
+                .map(|r| pb::PageRun { image: r.image + 1, page_hashes: Vec::new(), ..r.clone() })
+                .collect();
+            runs.sort_unstable_by_key(|r| r.vaddr);
+            inc.runs.insert(p.pid, runs);
+            for r in &p.page_runs {
+                // open_parent checked that every run has them.
+                let Some(hashes) = self.chain.run_page_hashes(0, r) else { continue };
+                for (k, h) in hashes.chunks_exact(16).enumerate() {
+                    let mut hash = [0u8; 16];
+                    hash.copy_from_slice(h);
+                    let loc =
+                        memory::PageLoc { image: 1 + r.image, offset: r.file_offset + k as u64 * memory::PAGE, hash };
+                    if by_addr {
+                        inc.by_addr.entry((p.pid, r.vaddr + k as u64 * memory::PAGE)).or_insert(loc);
                     }
+                    inc.by_hash.entry(hash).or_insert(loc);
                 }
             }
         }
@@ -606,13 +633,10 @@ fn open_parent(pid: i32, dir: &std::path::Path, rel: &std::path::Path) -> Result
         });
     }
     let chain = crate::image::ImageChain::open(&pdir)?;
-    for img in &chain.images {
-        let hashed = img
-            .manifest
-            .processes
-            .iter()
-            .flat_map(|p| &p.page_runs)
-            .all(|r| r.page_hashes.len() as u64 == r.nr_pages * 16);
+    {
+        let img = chain.newest();
+        let hashed =
+            img.manifest.processes.iter().flat_map(|p| &p.page_runs).all(|r| chain.run_page_hashes(0, r).is_some());
         if !hashed {
             return Err(DumpError::Refused {
                 pid,

@@ -177,6 +177,10 @@ pub const MAX_CHAIN: usize = 64;
 /// An image and its ancestors (images[0] is the one asked for).
 pub struct ImageChain {
     pub images: Vec<ImageReader>,
+    /// Per image, its own runs (stored in its pages.img, with per-page
+    /// checksums) as (file offset, end, process index, run index), sorted by
+    /// offset: where the checksums of runs pointing into it are found.
+    stored: Vec<Vec<(u64, u64, usize, usize)>>,
 }
 
 impl ImageChain {
@@ -203,6 +207,31 @@ impl ImageChain {
             }
             images.push(parent);
         }
+        let stored = images
+            .iter()
+            .map(|img| {
+                let mut v: Vec<(u64, u64, usize, usize)> = img
+                    .manifest
+                    .processes
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(pi, p)| p.page_runs.iter().enumerate().map(move |(ri, r)| (pi, ri, r)))
+                    .filter(|(_, _, r)| r.image == 0 && r.page_hashes.len() as u64 == r.nr_pages * 16)
+                    .map(|(pi, ri, r)| (r.file_offset, r.file_offset + r.nr_pages * 4096, pi, ri))
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        let chain = Self { images, stored };
+        chain.check_links()?;
+        Ok(chain)
+    }
+
+    /// Every run pointing into an ancestor lies inside its pages file, on
+    /// pages stored there with checksums.
+    fn check_links(&self) -> Result<(), ImageError> {
+        let images = &self.images;
         for (i, img) in images.iter().enumerate() {
             for p in &img.manifest.processes {
                 for r in p.page_runs.iter().filter(|r| r.image != 0) {
@@ -219,10 +248,55 @@ impl ImageChain {
                             src.pages_path.display()
                         )));
                     }
+                    if r.page_hashes.is_empty() && self.run_page_hashes(i, r).is_none() {
+                        return Err(bad(format!(
+                            "page run at {:#x} of pid {} points at pages {} does not store with checksums",
+                            r.vaddr,
+                            p.pid,
+                            src.pages_path.display()
+                        )));
+                    }
                 }
             }
         }
-        Ok(Self { images })
+        Ok(())
+    }
+
+    /// The 16-byte blake3 prefix of every page of `run` (of image `from`),
+    /// concatenated: its own, or those of the pages it points at in an
+    /// ancestor. None when they are not recorded (a run with a whole-run
+    /// checksum, or pages the ancestor does not hold).
+    pub fn run_page_hashes<'a>(
+        &'a self,
+        from: usize,
+        run: &'a floe_proto::image::PageRun,
+    ) -> Option<std::borrow::Cow<'a, [u8]>> {
+        let want = usize::try_from(run.nr_pages).ok()?.checked_mul(16)?;
+        if run.page_hashes.len() == want {
+            return Some(std::borrow::Cow::Borrowed(&run.page_hashes));
+        }
+        if run.image == 0 {
+            return None;
+        }
+        let k = from.checked_add(run.image as usize)?;
+        let (img, stored) = (self.images.get(k)?, self.stored.get(k)?);
+        let end = run.file_offset.checked_add(run.nr_pages.checked_mul(4096)?)?;
+        let mut out = Vec::with_capacity(want);
+        let mut at = run.file_offset;
+        let mut idx = stored.partition_point(|s| s.1 <= at);
+        while at < end {
+            let &(s, e, pi, ri) = stored.get(idx)?;
+            if s > at {
+                return None;
+            }
+            let src = &img.manifest.processes[pi].page_runs[ri];
+            let first = ((at - s) / 4096) as usize;
+            let n = ((e.min(end) - at) / 4096) as usize;
+            out.extend_from_slice(src.page_hashes.get(first * 16..(first + n) * 16)?);
+            at += n as u64 * 4096;
+            idx += 1;
+        }
+        Some(std::borrow::Cow::Owned(out))
     }
 
     /// The image asked for.
@@ -359,8 +433,10 @@ impl ImageReader {
                 if r.vaddr % 4096 != 0 || r.vaddr.checked_add(len).is_none() {
                     return Err(bad(format!("page run at {:#x} of pid {} is misaligned", r.vaddr, p.pid)));
                 }
+                // A run pointing into an ancestor may carry no checksum of its
+                // own: ImageChain finds the ancestor's per-page checksums.
                 let hashed = r.page_hashes.len() as u64 == r.nr_pages * 16;
-                if !hashed && (r.blake3.len() != 32 || r.image != 0) {
+                if !hashed && r.image == 0 && r.blake3.len() != 32 {
                     return Err(bad(format!("page run at {:#x} of pid {} has no usable checksum", r.vaddr, p.pid)));
                 }
                 // Runs in an ancestor's pages.img are checked against it by ImageChain.

@@ -99,13 +99,13 @@ pub fn load_pages_where(
                     let mut ranges = Vec::with_capacity(j - i);
                     for (_, r) in &runs[i..j] {
                         let n = (r.nr_pages * 4096) as usize;
-                        let ok = if r.page_hashes.len() == r.nr_pages as usize * 16 {
+                        let ok = if let Some(hashes) = chain.run_page_hashes(0, r) {
                             buf[o..o + n]
                                 .chunks_exact(4096)
-                                .zip(r.page_hashes.chunks_exact(16))
+                                .zip(hashes.chunks_exact(16))
                                 .all(|(page, h)| blake3::hash(page).as_bytes()[..16] == *h)
                         } else {
-                            blake3::hash(&buf[o..o + n]).as_bytes()[..] == r.blake3[..]
+                            r.image == 0 && blake3::hash(&buf[o..o + n]).as_bytes()[..] == r.blake3[..]
                         };
                         if !ok {
                             return Err(ImageError::Checksum {
