@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
+    let image = [
         "proto/image.proto",
         "proto/fd_eventfd.proto",
         "proto/fd_signalfd.proto",
@@ -12,11 +12,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/fd_memfd.proto",
         "proto/fd_socket.proto",
     ];
-    for f in &files {
+    let wire = ["proto/peer.proto", "proto/control.proto"];
+    for f in image.iter().chain(&wire) {
         println!("cargo:rerun-if-changed={f}");
     }
-    let fds = protox::compile(files, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    prost_build::Config::new().out_dir(&out).compile_fds(fds)?;
+    prost_build::Config::new().out_dir(&out).compile_fds(protox::compile(image, ["proto"])?)?;
+    // The wire messages embed image messages: point them at `crate::image`.
+    prost_build::Config::new()
+        .out_dir(&out)
+        .extern_path(".floe.image.v1", "crate::image")
+        .compile_fds(protox::compile(wire, ["proto"])?)?;
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod dump;
 pub mod fdkinds;
 pub mod image;
 pub mod inject;
+pub mod migrate;
 pub mod procfs;
 pub mod restore;
 pub mod sys;

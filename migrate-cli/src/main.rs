@@ -1,4 +1,5 @@
 //! `floe`: checkpoint/restore and live migration of Linux processes.
+mod agentctl;
 mod inspect;
 mod sys;
 
@@ -121,6 +122,57 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running process tree to another host through the floe-agents (it keeps running during the copy).
+    Migrate {
+        /// PID of the root of the tree.
+        pid: i32,
+        /// Target: a peer name from the agent's [peers], or host:port.
+        #[arg(long)]
+        to: String,
+        /// Freeze once the expected downtime is at most this many milliseconds.
+        #[arg(long, default_value_t = 50)]
+        max_downtime: u32,
+        /// Most pre-copy passes before giving up on convergence.
+        #[arg(long, default_value_t = 30)]
+        max_iterations: u32,
+        /// When pre-copy does not converge: freeze anyway (with a warning) or abort (the process keeps running here).
+        #[arg(long, default_value = "freeze", value_parser = ["freeze", "abort"])]
+        on_no_convergence: String,
+        /// How changed pages are found: auto, uffd, soft-dirty or hash.
+        #[arg(long, default_value = "auto")]
+        dirty_tracker: String,
+        /// zstd compression of page data: auto (when it outruns the link), on or off.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        compress: String,
+        /// Restore in a new pid namespace on the target (the pids need not be free there).
+        #[arg(short = 'n', long = "new-pidns")]
+        new_pidns: bool,
+        /// Migrate file locks held by the processes.
+        #[arg(long)]
+        file_locks: bool,
+        /// Allow datagram unix sockets connected to a named socket outside the tree.
+        #[arg(long)]
+        ext_unix_sk: bool,
+        /// One JSON event per line on stdout (phases, passes, the final report).
+        #[arg(long)]
+        json: bool,
+        /// The local agent's control socket.
+        #[arg(long, env = "FLOE_AGENT_SOCKET", default_value = "/run/floe/agent.sock")]
+        control_socket: PathBuf,
+    },
+    /// List the migrations in flight on the local floe-agent.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// The local agent's control socket.
+        #[arg(long, env = "FLOE_AGENT_SOCKET", default_value = "/run/floe/agent.sock")]
+        control_socket: PathBuf,
+    },
+    /// Create the cluster CA and host certificates for the agents (mutual TLS).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
     /// Show what an image holds.
     Inspect {
         /// Image directory.
@@ -128,6 +180,34 @@ enum Cmd {
         /// Print as JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create the cluster CA (ca.pem, ca.key) in --dir.
+    Init {
+        #[arg(long, default_value = "/etc/floe")]
+        dir: PathBuf,
+        /// Replace an existing CA (every host certificate must then be issued again).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue HOST.pem and HOST.key, signed by the CA in --dir.
+    Issue {
+        /// Host name (the agent's `name`).
+        host: String,
+        /// Extra subject names: IP addresses or DNS names the host is reached by.
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Directory holding the CA.
+        #[arg(long, default_value = "/etc/floe")]
+        dir: PathBuf,
+        /// Where to write the host's files (default: --dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -147,6 +227,47 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.cmd {
+        Cmd::Migrate {
+            pid,
+            to,
+            max_downtime,
+            max_iterations,
+            on_no_convergence,
+            dirty_tracker,
+            compress,
+            new_pidns,
+            file_locks,
+            ext_unix_sk,
+            json,
+            control_socket,
+        } => {
+            let req = floe_proto::control::MigrateRequest {
+                pid,
+                to,
+                max_downtime_ms: max_downtime,
+                max_iterations,
+                on_no_convergence,
+                dirty_tracker,
+                compress,
+                file_locks,
+                ext_unix_sk,
+                test_hook: String::new(),
+                new_pidns,
+            };
+            agentctl::migrate(&control_socket, req, json)
+        }
+        Cmd::Status { json, control_socket } => agentctl::status(&control_socket, json),
+        Cmd::Certs { cmd: CertsCmd::Init { dir, force } } => {
+            let p = floe_agent::certs::init_ca(&dir, force)?;
+            println!("cluster CA written to {} (keep {} secret)", p.display(), dir.join("ca.key").display());
+            Ok(0)
+        }
+        Cmd::Certs { cmd: CertsCmd::Issue { host, sans, dir, out, force } } => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let (c, k) = floe_agent::certs::issue_host(&dir, &host, &sans, &out, force)?;
+            println!("certificate for {host}: {} and {}", c.display(), k.display());
+            Ok(0)
+        }
         Cmd::Check { json } => {
             let report = check::run_checks();
             if json {

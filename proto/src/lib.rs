@@ -8,3 +8,17 @@ pub mod image {
 }
 
 pub use prost::Message;
+
+/// Peer protocol between agents (`floe.peer.v1`).
+pub mod peer {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/floe.peer.v1.rs"));
+}
+
+/// Control API between `floe` and its agent (`floe.control.v1`).
+pub mod control {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/floe.control.v1.rs"));
+}
+
+pub mod frame;

@@ -36,7 +36,7 @@ fn perr(pid: i32, op: &'static str) -> impl FnOnce(std::io::Error) -> DumpError 
 }
 
 /// Pre-order walk of the tree below `root`: (pid, ppid).
-fn walk(root: i32) -> Vec<(i32, i32)> {
+pub(crate) fn walk(root: i32) -> Vec<(i32, i32)> {
     let mut out = Vec::new();
     let mut stack = vec![(root, procfs::status(root).map(|s| s.ppid).unwrap_or(0))];
     let mut seen = HashSet::new();

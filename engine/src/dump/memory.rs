@@ -15,8 +15,8 @@ use std::sync::mpsc;
 pub const PAGE: u64 = 4096;
 /// Largest run of pages checksummed as one unit.
 const RUN_PAGES: u64 = 512;
-/// Bytes copied per process_vm_readv batch.
-const BATCH: usize = 16 << 20;
+/// Bytes copied per process_vm_readv batch (and largest stream chunk).
+pub const BATCH: usize = 16 << 20;
 const BUFFERS: usize = 3;
 
 pub struct VdsoInfo {
@@ -201,7 +201,8 @@ pub struct PagesOut {
     pub blobs: Vec<pb::Blob>,
     pub file_size: u64,
     pub page_bytes: u64,
-    pub file: File,
+    /// pages.img (None in stream mode).
+    pub file: Option<File>,
 }
 
 struct RunPlan {
@@ -302,7 +303,44 @@ fn classic_scan(pid: i32, pagemap: &File, v: &VmaPlan, out: &mut Vec<PageRegion>
     Ok(())
 }
 
-type Chunk = (Vec<u8>, usize, u64);
+/// What goes to the writer thread: page data (the buffer, the bytes of it
+/// used, their offset in pages.img, and in stream mode the process and the
+/// runs describing them), a buffer to give back, or a stream announcement.
+#[allow(clippy::large_enum_variant)] // one per 16 MiB batch
+enum Chunk {
+    Data { buf: Vec<u8>, len: usize, offset: u64, pid: i32, runs: Vec<pb::PageRun> },
+    Recycle(Vec<u8>),
+    Announce(StreamItem),
+}
+
+/// Page data of one batch, in stream mode (live migration): `runs` are
+/// this image's runs (`image` 0, with `page_hashes`) whose `file_offset`s
+/// count from the start of `data[..len]`.
+pub struct PageChunk {
+    pub pid: i32,
+    pub runs: Vec<pb::PageRun>,
+    pub data: Vec<u8>,
+    pub len: usize,
+    /// Hands `data` back to the sink for reuse once consumed (optional).
+    pub recycle: Recycler,
+}
+
+/// What a stream-mode sink hands on, in order.
+#[allow(clippy::large_enum_variant)] // a few per pass
+pub enum StreamItem {
+    /// The tree's whole state without page data (first pass, before any page).
+    State(Box<pb::Manifest>),
+    /// A process's mappings, before its pages (later passes).
+    Layout(pb::Process),
+    Pages(PageChunk),
+}
+
+/// Where a stream-mode sink's items go; called on the sink's writer
+/// thread, so a slow consumer holds back the page copy. Buffers can be
+/// handed back through [`PageChunk::recycle`] to spare allocations.
+pub type ChunkConsumer = Box<dyn FnMut(StreamItem) -> std::io::Result<()> + Send>;
+/// Returns spent [`PageChunk::data`] buffers to the sink.
+pub type Recycler = mpsc::Sender<Vec<u8>>;
 
 /// Keys of `Incremental::by_hash` are blake3 prefixes, already uniformly
 /// distributed: their first eight bytes serve as the hash (hashing them
@@ -339,7 +377,7 @@ impl std::hash::BuildHasher for HashKeyBuild {
 pub struct PageSink {
     tx: Option<mpsc::SyncSender<Chunk>>,
     ret_rx: mpsc::Receiver<Vec<u8>>,
-    writer: Option<std::thread::JoinHandle<std::io::Result<File>>>,
+    writer: Option<std::thread::JoinHandle<std::io::Result<Option<File>>>>,
     path: std::path::PathBuf,
     offset: u64,
     allocated: usize,
@@ -355,6 +393,11 @@ pub struct PageSink {
     tolerate_races: bool,
     /// Runs stored so far, by (vaddr, pages): their frames, offset and checksum.
     stored: std::collections::HashMap<(u64, u64), Vec<StoredRun>>,
+    /// Stream mode: batches go to a consumer, not to pages.img.
+    stream: bool,
+    /// Identical pages stored once (off in stream mode: the consumer cannot
+    /// point back at data it already passed on).
+    content_dedup: bool,
 }
 
 /// A stored run's physical frames, file offset, checksum and process.
@@ -475,15 +518,63 @@ impl PageSink {
         let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
         let writer = std::thread::Builder::new()
             .name("floe-pages-writer".into())
-            .spawn(move || -> std::io::Result<File> {
-                for (buf, len, off) in rx {
-                    file.write_all_at(&buf[..len], off)?;
-                    let _ = ret_tx.send(buf);
+            .spawn(move || -> std::io::Result<Option<File>> {
+                for c in rx {
+                    match c {
+                        Chunk::Data { buf, len, offset, .. } => {
+                            file.write_all_at(&buf[..len], offset)?;
+                            let _ = ret_tx.send(buf);
+                        }
+                        Chunk::Recycle(buf) => {
+                            let _ = ret_tx.send(buf);
+                        }
+                        Chunk::Announce(_) => {}
+                    }
                 }
-                Ok(file)
+                Ok(Some(file))
             })
             .map_err(|source| DumpError::Io { pid: 0, what: "cannot start the page writer thread".into(), source })?;
-        Ok(Self {
+        Ok(Self::with_writer(tx, ret_rx, writer, path, false))
+    }
+
+    /// Stream mode: every batch of stored pages goes to `consume` (on a
+    /// thread of the sink's) instead of a file. Always incremental (per-page
+    /// checksums) and without content deduplication. Blobs are not kept.
+    pub fn start_stream(mut consume: ChunkConsumer) -> Result<Self, DumpError> {
+        let (tx, rx) = mpsc::sync_channel::<Chunk>(BUFFERS - 1);
+        let (ret_tx, ret_rx) = mpsc::channel::<Vec<u8>>();
+        let writer = std::thread::Builder::new()
+            .name("floe-pages-stream".into())
+            .spawn(move || -> std::io::Result<Option<File>> {
+                for c in rx {
+                    match c {
+                        Chunk::Data { buf, len: 0, .. } | Chunk::Recycle(buf) => {
+                            let _ = ret_tx.send(buf);
+                        }
+                        Chunk::Data { buf, len, pid, runs, .. } => {
+                            let recycle = ret_tx.clone();
+                            consume(StreamItem::Pages(PageChunk { pid, runs, data: buf, len, recycle }))?;
+                        }
+                        Chunk::Announce(item) => consume(item)?,
+                    }
+                }
+                Ok(None)
+            })
+            .map_err(|source| DumpError::Io { pid: 0, what: "cannot start the page stream thread".into(), source })?;
+        let mut sink = Self::with_writer(tx, ret_rx, writer, Path::new("(page stream)"), true);
+        sink.inc = Some(Incremental::default());
+        sink.content_dedup = false;
+        Ok(sink)
+    }
+
+    fn with_writer(
+        tx: mpsc::SyncSender<Chunk>,
+        ret_rx: mpsc::Receiver<Vec<u8>>,
+        writer: std::thread::JoinHandle<std::io::Result<Option<File>>>,
+        path: &Path,
+        stream: bool,
+    ) -> Self {
+        Self {
             tx: Some(tx),
             ret_rx,
             writer: Some(writer),
@@ -495,7 +586,9 @@ impl PageSink {
             inc: None,
             tolerate_races: false,
             stored: std::collections::HashMap::new(),
-        })
+            stream,
+            content_dedup: true,
+        }
     }
 
     /// Per-page checksums, reuse of unchanged pages from the parent chain
@@ -504,6 +597,28 @@ impl PageSink {
     pub fn incremental(&mut self, inc: Incremental) {
         self.inc = Some(inc);
         self.share_cow = false;
+    }
+
+    /// Stream mode: hands `item` to the consumer, in order with the pages.
+    /// Does nothing when writing an image.
+    pub fn announce(&mut self, item: StreamItem) -> Result<(), DumpError> {
+        if !self.stream {
+            return Ok(());
+        }
+        let sent = self.tx.as_ref().map(|tx| tx.send(Chunk::Announce(item)).is_ok()).unwrap_or(false);
+        if !sent {
+            return Err(self.join_writer(0).err().unwrap_or(DumpError::Io {
+                pid: 0,
+                what: "page stream stopped".into(),
+                source: std::io::Error::other("stream consumer gone"),
+            }));
+        }
+        Ok(())
+    }
+
+    /// Turns content deduplication off or on (incremental mode).
+    pub fn content_dedup(&mut self, on: bool) {
+        self.content_dedup = on && !self.stream;
     }
 
     /// Pages are read from running processes (pre-dump).
@@ -521,7 +636,7 @@ impl PageSink {
         self.share_cow = on;
     }
 
-    fn join_writer(&mut self, pid: i32) -> Result<File, DumpError> {
+    fn join_writer(&mut self, pid: i32) -> Result<Option<File>, DumpError> {
         self.tx = None;
         let w = self.writer.take().ok_or_else(|| DumpError::Io {
             pid,
@@ -643,7 +758,7 @@ impl PageSink {
             let t = std::time::Instant::now();
             let mut buf = match self.ret_rx.try_recv() {
                 Ok(b) => b,
-                Err(_) if self.allocated < BUFFERS => {
+                Err(_) if self.allocated < BUFFERS || self.stream => {
                     self.allocated += 1;
                     vec![0u8; BATCH.max(total)]
                 }
@@ -679,6 +794,8 @@ impl PageSink {
                 let mut stored = 0usize;
                 let mut cur: Option<pb::PageRun> = None;
                 let mut o = 0usize;
+                let first_run = out_runs.len();
+                let dedup = self.content_dedup;
                 for r in &runs[i..j] {
                     for k in 0..(r.len / PAGE) {
                         let vaddr = r.vaddr + k * PAGE;
@@ -688,7 +805,7 @@ impl PageSink {
                             .by_addr
                             .get(&(pid, vaddr))
                             .filter(|l| l.hash == h)
-                            .or_else(|| inc.by_hash.get(&h))
+                            .or_else(|| if dedup { inc.by_hash.get(&h) } else { None })
                             .copied();
                         let loc = match known {
                             Some(l) => {
@@ -701,7 +818,9 @@ impl PageSink {
                                     buf.copy_within(at..at + PAGE as usize, dst);
                                 }
                                 let l = PageLoc { image: 0, offset: self.offset + dst as u64, hash: h };
-                                inc.by_hash.insert(h, l);
+                                if dedup {
+                                    inc.by_hash.insert(h, l);
+                                }
                                 stored += 1;
                                 l
                             }
@@ -719,7 +838,17 @@ impl PageSink {
                 }
                 t_hash += t.elapsed().as_secs_f64();
                 let len = stored * PAGE as usize;
-                let sent = self.tx.as_ref().map(|tx| tx.send((buf, len, self.offset)).is_ok()).unwrap_or(false);
+                let runs = if self.stream {
+                    out_runs[first_run..]
+                        .iter()
+                        .filter(|r| r.image == 0)
+                        .map(|r| pb::PageRun { file_offset: r.file_offset - self.offset, ..r.clone() })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let chunk = Chunk::Data { buf, len, offset: self.offset, pid, runs };
+                let sent = self.tx.as_ref().map(|tx| tx.send(chunk).is_ok()).unwrap_or(false);
                 if !sent {
                     return Err(self.join_writer(pid).err().unwrap_or(DumpError::Io {
                         pid,
@@ -758,7 +887,8 @@ impl PageSink {
                 o += r.len as usize;
             }
             t_hash += t.elapsed().as_secs_f64();
-            let sent = self.tx.as_ref().map(|tx| tx.send((buf, total, self.offset)).is_ok()).unwrap_or(false);
+            let chunk = Chunk::Data { buf, len: total, offset: self.offset, pid, runs: Vec::new() };
+            let sent = self.tx.as_ref().map(|tx| tx.send(chunk).is_ok()).unwrap_or(false);
             if !sent {
                 return Err(self.join_writer(pid).err().unwrap_or(DumpError::Io {
                     pid,
@@ -778,7 +908,7 @@ impl PageSink {
     fn ret_tx_back(&mut self, buf: Vec<u8>) -> Result<(), ()> {
         // Sending an empty chunk returns the buffer through the writer.
         match self.tx.as_ref() {
-            Some(tx) => tx.send((buf, 0, self.offset)).map_err(drop),
+            Some(tx) => tx.send(Chunk::Recycle(buf)).map_err(drop),
             None => Err(()),
         }
     }
@@ -788,6 +918,9 @@ impl PageSink {
         let file = self.join_writer(0)?;
         let mut offset = self.offset;
         let mut out_blobs = Vec::new();
+        let Some(file) = file else {
+            return Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file: None });
+        };
         for b in blobs {
             file.write_all_at(b, offset).map_err(|source| DumpError::Io {
                 pid: 0,
@@ -801,7 +934,7 @@ impl PageSink {
             });
             offset += b.len() as u64;
         }
-        Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file })
+        Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file: Some(file) })
     }
 }
 

@@ -6,14 +6,14 @@
 //! them, and the image committed atomically. Until the image is committed
 //! nothing is changed for good: every error path puts the registers back and
 //! detaches, so the process carries on as before.
-mod checks;
+pub(crate) mod checks;
 mod files;
-mod freeze;
-mod memory;
+pub(crate) mod freeze;
+pub(crate) mod memory;
 mod parasite;
 
 pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX};
-pub use memory::is_vdso_part;
+pub use memory::{is_vdso_part, ChunkConsumer, PageChunk, Recycler, StreamItem, BATCH as STREAM_BATCH_BYTES};
 
 use crate::image::{ImageError, ImageWriter};
 use crate::inject::{InjectError, Injector};
@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 /// What to dump and how.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     pub pid: i32,
     pub dir: PathBuf,
@@ -90,6 +90,12 @@ pub struct DumpReport {
     pub dedup_freed: u64,
     pub dirty_tracker: String,
     pub timings: DumpTimings,
+    /// Stream mode (live migration): the manifest, not written anywhere.
+    #[serde(skip)]
+    pub manifest: Option<pb::Manifest>,
+    /// Migration final dump: per process, every page range it has.
+    #[serde(skip)]
+    pub present: Vec<(i32, Vec<(u64, u64)>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -227,10 +233,12 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
+    let base = parent.as_ref().map(Parent::base);
+    let mut out = Output::Image(&writer);
     let result = if opts.pre_dump {
-        pre_dump_frozen(opts, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker)
+        pre_dump_frozen(opts, &mut out, &mut frozen, &mut timings, t0, base.as_ref(), index, tracker)
     } else {
-        dump_frozen(opts, &pre, &writer, &mut frozen, &mut timings, t0, parent.as_ref(), index, tracker)
+        dump_frozen(opts, &pre, &mut out, &mut frozen, &mut timings, t0, base.as_ref(), index, tracker)
     };
     let mut report = match result {
         Ok(r) => r,
@@ -266,13 +274,13 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
 /// scan the dirty tracker; page contents are copied while they run. The
 /// image holds the page data and mappings only (it serves as a parent).
 #[allow(clippy::too_many_arguments)]
-fn pre_dump_frozen(
+pub(crate) fn pre_dump_frozen(
     opts: &DumpOptions,
-    writer: &ImageWriter,
+    out: &mut Output<'_>,
     frozen: &mut FrozenTree,
     timings: &mut DumpTimings,
     t0: Instant,
-    parent: Option<&Parent>,
+    parent: Option<&Base>,
     index: Option<memory::Incremental>,
     tracker: crate::track::Tracker,
 ) -> Result<DumpReport, DumpError> {
@@ -302,7 +310,7 @@ fn pre_dump_frozen(
                 .map(|m| (m.start, m.end))
                 .collect();
             let t_scan = Instant::now();
-            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.map(|p| p.link.image_id.as_slice()))?;
+            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.map(|p| p.epoch.as_slice()))?;
             timings.scan_ms += ms(t_scan.elapsed());
             // Anything outside the scanned ranges (mapped after this point) counts as written.
             dirty = written.map(|w| with_unscanned(w, &ranges));
@@ -319,27 +327,30 @@ fn pre_dump_frozen(
     timings.frozen_ms = timings.freeze_ms + timings.collect_ms;
 
     let t_mem = Instant::now();
-    let pages = writer.open_pages()?;
-    let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
+    let mut sink = out.sink()?;
     sink.incremental(index.unwrap_or_default());
     sink.tolerate_races(true);
     let mut processes = Vec::with_capacity(scans.len());
     let mut shmem = memory::ShmemCoverage::new();
     for (pid, ppid, dirty) in &scans {
-        // Read while running: a process that exited meanwhile is skipped.
-        let Ok(maps) = pre_dump_maps(*pid) else { continue };
+        // Read while running: a process that exited meanwhile is skipped. A
+        // migration's target rebuilds mappings from these: they must carry
+        // the VM flags (growsdown, advice) exactly, so smaps there.
+        let maps = if matches!(out, Output::Stream { .. }) { procfs::maps(*pid, true) } else { pre_dump_maps(*pid) };
+        let Ok(maps) = maps else { continue };
         let plans = memory::classify(*pid, &maps, &mut shmem)?;
-        let runs = sink.dump_process(*pid, *ppid, &plans, dirty.as_deref())?;
-        processes.push(pb::Process {
+        let vmas: Vec<pb::Vma> = plans.iter().map(|v| v.pb.clone()).collect();
+        sink.announce(memory::StreamItem::Layout(pb::Process {
             pid: *pid,
             ppid: *ppid,
-            vmas: plans.iter().map(|v| v.pb.clone()).collect(),
-            page_runs: runs,
+            vmas: vmas.clone(),
             ..Default::default()
-        });
+        }))?;
+        let runs = sink.dump_process(*pid, *ppid, &plans, dirty.as_deref())?;
+        processes.push(pb::Process { pid: *pid, ppid: *ppid, vmas, page_runs: runs, ..Default::default() });
     }
     let reused_pages = sink.reused_pages();
-    let out = sink.finish(&[])?;
+    let pages = sink.finish(&[])?;
     timings.memory_ms = ms(t_mem.elapsed());
 
     let t_commit = Instant::now();
@@ -354,34 +365,38 @@ fn pre_dump_frozen(
         kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
         root_pid: root,
         processes,
-        pages_file_size: out.file_size,
-        image_id: writer.image_id.to_vec(),
-        parent: parent.map(|p| p.link.clone()),
+        pages_file_size: pages.file_size,
+        image_id: out.id().to_vec(),
+        parent: parent.and_then(|p| p.link.clone()),
         pre_dump: true,
         dirty_tracker: tracker.name().to_string(),
         ..Default::default()
     };
-    let manifest_len = writer.commit(&manifest, out.file)?;
+    let nr_procs = manifest.processes.len();
+    let nr_vmas = manifest.processes.iter().map(|p| p.vmas.len()).sum();
+    let (manifest_len, manifest) = out.commit(manifest, pages.file)?;
     for t in tracked {
         crate::track::holder::hold(t.pid, t.tracker)?;
-        epoch::record(t.pid, &writer.image_id);
+        epoch::record(t.pid, &out.id());
     }
     timings.commit_ms = ms(t_commit.elapsed());
     timings.total_ms = ms(t0.elapsed());
     Ok(DumpReport {
         pid: root,
         dir: opts.dir.clone(),
-        processes: manifest.processes.len(),
+        processes: nr_procs,
         threads: frozen.procs.iter().map(|p| p.threads.len()).sum(),
-        vmas: manifest.processes.iter().map(|p| p.vmas.len()).sum(),
+        vmas: nr_vmas,
         fds: 0,
-        page_bytes: out.page_bytes,
-        image_bytes: out.file_size + manifest_len,
+        page_bytes: pages.page_bytes,
+        image_bytes: pages.file_size + manifest_len,
         left_running: true,
         reused_pages,
         dedup_freed: 0,
         dirty_tracker: tracker.name().to_string(),
         timings: timings.clone(),
+        manifest,
+        present: Vec::new(),
     })
 }
 
@@ -442,14 +457,14 @@ fn with_unscanned(written: Ranges, scanned: &[(u64, u64)]) -> Ranges {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn dump_frozen(
+pub(crate) fn dump_frozen(
     opts: &DumpOptions,
     pre: &checks::Preflight,
-    writer: &ImageWriter,
+    out: &mut Output<'_>,
     frozen: &mut FrozenTree,
     timings: &mut DumpTimings,
     t0: Instant,
-    parent: Option<&Parent>,
+    parent: Option<&Base>,
     index: Option<memory::Incremental>,
     tracker: crate::track::Tracker,
 ) -> Result<DumpReport, DumpError> {
@@ -473,7 +488,7 @@ fn dump_frozen(
         let mut d = None;
         if use_uffd && !proc_pb.zombie {
             let t_scan = Instant::now();
-            let (t, written) = track_process(frozen, i, &proc_pb, parent.map(|p| p.link.image_id.as_slice()))?;
+            let (t, written) = track_process(frozen, i, &proc_pb, parent.map(|p| p.epoch.as_slice()))?;
             timings.scan_ms += ms(t_scan.elapsed());
             d = written;
             tracked.push(t);
@@ -490,11 +505,32 @@ fn dump_frozen(
     timings.collect_ms = ms(t_collect.elapsed());
 
     let t_mem = Instant::now();
-    let pages = writer.open_pages()?;
-    let mut sink = memory::PageSink::start(pages, writer.pages_tmp_path())?;
+    let mut sink = out.sink()?;
     sink.share_cow(processes.len() > 1);
     if parent.is_some() || opts.track_mem || opts.pre_dump {
         sink.incremental(index.unwrap_or_default());
+    }
+    if parent.is_some_and(|p| p.link.is_none()) {
+        // A migration's base: pages "in the parent" are on the target already.
+        sink.content_dedup(false);
+    }
+    if matches!(out, Output::Stream { .. }) {
+        // Live migration's first pass: the target builds the tree from this.
+        let ids: std::collections::BTreeSet<u64> =
+            processes.iter().flat_map(|p| &p.vmas).filter(|v| v.sysv).map(|v| v.shmem_id).collect();
+        let state = pb::Manifest {
+            format_version: crate::image::FORMAT_VERSION,
+            floe_version: env!("CARGO_PKG_VERSION").to_string(),
+            root_pid: root,
+            processes: processes.clone(),
+            files: files.files.clone(),
+            sysv_shm: memory::sysv_segments(&ids)?,
+            image_id: out.id().to_vec(),
+            pre_dump: true,
+            dirty_tracker: tracker.name().to_string(),
+            ..Default::default()
+        };
+        sink.announce(memory::StreamItem::State(Box::new(state)))?;
     }
     if opts.pre_dump {
         // Everything but the pages is collected: let the processes run.
@@ -502,13 +538,19 @@ fn dump_frozen(
         timings.frozen_ms = ms(t_collect.elapsed()) + timings.freeze_ms;
         sink.tolerate_races(true);
     }
+    let mut present = Vec::new();
     for ((p, vmas), d) in processes.iter_mut().zip(&plans).zip(&dirty) {
         if !p.zombie {
             p.page_runs = sink.dump_process(p.pid, p.ppid, vmas, d.as_deref())?;
+            if parent.is_some_and(|p| p.link.is_none()) {
+                // Migration: every page the process has, then only those the target lacks.
+                present.push((p.pid, page_ranges(&p.page_runs)));
+                p.page_runs.retain(|r| r.image == 0);
+            }
         }
     }
     let reused_pages = sink.reused_pages();
-    let out = sink.finish(&blobs)?;
+    let pages = sink.finish(&blobs)?;
     timings.memory_ms = ms(t_mem.elapsed());
 
     let t_commit = Instant::now();
@@ -530,20 +572,21 @@ fn dump_frozen(
         root_pid: root,
         processes,
         files: files.files,
-        pages_file_size: out.file_size,
-        blobs: out.blobs,
-        image_id: writer.image_id.to_vec(),
+        pages_file_size: pages.file_size,
+        blobs: pages.blobs,
+        image_id: out.id().to_vec(),
         sysv_shm,
-        parent: parent.map(|p| p.link.clone()),
+        parent: parent.and_then(|p| p.link.clone()),
         pre_dump: opts.pre_dump,
         dirty_tracker: tracker.name().to_string(),
     };
-    let manifest_len = writer.commit(&manifest, out.file)?;
+    let nr_procs = manifest.processes.len();
+    let (manifest_len, manifest) = out.commit(manifest, pages.file)?;
     // The image is safe: keep tracking for the next one, or stop.
     for t in tracked {
         if opts.pre_dump || opts.track_mem {
             crate::track::holder::hold(t.pid, t.tracker)?;
-            epoch::record(t.pid, &writer.image_id);
+            epoch::record(t.pid, &out.id());
         } else {
             drop(t.tracker);
             crate::track::holder::stop(t.pid)?;
@@ -554,18 +597,94 @@ fn dump_frozen(
     Ok(DumpReport {
         pid: root,
         dir: opts.dir.clone(),
-        processes: manifest.processes.len(),
+        processes: nr_procs,
         threads: nr_threads,
         vmas: nr_vmas,
         fds: nr_fds,
-        page_bytes: out.page_bytes,
-        image_bytes: out.file_size + manifest_len,
+        page_bytes: pages.page_bytes,
+        image_bytes: pages.file_size + manifest_len,
         left_running: opts.leave_running || opts.pre_dump,
         reused_pages,
         dedup_freed: 0,
         dirty_tracker: tracker.name().to_string(),
         timings: timings.clone(),
+        manifest,
+        present,
     })
+}
+
+/// Sorted, merged address ranges covered by `runs`.
+fn page_ranges(runs: &[pb::PageRun]) -> Ranges {
+    let mut v: Ranges = runs.iter().map(|r| (r.vaddr, r.vaddr + r.nr_pages * memory::PAGE)).collect();
+    v.sort_unstable();
+    let mut out: Ranges = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Where a dump's pages and manifest go.
+pub(crate) enum Output<'a> {
+    /// An image directory.
+    Image(&'a ImageWriter),
+    /// Live migration: page batches go to a consumer as they are read and
+    /// the manifest is returned in the report; nothing is written.
+    Stream { id: [u8; 16], consumer: Option<memory::ChunkConsumer> },
+}
+
+impl Output<'_> {
+    /// The id of the image (or pass) being produced.
+    fn id(&self) -> [u8; 16] {
+        match self {
+            Output::Image(w) => w.image_id,
+            Output::Stream { id, .. } => *id,
+        }
+    }
+
+    fn sink(&mut self) -> Result<memory::PageSink, DumpError> {
+        match self {
+            Output::Image(w) => memory::PageSink::start(w.open_pages()?, w.pages_tmp_path()),
+            Output::Stream { consumer, .. } => {
+                let c = consumer.take().ok_or_else(|| DumpError::Refused {
+                    pid: 0,
+                    what: "page stream already used by this pass".into(),
+                })?;
+                memory::PageSink::start_stream(c)
+            }
+        }
+    }
+
+    /// Writes the image (Image) or hands the manifest back (Stream).
+    /// Returns the manifest's encoded length.
+    fn commit(
+        &self,
+        manifest: pb::Manifest,
+        pages: Option<std::fs::File>,
+    ) -> Result<(u64, Option<pb::Manifest>), DumpError> {
+        match (self, pages) {
+            (Output::Image(w), Some(f)) => Ok((w.commit(&manifest, f)?, None)),
+            (Output::Image(_), None) => {
+                Err(DumpError::Refused { pid: manifest.root_pid, what: "pages file missing at commit".into() })
+            }
+            (Output::Stream { .. }, _) => {
+                use floe_proto::Message;
+                Ok((manifest.encoded_len() as u64, Some(manifest)))
+            }
+        }
+    }
+}
+
+/// What an incremental dump builds on: the parent image (`link`), or for
+/// a live migration's passes nothing on disk (`link` None: the "parent" is
+/// what the target already has). `epoch` is the id the dirty tracker's last
+/// scan must have ended at to be trusted.
+pub(crate) struct Base {
+    pub link: Option<pb::ParentRef>,
+    pub epoch: Vec<u8>,
 }
 
 /// The parent chain of an incremental dump.
@@ -575,6 +694,10 @@ struct Parent {
 }
 
 impl Parent {
+    fn base(&self) -> Base {
+        Base { link: Some(self.link.clone()), epoch: self.link.image_id.clone() }
+    }
+
     /// Where each page of the chain is, by address and by content.
     /// `by_addr`: also index every page by address (the hash tracker
     /// compares each page; the uffd tracker takes clean spans in bulk).
@@ -653,7 +776,7 @@ fn open_parent(pid: i32, dir: &std::path::Path, rel: &std::path::Path) -> Result
 }
 
 /// The dirty tracker for this dump: checked against what the kernel offers.
-fn resolve_tracker(name: &str) -> Result<crate::track::Tracker, DumpError> {
+pub(crate) fn resolve_tracker(name: &str) -> Result<crate::track::Tracker, DumpError> {
     Ok(crate::track::Tracker::resolve(if name.is_empty() { "auto" } else { name })?)
 }
 

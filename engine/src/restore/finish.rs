@@ -42,6 +42,14 @@ impl Tree {
     /// Stage c: applies the remaining state of every process and lets the
     /// tree run. Returns the root's pid.
     pub fn finish(mut self, img: &ImageReader, pre: &Preflight) -> Result<i32, RestoreError> {
+        self.finish_stopped(img, pre)?;
+        self.release(&img.manifest.processes)
+    }
+
+    /// Stage c without the release: every process gets its state and stays
+    /// stopped (killed if the tree is dropped). Live migration's target
+    /// holds here until the source commits.
+    pub fn finish_stopped(&mut self, img: &ImageReader, pre: &Preflight) -> Result<(), RestoreError> {
         let map: Vec<(i32, i32)> = self.procs.iter().map(|s| (s.vpid, s.pid)).collect();
         let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
         let files = OpenFiles::open(img, pre, &self.shm.objects, &host_pid)?;
@@ -60,6 +68,11 @@ impl Tree {
             }
         }
         super::sysv::remove_destroyed(&img.manifest.sysv_shm);
+        Ok(())
+    }
+
+    /// Lets a tree that [`Tree::finish_stopped`] prepared run. Returns the root's pid.
+    pub fn release(mut self, procs: &[floe_proto::image::Process]) -> Result<i32, RestoreError> {
         // Release children before parents.
         self.finished = true;
         for (stub, p) in self.procs.iter().zip(procs).rev() {

@@ -218,6 +218,45 @@ impl Tree {
         self.procs.first().map(|s| s.pid).unwrap_or(0)
     }
 
+    /// Brings process `new.pid`'s mappings from `old.vmas` (what the stub has)
+    /// to `new.vmas`, keeping the pages of every part both share (live
+    /// migration: the process mapped, unmapped or resized mappings between
+    /// two pre-copy passes). Returns the ranges whose pages were kept.
+    pub fn relayout(&mut self, old: &pb::Process, new: &pb::Process) -> Result<Vec<(u64, u64)>, RestoreError> {
+        let i = self
+            .index_of(new.pid)
+            .ok_or_else(|| RestoreError::Refused { what: format!("no process {} in this restore", new.pid) })?;
+        // Page runs play no part here: inherit_layout holes nothing without them.
+        let strip = |p: &pb::Process| pb::Process { vmas: p.vmas.clone(), ..Default::default() };
+        let (old, new) = (strip(old), strip(new));
+        let fresh = self.procs[i].inherit_layout(&old, &new)?;
+        let kept: Vec<(u64, u64)> = new
+            .vmas
+            .iter()
+            .filter(|v| !fresh.iter().any(|f| f.start == v.start && f.end == v.end))
+            .map(|v| (v.start, v.end))
+            .collect();
+        self.procs[i].map_vmas(fresh, &mut self.shm)?;
+        Ok(kept)
+    }
+
+    /// Drops the pages of process `pid` in `ranges` (they read as zero, or
+    /// as the file's contents in a private file mapping, again).
+    pub fn drop_pages(&mut self, pid: i32, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
+        let i = self
+            .index_of(pid)
+            .ok_or_else(|| RestoreError::Refused { what: format!("no process {pid} in this restore") })?;
+        for &(s, e) in ranges {
+            self.procs[i].leader().call(libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Pids and thread ids of every process, as the image numbers them.
+    pub fn task_ids(&self) -> Vec<(i32, Vec<i32>)> {
+        self.procs.iter().map(|s| (s.vpid, s.tids())).collect()
+    }
+
     /// Stage b: copies `data` into process `pid` (the image's pid) at `ranges` (in order).
     pub fn write_pages(
         &mut self,

@@ -29,8 +29,17 @@ fn file_err(path: &str, what: impl Into<String>) -> RestoreError {
 
 impl Preflight {
     pub fn check(img: &ImageReader, opts: &RestoreOptions) -> Result<Self, RestoreError> {
-        let m = &img.manifest;
-        let root = img.root();
+        Self::check_manifest(&img.manifest, opts)
+    }
+
+    /// [`Preflight::check`] on a manifest (live migration: the state sent
+    /// by the source before any page).
+    pub fn check_manifest(m: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
+        let root = m
+            .processes
+            .first()
+            .filter(|p| p.pid == m.root_pid)
+            .ok_or_else(|| RestoreError::Refused { what: "the first process record is not the root".into() })?;
         let mut needs_tty = false;
         for f in &m.files {
             match pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified) {
@@ -164,6 +173,18 @@ fn check_file(path: &str, id: Option<&pb::FileId>, exact: bool) -> Result<(), Re
         }
     }
     Ok(())
+}
+
+/// This host's vdso block as "name:bytes" parts and the vdso code's blake3
+/// (what a process restored here finds at its vdso).
+pub fn host_vdso_facts() -> Result<(Vec<String>, [u8; 32]), RestoreError> {
+    let (vdso, _, parts) = host_vdso_block()?;
+    let mut code = vec![0u8; (vdso.1 - vdso.0) as usize];
+    let me = std::process::id() as i32;
+    let n = read_remote(me, &mut code, &[Range { addr: vdso.0, len: vdso.1 - vdso.0 }])
+        .map_err(|e| RestoreError::Incompatible { what: format!("cannot read this host's vdso ({e})") })?;
+    code.truncate(n);
+    Ok((parts.iter().map(|(n, s, e)| format!("{n}:{}", e - s)).collect(), *blake3::hash(&code).as_bytes()))
 }
 
 type Parts = Vec<(String, u64, u64)>;

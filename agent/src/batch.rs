@@ -1,0 +1,170 @@
+//! Page batches on the wire: zero pages as a bitmap, optional zstd, and a
+//! 16-byte blake3 per page that the target checks before writing anything.
+use floe_engine::dump::PageChunk;
+use floe_proto::peer::{Compression, PageBatch, Run};
+
+const PAGE: usize = 4096;
+
+/// 16-byte blake3 prefix of a zero page.
+pub fn zero_hash() -> [u8; 16] {
+    let h = blake3::hash(&[0u8; PAGE]);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.as_bytes()[..16]);
+    out
+}
+
+/// A batch ready to send: the frame prefix (header + description) and the data.
+pub struct Encoded {
+    pub prefix: Vec<u8>,
+    pub data: Vec<u8>,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub raw_bytes: u64,
+}
+
+/// Builds the wire form of a stream chunk. `compress`: zstd level 1 when it
+/// saves at least 10%. `corrupt`: test hook, flips a byte after hashing.
+pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool, zero: &[u8; 16]) -> (Encoded, Vec<u8>) {
+    let pages: usize = c.runs.iter().map(|r| r.nr_pages as usize).sum();
+    let mut bitmap = vec![0u8; pages.div_ceil(8)];
+    let mut hashes = Vec::with_capacity(pages * 16);
+    let mut runs = Vec::with_capacity(c.runs.len());
+    // Non-zero pages are packed to the front of the buffer, in order.
+    let mut kept = 0usize;
+    let mut i = 0usize;
+    for r in &c.runs {
+        runs.push(Run { vaddr: r.vaddr, nr_pages: r.nr_pages as u32 });
+        for k in 0..r.nr_pages as usize {
+            let h = r.page_hashes.get(k * 16..k * 16 + 16).unwrap_or(&[]);
+            let src = r.file_offset as usize + k * PAGE;
+            if h == zero && c.data.get(src..src + PAGE).is_some_and(|p| p.iter().all(|b| *b == 0)) {
+                bitmap[i / 8] |= 1 << (i % 8);
+            } else {
+                if src != kept * PAGE {
+                    c.data.copy_within(src..src + PAGE, kept * PAGE);
+                }
+                hashes.extend_from_slice(h);
+                kept += 1;
+            }
+            i += 1;
+        }
+    }
+    let raw_len = kept * PAGE;
+    let mut data = c.data;
+    let mut compression = Compression::None;
+    let mut out = Vec::new();
+    if compress && raw_len > 0 {
+        if let Ok(z) = zstd::bulk::compress(&data[..raw_len], 1) {
+            if z.len() < raw_len / 10 * 9 {
+                out = z;
+                compression = Compression::Zstd;
+            }
+        }
+    }
+    let recycled;
+    if compression == Compression::None {
+        data.truncate(raw_len);
+        out = data;
+        recycled = Vec::new();
+    } else {
+        recycled = data;
+    }
+    if corrupt && !out.is_empty() {
+        let mid = out.len() / 2;
+        out[mid] ^= 0x5a;
+    }
+    let batch = PageBatch {
+        pass,
+        pid: c.pid,
+        runs,
+        zero: bitmap,
+        compression: compression as i32,
+        raw_len: raw_len as u64,
+        page_hashes: hashes,
+        corrupted: corrupt,
+    };
+    let prefix = floe_proto::frame::pages_prefix(&batch, out.len());
+    let enc = Encoded {
+        prefix,
+        data: out,
+        pages: pages as u64,
+        zero_pages: (pages - kept) as u64,
+        raw_bytes: raw_len as u64,
+    };
+    (enc, recycled)
+}
+
+/// A checked batch: where to write which bytes.
+pub struct Decoded {
+    pub pid: i32,
+    pub pass: u32,
+    /// Non-zero pages, in the order of `ranges`.
+    pub data: Vec<u8>,
+    /// (address, length) for `data`, in order.
+    pub ranges: Vec<(u64, u64)>,
+    /// (address, length) to fill with zeros.
+    pub zero: Vec<(u64, u64)>,
+    pub pages: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("page batch for pid {pid} is malformed: {what}")]
+    Malformed { pid: i32, what: String },
+    #[error("page batch for pid {pid} (pass {pass}) failed its checksum at page {addr:#x}: corrupted in transit")]
+    Checksum { pid: i32, pass: u32, addr: u64 },
+}
+
+/// Decompresses and verifies a batch; nothing is written yet. `max_raw`
+/// bounds the decompressed size.
+pub fn decode(b: &PageBatch, payload: &[u8], max_raw: u64) -> Result<Decoded, BatchError> {
+    let bad = |what: String| BatchError::Malformed { pid: b.pid, what };
+    let pages: u64 = b.runs.iter().map(|r| r.nr_pages as u64).sum();
+    if pages == 0 || pages * PAGE as u64 > max_raw {
+        return Err(bad(format!("{pages} pages")));
+    }
+    if b.zero.len() as u64 != pages.div_ceil(8) {
+        return Err(bad("zero-page bitmap has the wrong length".into()));
+    }
+    let is_zero = |i: u64| b.zero[(i / 8) as usize] & (1 << (i % 8)) != 0;
+    let nonzero = (0..pages).filter(|i| !is_zero(*i)).count() as u64;
+    if b.raw_len != nonzero * PAGE as u64 || b.page_hashes.len() as u64 != nonzero * 16 {
+        return Err(bad("page count, data length and checksums disagree".into()));
+    }
+    let data = match Compression::try_from(b.compression) {
+        Ok(Compression::None) => payload.to_vec(),
+        Ok(Compression::Zstd) => {
+            zstd::bulk::decompress(payload, b.raw_len as usize).map_err(|e| bad(format!("zstd: {e}")))?
+        }
+        Err(_) => return Err(bad(format!("unknown compression {}", b.compression))),
+    };
+    if data.len() as u64 != b.raw_len {
+        return Err(bad(format!("{} bytes of page data, expected {}", data.len(), b.raw_len)));
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut zero: Vec<(u64, u64)> = Vec::new();
+    let mut i = 0u64;
+    let mut k = 0usize;
+    for r in &b.runs {
+        if r.vaddr % PAGE as u64 != 0 || r.vaddr.checked_add(r.nr_pages as u64 * PAGE as u64).is_none() {
+            return Err(bad(format!("run at {:#x} is misaligned", r.vaddr)));
+        }
+        for p in 0..r.nr_pages as u64 {
+            let addr = r.vaddr + p * PAGE as u64;
+            let list = if is_zero(i) { &mut zero } else { &mut ranges };
+            match list.last_mut() {
+                Some(l) if l.0 + l.1 == addr => l.1 += PAGE as u64,
+                _ => list.push((addr, PAGE as u64)),
+            }
+            if !is_zero(i) {
+                let page = &data[k * PAGE..(k + 1) * PAGE];
+                if blake3::hash(page).as_bytes()[..16] != b.page_hashes[k * 16..k * 16 + 16] {
+                    return Err(BatchError::Checksum { pid: b.pid, pass: b.pass, addr });
+                }
+                k += 1;
+            }
+            i += 1;
+        }
+    }
+    Ok(Decoded { pid: b.pid, pass: b.pass, data, ranges, zero, pages })
+}

@@ -1,0 +1,698 @@
+//! The source side of a migration: pre-flight, pre-copy passes with a
+//! convergence estimate, the final freeze and the handover.
+use crate::batch;
+use crate::events::Events;
+use crate::journal::{self, Entry};
+use crate::state::{Agent, InFlight};
+use crate::wire::{self, peer, WireError};
+use crate::worker::{chain, SourceWorker};
+use floe_engine::dump::StreamItem;
+use floe_engine::migrate::SourceOptions;
+use floe_proto::control::MigrateRequest;
+use floe_proto::frame;
+use floe_proto::peer::{self as pp, frame::Msg};
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot reach {peer}: {what}")]
+    Connect { peer: String, what: String },
+    #[error("connection to {peer} failed during {phase}")]
+    Wire {
+        peer: String,
+        phase: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("the target aborted the migration: {0}")]
+    TargetAborted(String),
+    #[error("{phase} timed out after {secs} s")]
+    Timeout { phase: String, secs: u64 },
+    #[error("engine: {0}")]
+    Engine(String),
+    #[error("in doubt: {0}")]
+    InDoubt(String),
+}
+
+/// Statistics of one pre-copy pass, as printed (`--json`: one line each).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PassStats {
+    pub event: &'static str,
+    pub pass: u32,
+    pub pages: u64,
+    pub zero_pages: u64,
+    pub page_bytes: u64,
+    pub wire_bytes: u64,
+    pub compressed: bool,
+    /// zstd throughput of the pass (raw MiB/s per thread; 0 when not compressed).
+    pub compress_mib_s: f64,
+    pub frozen_ms: f64,
+    pub scan_ms: f64,
+    pub duration_ms: f64,
+    /// Page data per second over the pass (MiB/s).
+    pub rate_mib_s: f64,
+    /// Estimated bytes still to send at a freeze now, and the downtime that means.
+    pub remaining_bytes: u64,
+    pub est_downtime_ms: f64,
+}
+
+/// Downtime split by phase, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Downtime {
+    pub freeze_ms: f64,
+    pub final_scan_ms: f64,
+    pub final_dump_ms: f64,
+    pub final_transfer_ms: f64,
+    pub restore_finish_ms: f64,
+    pub resume_ms: f64,
+    pub total_ms: f64,
+}
+
+/// The final report of a migration.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub event: &'static str,
+    pub id: String,
+    pub pid: i32,
+    pub target: String,
+    pub target_pid: i32,
+    pub dirty_tracker: String,
+    pub iterations: u32,
+    pub converged: bool,
+    pub memory_bytes: u64,
+    pub page_bytes_sent: u64,
+    pub wire_bytes: u64,
+    pub final_bytes: u64,
+    pub total_ms: f64,
+    pub precopy_ms: f64,
+    pub downtime: Downtime,
+}
+
+type Send = quinn::SendStream;
+type Recv = quinn::RecvStream;
+
+struct Session<'a> {
+    agent: &'a Agent,
+    ev: &'a Events,
+    id: String,
+    peer: String,
+    max_frame: u32,
+    send: Send,
+    recv: Recv,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+impl Session<'_> {
+    fn wire(&self, phase: &str) -> impl FnOnce(WireError) -> MigrateError + '_ {
+        let (peer, phase) = (self.peer.clone(), phase.to_string());
+        move |source| MigrateError::Wire { peer, phase, source }
+    }
+
+    async fn send(&mut self, phase: &str, msg: Msg) -> Result<(), MigrateError> {
+        let f = peer(msg);
+        wire::write_control(&mut self.send, &f).await.map_err(self.wire(phase))
+    }
+
+    /// The next frame from the target; an Abort becomes an error.
+    async fn recv(&mut self, phase: &str, timeout: Duration) -> Result<Msg, MigrateError> {
+        let max = self.max_frame;
+        let f: pp::Frame = match tokio::time::timeout(timeout, wire::read_control(&mut self.recv, max)).await {
+            Ok(r) => r.map_err(self.wire(phase))?,
+            Err(_) => return Err(MigrateError::Timeout { phase: phase.into(), secs: timeout.as_secs() }),
+        };
+        match f.msg {
+            Some(Msg::Abort(a)) => Err(MigrateError::TargetAborted(a.reason)),
+            Some(m) => Ok(m),
+            None => Err(MigrateError::Wire {
+                peer: self.peer.clone(),
+                phase: phase.into(),
+                source: WireError::Unexpected { expected: "a message", got: "an empty frame".into() },
+            }),
+        }
+    }
+}
+
+fn unexpected(phase: &str, peer: &str, expected: &'static str, got: Msg) -> MigrateError {
+    MigrateError::Wire {
+        peer: peer.to_string(),
+        phase: phase.to_string(),
+        source: WireError::Unexpected { expected, got: wire::frame_name(&peer_frame(got)) },
+    }
+}
+
+fn peer_frame(m: Msg) -> pp::Frame {
+    pp::Frame { msg: Some(m) }
+}
+
+/// Runs one migration end to end. On any failure before the commit the
+/// source tree runs on (it never stopped, or it is resumed).
+pub async fn migrate(agent: Arc<Agent>, req: MigrateRequest, ev: Events) -> Result<Report, MigrateError> {
+    let id = journal::new_id();
+    let (addr, name) = agent.cfg.resolve_peer(&req.to).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    if name == agent.cfg.name {
+        return Err(MigrateError::Refused(format!("{name} is this host; migrate to another one")));
+    }
+    if !std::path::Path::new(&format!("/proc/{}", req.pid)).exists() {
+        return Err(MigrateError::Refused(format!("no process {}", req.pid)));
+    }
+    agent.begin(InFlight {
+        id: id.clone(),
+        role: "source",
+        pid: req.pid,
+        peer: name.clone(),
+        phase: "connect".into(),
+        pass: 0,
+        bytes_sent: 0,
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    });
+    let r = run(&agent, &req, &ev, &id, addr, &name).await;
+    agent.end(&id);
+    r
+}
+
+async fn run(
+    agent: &Arc<Agent>,
+    req: &MigrateRequest,
+    ev: &Events,
+    id: &str,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> Result<Report, MigrateError> {
+    let t_start = Instant::now();
+    let mut entry = Entry {
+        id: id.to_string(),
+        role: "source".into(),
+        pid: req.pid,
+        host_pid: req.pid,
+        start_time: journal::start_time(req.pid).unwrap_or(0),
+        peer: name.to_string(),
+        state: "started".into(),
+        updated_unix_ms: 0,
+    };
+    record(agent, &mut entry, "started");
+    ev.phase("connect", &format!("{name} at {addr}")).await;
+    let conn = connect(agent, addr, name).await?;
+    let (send, recv) =
+        conn.open_bi().await.map_err(|e| MigrateError::Connect { peer: name.into(), what: e.to_string() })?;
+    let mut s = Session {
+        agent,
+        ev,
+        id: id.to_string(),
+        peer: name.to_string(),
+        max_frame: agent.cfg.limits.max_frame_bytes,
+        send,
+        recv,
+    };
+    let version = agent.hooks.protocol_version.unwrap_or(frame::PROTOCOL_VERSION);
+    s.send(
+        "hello",
+        Msg::Hello(pp::Hello {
+            protocol_version: version,
+            floe_version: env!("CARGO_PKG_VERSION").into(),
+            source: agent.cfg.name.clone(),
+            migration_id: id.to_string(),
+            max_frame: s.max_frame,
+        }),
+    )
+    .await?;
+    match s.recv("hello", Duration::from_secs(10)).await? {
+        Msg::HelloReply(r) if r.error.is_empty() => {
+            if r.max_frame < floe_engine::dump::STREAM_BATCH_BYTES as u32 {
+                return Err(MigrateError::Refused(format!(
+                    "{name} accepts frames of at most {} bytes; page batches need {} (raise limits.max_frame_bytes there)",
+                    r.max_frame,
+                    floe_engine::dump::STREAM_BATCH_BYTES
+                )));
+            }
+            if r.protocol_version != frame::PROTOCOL_VERSION {
+                return Err(MigrateError::Refused(format!(
+                    "{name} speaks peer protocol version {}, this agent {}",
+                    r.protocol_version,
+                    frame::PROTOCOL_VERSION
+                )));
+            }
+        }
+        Msg::HelloReply(r) => return Err(MigrateError::Refused(format!("{name} refused the migration: {}", r.error))),
+        other => return Err(unexpected("hello", name, "hello reply", other)),
+    }
+
+    // Pre-flight: nothing is stopped until the target says it can take the tree.
+    ev.phase("preflight", "checking the target before anything stops").await;
+    let (pid, new_pidns) = (req.pid, req.new_pidns);
+    let facts = tokio::task::spawn_blocking(move || floe_engine::migrate::preflight::gather(pid, new_pidns))
+        .await
+        .map_err(|e| MigrateError::Engine(e.to_string()))?
+        .map_err(|e| MigrateError::Refused(chain(&e)))?;
+    let memory_bytes = facts.memory_bytes;
+    s.send("preflight", Msg::Preflight(facts)).await?;
+    match s.recv("preflight", Duration::from_secs(120)).await? {
+        Msg::PreflightReply(r) if r.problems.is_empty() => {}
+        Msg::PreflightReply(r) => {
+            return Err(MigrateError::Refused(format!(
+                "{name} cannot take process {pid} (nothing was stopped): {}",
+                r.problems.join("; ")
+            )))
+        }
+        other => return Err(unexpected("preflight", name, "preflight reply", other)),
+    }
+    let opts = SourceOptions {
+        pid,
+        dirty_tracker: req.dirty_tracker.clone(),
+        file_locks: req.file_locks,
+        ext_unix_sk: req.ext_unix_sk,
+    };
+    let worker = tokio::task::spawn_blocking(move || SourceWorker::start(opts))
+        .await
+        .map_err(|e| MigrateError::Engine(e.to_string()))?
+        .map_err(MigrateError::Refused)?;
+    let outcome = precopy_and_handover(&mut s, &worker, req, memory_bytes, t_start, &mut entry).await;
+    match outcome {
+        Ok(report) => Ok(report),
+        Err(e) if entry.state == "committing" => {
+            // Commit sent, no confirmation: find out before touching the source copy.
+            resolve_in_doubt(agent, &worker, &s.id, addr, name, &mut entry, ev, &e).await
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = s.send("abort", Msg::Abort(pp::Abort { reason: reason.clone() })).await;
+            let _ = s.send.finish();
+            let resumed = worker.resume().await;
+            record(agent, &mut entry, "aborted");
+            drop(worker);
+            if let Err(r) = resumed {
+                ev.warning(&format!("resuming the source process failed: {r}")).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn record(agent: &Agent, e: &mut Entry, state: &str) {
+    e.state = state.to_string();
+    if let Err(err) = agent.journal.record(e) {
+        tracing::error!(id = %e.id, state, error = %err, "cannot write the migration journal");
+    }
+}
+
+async fn connect(agent: &Agent, addr: std::net::SocketAddr, name: &str) -> Result<quinn::Connection, MigrateError> {
+    let err = |what: String| MigrateError::Connect { peer: name.to_string(), what };
+    let connecting = crate::tls::connect(&agent.endpoint, addr, name).map_err(|e| err(chain(&e)))?;
+    match tokio::time::timeout(Duration::from_secs(10), connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => {
+            Err(err(format!("{e} (is floe-agent running there, with a certificate from the same cluster CA?)")))
+        }
+        Err(_) => Err(err("no answer within 10 s".into())),
+    }
+}
+
+/// Counters a pass's page consumer fills (on the engine's stream thread).
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    pages: AtomicU64,
+    zero_pages: AtomicU64,
+    page_bytes: AtomicU64,
+    wire_bytes: AtomicU64,
+    compress_ns: AtomicU64,
+    compress_in: AtomicU64,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn precopy_and_handover(
+    s: &mut Session<'_>,
+    worker: &SourceWorker,
+    req: &MigrateRequest,
+    memory_bytes: u64,
+    t_start: Instant,
+    entry: &mut Entry,
+) -> Result<Report, MigrateError> {
+    let max_downtime = if req.max_downtime_ms == 0 { 50.0 } else { req.max_downtime_ms as f64 };
+    let max_iter = if req.max_iterations == 0 { 30 } else { req.max_iterations };
+    let abort_on_nc = match req.on_no_convergence.as_str() {
+        "" | "freeze" => false,
+        "abort" => true,
+        o => return Err(MigrateError::Refused(format!("--on-no-convergence must be freeze or abort, not {o}"))),
+    };
+    let compress_mode = match req.compress.as_str() {
+        "" | "auto" => None,
+        "on" => Some(true),
+        "off" => Some(false),
+        o => return Err(MigrateError::Refused(format!("--compress must be auto, on or off, not {o}"))),
+    };
+    let mut report = Report {
+        event: "report",
+        id: s.id.clone(),
+        pid: req.pid,
+        target: s.peer.clone(),
+        dirty_tracker: worker.tracker.clone(),
+        memory_bytes,
+        ..Default::default()
+    };
+    let batch_no = Arc::new(AtomicU64::new(0));
+    let mut link_rate = 0f64; // wire bytes/s
+    let mut compress_rate = 200e6; // raw bytes/s of one zstd-1 thread (measured when used)
+    let mut prev: Option<PassStats> = None;
+    let mut fixed_ms = 5.0;
+    let mut converged = false;
+    let mut pass = 0u32;
+    loop {
+        let compress = compress_mode.unwrap_or(pass > 0 && link_rate > 0.0 && compress_rate > link_rate * 1.1);
+        s.ev.phase("precopy", &format!("pass {pass}")).await;
+        s.agent.set_phase(&s.id, "precopy", pass, report.wire_bytes);
+        let st = run_pass(s, worker, pass, compress, &batch_no).await?;
+        report.page_bytes_sent += st.page_bytes;
+        report.wire_bytes += st.wire_bytes;
+        if st.duration_ms > 0.0 {
+            link_rate = st.wire_bytes as f64 / (st.duration_ms / 1000.0);
+        }
+        if pass == 0 {
+            // The final freeze collects the whole state again, as pass 0 did.
+            fixed_ms = st.frozen_ms + 5.0;
+        }
+        let mut st = st;
+        if st.compress_mib_s > 0.0 {
+            compress_rate = st.compress_mib_s * (1 << 20) as f64;
+        }
+        // Pages dirtied while this pass ran are what the next one (or the freeze) must move.
+        let rate = link_rate.max(1.0);
+        st.remaining_bytes = match &prev {
+            None => st.page_bytes / 10,
+            Some(p) => (st.page_bytes as f64 * (st.duration_ms / p.duration_ms.max(1.0)).min(4.0)) as u64,
+        };
+        st.est_downtime_ms = st.remaining_bytes as f64 / rate * 1000.0 + fixed_ms;
+        s.ev.emit("pass", &st).await;
+        let shrinking = prev.as_ref().is_none_or(|p| st.est_downtime_ms < p.est_downtime_ms * 0.95);
+        pass += 1;
+        if pass >= 2 && st.est_downtime_ms <= max_downtime {
+            converged = true;
+            break;
+        }
+        if pass >= 2 && (!shrinking || pass >= max_iter) {
+            let why = if pass >= max_iter {
+                format!("{pass} passes done (--max-iterations)")
+            } else {
+                "the dirty rate keeps up with the link".to_string()
+            };
+            if abort_on_nc {
+                return Err(MigrateError::Refused(format!(
+                    "pre-copy does not converge ({why}): expected downtime {:.1} ms > --max-downtime {max_downtime} ms; aborted as --on-no-convergence abort asks (the process kept running)",
+                    st.est_downtime_ms
+                )));
+            }
+            s.ev.warning(&format!(
+                "pre-copy does not converge ({why}); freezing anyway, expected downtime {:.1} ms (--max-downtime {max_downtime} ms)",
+                st.est_downtime_ms
+            ))
+            .await;
+            break;
+        }
+        prev = Some(st);
+    }
+    report.iterations = pass;
+    report.converged = converged;
+    report.precopy_ms = ms(t_start.elapsed());
+
+    // Final: freeze for good, send the rest, hand over.
+    s.ev.phase("freeze", "final pass").await;
+    s.agent.set_phase(&s.id, "final", pass, report.wire_bytes);
+    let dir = s.agent.run_dir.join(format!("mig-{}", s.id));
+    let t_freeze = Instant::now();
+    let fo = worker.freeze_final(dir.clone()).await.map_err(MigrateError::Engine)?;
+    let t = &fo.report.timings;
+    report.downtime.freeze_ms = t.freeze_ms;
+    report.downtime.final_scan_ms = t.collect_ms;
+    report.downtime.final_dump_ms = t.memory_ms + t.commit_ms;
+    let t_send = Instant::now();
+    let sent = send_final(s, &dir, &fo.report.present).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    report.final_bytes = sent?;
+    report.wire_bytes += report.final_bytes;
+    report.downtime.final_transfer_ms = ms(t_send.elapsed());
+    s.agent.set_phase(&s.id, "restore", pass, report.wire_bytes);
+    let t_wait = Instant::now();
+    let ready = match s.recv("final restore", Duration::from_secs(120)).await? {
+        Msg::Ready(r) => r,
+        other => return Err(unexpected("final restore", &s.peer, "ready", other)),
+    };
+    report.downtime.restore_finish_ms = ms(t_wait.elapsed());
+    let _ = ready.restore_ms;
+
+    // Point of no return: from here the source copy never runs unless the target says it discarded its own.
+    record(s.agent, entry, "committing");
+    s.ev.phase("commit", "target is ready; handing over").await;
+    let t_commit = Instant::now();
+    s.send("commit", Msg::Commit(pp::Commit {})).await?;
+    let done = match s.recv("commit", Duration::from_secs(s.agent.cfg.limits.in_doubt_timeout_s)).await? {
+        Msg::Done(d) => d,
+        other => return Err(unexpected("commit", &s.peer, "done", other)),
+    };
+    report.downtime.resume_ms = ms(t_commit.elapsed());
+    report.downtime.total_ms = ms(t_freeze.elapsed());
+    report.target_pid = done.pid;
+    if let Err(e) = worker.kill().await {
+        s.ev.warning(&format!("the source copy could not be killed: {e}")).await;
+    }
+    record(s.agent, entry, "committed");
+    let _ = s.send.finish();
+    report.total_ms = ms(t_start.elapsed());
+    Ok(report)
+}
+
+/// Streams one pass: the engine reads pages on its threads while this task
+/// writes the frames; waits for the target's acknowledgement.
+async fn run_pass(
+    s: &mut Session<'_>,
+    worker: &SourceWorker,
+    pass: u32,
+    compress: bool,
+    batch_no: &Arc<AtomicU64>,
+) -> Result<PassStats, MigrateError> {
+    let t0 = Instant::now();
+    // Frames to write, in order, and where to give a page buffer back once written.
+    type Out = (Vec<Vec<u8>>, Option<floe_engine::dump::Recycler>);
+    let (ftx, mut frx) = tokio::sync::mpsc::channel::<Out>(8);
+    let counters = Arc::new(Counters::default());
+    let c2 = counters.clone();
+    let bn = batch_no.clone();
+    let corrupt_at = s.agent.hooks.corrupt_batch;
+    let zero = batch::zero_hash();
+    let consumer: floe_engine::dump::ChunkConsumer = Box::new(move |item: StreamItem| {
+        let out: Out = match item {
+            StreamItem::State(m) => {
+                (vec![frame::control(&peer(Msg::PassStart(pp::PassStart { pass, manifest: Some(*m) })))], None)
+            }
+            StreamItem::Layout(p) => {
+                (vec![frame::control(&peer(Msg::Layout(pp::Layout { pass, process: Some(p) })))], None)
+            }
+            StreamItem::Pages(chunk) => {
+                let n = bn.fetch_add(1, Ordering::Relaxed) + 1;
+                let recycle = chunk.recycle.clone();
+                let t = Instant::now();
+                let (enc, spare) = batch::encode(pass, chunk, compress, corrupt_at == Some(n), &zero);
+                if compress {
+                    c2.compress_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    c2.compress_in.fetch_add(enc.raw_bytes, Ordering::Relaxed);
+                }
+                let give_back = if spare.is_empty() {
+                    Some(recycle)
+                } else {
+                    let _ = recycle.send(spare);
+                    None
+                };
+                c2.batches.fetch_add(1, Ordering::Relaxed);
+                c2.pages.fetch_add(enc.pages, Ordering::Relaxed);
+                c2.zero_pages.fetch_add(enc.zero_pages, Ordering::Relaxed);
+                c2.page_bytes.fetch_add(enc.pages * 4096, Ordering::Relaxed);
+                c2.wire_bytes.fetch_add((enc.prefix.len() + enc.data.len()) as u64, Ordering::Relaxed);
+                (vec![enc.prefix, enc.data], give_back)
+            }
+        };
+        ftx.blocking_send(out).map_err(|_| std::io::Error::other("connection to the target is gone"))
+    });
+    let peer_name = s.peer.clone();
+    let send = &mut s.send;
+    let drain = async {
+        while let Some((parts, recycle)) = frx.recv().await {
+            for p in &parts {
+                wire::write_bytes(send, p).await?;
+            }
+            if let (Some(r), Some(buf)) = (recycle, parts.into_iter().nth(1)) {
+                let _ = r.send(buf);
+            }
+        }
+        Ok::<(), WireError>(())
+    };
+    let max = s.max_frame;
+    let recv = &mut s.recv;
+    // The target says nothing during a pass unless it gives up: watch for that.
+    let watch = async { wire::read_control::<_, pp::Frame>(recv, max).await };
+    let both = async { tokio::join!(worker.pass(consumer), drain) };
+    let (rep, drained) = tokio::select! {
+        r = both => r,
+        w = watch => {
+            return Err(match w {
+                Ok(pp::Frame { msg: Some(Msg::Abort(a)) }) => MigrateError::TargetAborted(a.reason),
+                Ok(f) => MigrateError::Wire {
+                    peer: peer_name,
+                    phase: format!("pre-copy pass {pass}"),
+                    source: WireError::Unexpected { expected: "nothing during a pass", got: wire::frame_name(&f) },
+                },
+                Err(e) => MigrateError::Wire { peer: peer_name, phase: format!("pre-copy pass {pass}"), source: e },
+            });
+        }
+    };
+    if let Err(e) = drained {
+        return Err(MigrateError::Wire { peer: peer_name, phase: format!("pre-copy pass {pass}"), source: e });
+    }
+    let rep = rep.map_err(MigrateError::Engine)?;
+    let c = &counters;
+    s.send(
+        "pre-copy",
+        Msg::PassEnd(pp::PassEnd {
+            pass,
+            batches: c.batches.load(Ordering::Relaxed) as u32,
+            pages: c.pages.load(Ordering::Relaxed),
+        }),
+    )
+    .await?;
+    match s.recv("pre-copy", Duration::from_secs(300)).await? {
+        Msg::PassAck(a) if a.pass == pass => {}
+        other => return Err(unexpected("pre-copy", &s.peer, "pass ack", other)),
+    }
+    let duration_ms = ms(t0.elapsed());
+    let page_bytes = c.page_bytes.load(Ordering::Relaxed);
+    Ok(PassStats {
+        event: "pass",
+        pass,
+        pages: c.pages.load(Ordering::Relaxed),
+        zero_pages: c.zero_pages.load(Ordering::Relaxed),
+        page_bytes,
+        wire_bytes: c.wire_bytes.load(Ordering::Relaxed),
+        compressed: compress,
+        compress_mib_s: {
+            let ns = c.compress_ns.load(Ordering::Relaxed);
+            if ns == 0 {
+                0.0
+            } else {
+                c.compress_in.load(Ordering::Relaxed) as f64 / (1 << 20) as f64 / (ns as f64 / 1e9)
+            }
+        },
+        frozen_ms: rep.frozen_ms,
+        scan_ms: rep.scan_ms,
+        duration_ms,
+        rate_mib_s: page_bytes as f64 / (1 << 20) as f64 / (duration_ms / 1000.0).max(1e-6),
+        remaining_bytes: 0,
+        est_downtime_ms: 0.0,
+    })
+}
+
+/// Sends the final image's files. Returns the bytes sent.
+async fn send_final(
+    s: &mut Session<'_>,
+    dir: &std::path::Path,
+    present: &[(i32, Vec<(u64, u64)>)],
+) -> Result<u64, MigrateError> {
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| MigrateError::Engine(format!("cannot read the final image: {e}")))
+    };
+    let manifest = read(floe_engine::image::MANIFEST_FILE)?;
+    let pages = read(floe_engine::image::PAGES_FILE)?;
+    s.send(
+        "final transfer",
+        Msg::FinalImage(pp::FinalImage {
+            manifest_len: manifest.len() as u64,
+            pages_len: pages.len() as u64,
+            manifest_blake3: blake3::hash(&manifest).as_bytes().to_vec(),
+            pages_blake3: blake3::hash(&pages).as_bytes().to_vec(),
+            present: present
+                .iter()
+                .map(|(pid, r)| pp::Present { pid: *pid, ranges: r.iter().flat_map(|&(a, b)| [a, b]).collect() })
+                .collect(),
+        }),
+    )
+    .await?;
+    let chunk = (s.max_frame as usize / 2).max(4096);
+    for (file, data) in [(0u32, &manifest), (1, &pages)] {
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let msg = Msg::FileChunk(pp::FileChunk { file, offset: (i * chunk) as u64, data: part.to_vec() });
+            s.send("final transfer", msg).await?;
+        }
+    }
+    Ok((manifest.len() + pages.len()) as u64)
+}
+
+/// Commit was sent but not confirmed. Asks the target (on new connections)
+/// what it did, and only then kills or resumes the source copy, which stays
+/// frozen meanwhile.
+#[allow(clippy::too_many_arguments)]
+async fn resolve_in_doubt(
+    agent: &Arc<Agent>,
+    worker: &SourceWorker,
+    id: &str,
+    addr: std::net::SocketAddr,
+    name: &str,
+    entry: &mut Entry,
+    ev: &Events,
+    cause: &MigrateError,
+) -> Result<Report, MigrateError> {
+    ev.warning(&format!("commit not confirmed ({cause}); asking {name} what it did")).await;
+    let deadline = Instant::now() + Duration::from_secs(agent.cfg.limits.in_doubt_timeout_s);
+    while Instant::now() < deadline {
+        match query(agent, addr, name, id).await {
+            Ok(outcome) if outcome == "released" => {
+                let _ = worker.kill().await;
+                record(agent, entry, "committed");
+                return Err(MigrateError::InDoubt(format!(
+                    "{name} confirmed on a second connection that the process runs there; the source copy was killed (the report is incomplete)"
+                )));
+            }
+            Ok(outcome) if outcome == "discarded" || outcome == "unknown" || outcome == "receiving" => {
+                let r = worker.resume().await;
+                record(agent, entry, "aborted");
+                return Err(MigrateError::InDoubt(format!(
+                    "{name} did not run the process ({outcome}); the source copy was resumed{}",
+                    r.err().map(|e| format!(" (resume failed: {e})")).unwrap_or_default()
+                )));
+            }
+            Ok(other) => tracing::info!(id, outcome = %other, "target still deciding"),
+            Err(e) => tracing::info!(id, error = %e, "in-doubt query failed; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Err(MigrateError::InDoubt(format!(
+        "no answer from {name} within {} s; the source copy stays frozen (not running) until this agent learns the outcome — see docs/operations.md",
+        agent.cfg.limits.in_doubt_timeout_s
+    )))
+}
+
+/// One in-doubt query on a fresh connection.
+pub async fn query(agent: &Agent, addr: std::net::SocketAddr, name: &str, id: &str) -> Result<String, MigrateError> {
+    let conn = connect(agent, addr, name).await?;
+    let (mut send, mut recv) =
+        conn.open_bi().await.map_err(|e| MigrateError::Connect { peer: name.into(), what: e.to_string() })?;
+    let werr = |source| MigrateError::Wire { peer: name.into(), phase: "query".into(), source };
+    wire::write_control(&mut send, &peer(Msg::Query(pp::Query { migration_id: id.into() }))).await.map_err(werr)?;
+    let f: pp::Frame = tokio::time::timeout(Duration::from_secs(5), wire::read_control(&mut recv, 1 << 20))
+        .await
+        .map_err(|_| MigrateError::Timeout { phase: "query".into(), secs: 5 })?
+        .map_err(|source| MigrateError::Wire { peer: name.into(), phase: "query".into(), source })?;
+    match f.msg {
+        Some(Msg::QueryReply(r)) => Ok(r.outcome),
+        other => Err(MigrateError::Refused(format!(
+            "unexpected answer to a query: {:?}",
+            other.map(peer_frame).map(|f| wire::frame_name(&f))
+        ))),
+    }
+}

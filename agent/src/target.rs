@@ -1,0 +1,422 @@
+//! The target side of a migration: checks, staged restore as pages arrive,
+//! the final image, and the release on commit.
+use crate::batch;
+use crate::journal::{self, Entry};
+use crate::state::{Agent, InFlight};
+use crate::wire::{self, peer, WireError};
+use crate::worker::{chain, TargetWorker, TgtCmd};
+use floe_proto::frame;
+use floe_proto::peer::{self as pp, frame::Msg};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Serves one incoming connection (one migration, or in-doubt queries).
+pub async fn serve(agent: Arc<Agent>, conn: quinn::Connection) {
+    let peer_name = crate::tls::peer_name(&conn).unwrap_or_default();
+    if peer_name.is_empty() || !agent.cfg.peer_allowed(&peer_name) {
+        tracing::warn!(peer = %peer_name, remote = %conn.remote_address(), "peer not in allowed_peers; connection refused");
+        conn.close(1u32.into(), b"peer not allowed");
+        return;
+    }
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = %peer_name, error = %e, "connection ended");
+                return;
+            }
+        };
+        let agent = agent.clone();
+        let peer_name = peer_name.clone();
+        tokio::spawn(async move {
+            if let Err(e) = stream(agent, peer_name.clone(), send, recv).await {
+                tracing::warn!(peer = %peer_name, error = %chain(&e), "migration from peer failed");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("connection to the source failed")]
+    Wire(#[from] WireError),
+    #[error("{0}")]
+    Failed(String),
+}
+
+struct Stream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    max: u32,
+}
+
+impl Stream {
+    async fn send(&mut self, m: Msg) -> Result<(), WireError> {
+        wire::write_control(&mut self.send, &peer(m)).await
+    }
+}
+
+async fn stream(
+    agent: Arc<Agent>,
+    peer_name: String,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), TargetError> {
+    // A pages frame holds up to max_frame_bytes of data plus its description.
+    let max = agent.cfg.limits.max_frame_bytes.saturating_add(frame::MAX_BATCH_HEADER);
+    let mut st = Stream { send, recv, max };
+    let first: pp::Frame = wire::read_control(&mut st.recv, max).await?;
+    let hello = match first.msg {
+        Some(Msg::Query(q)) => {
+            let outcome = outcome_of(&agent, &q.migration_id);
+            st.send(Msg::QueryReply(pp::QueryReply { migration_id: q.migration_id, outcome })).await?;
+            let _ = st.send.finish();
+            return Ok(());
+        }
+        Some(Msg::Hello(h)) => h,
+        other => {
+            let got = wire::frame_name(&pp::Frame { msg: other });
+            return Err(TargetError::Wire(WireError::Unexpected { expected: "hello", got }));
+        }
+    };
+    let reply = |error: String| {
+        Msg::HelloReply(pp::HelloReply {
+            protocol_version: frame::PROTOCOL_VERSION,
+            floe_version: env!("CARGO_PKG_VERSION").into(),
+            target: agent.cfg.name.clone(),
+            error,
+            max_frame: agent.cfg.limits.max_frame_bytes,
+        })
+    };
+    if hello.protocol_version != frame::PROTOCOL_VERSION {
+        let why = format!(
+            "peer protocol version {} is not supported: this agent speaks version {}",
+            hello.protocol_version,
+            frame::PROTOCOL_VERSION
+        );
+        tracing::warn!(peer = %peer_name, "{why}");
+        st.send(reply(why.clone())).await?;
+        let _ = st.send.finish();
+        return Err(TargetError::Failed(why));
+    }
+    if !journal::valid_id(&hello.migration_id) || agent.journal.get(&hello.migration_id).is_some() {
+        let why = format!("migration id {:?} is malformed or already used", hello.migration_id);
+        st.send(reply(why.clone())).await?;
+        return Err(TargetError::Failed(why));
+    }
+    if hello.source != peer_name {
+        tracing::warn!(claimed = %hello.source, certificate = %peer_name, "source names itself differently from its certificate");
+    }
+    let busy = agent.list().len() >= agent.cfg.limits.max_concurrent_migrations;
+    if busy {
+        let why = format!("{} migrations already in flight (limits.max_concurrent_migrations)", agent.list().len());
+        st.send(reply(why.clone())).await?;
+        return Err(TargetError::Failed(why));
+    }
+    st.send(reply(String::new())).await?;
+    let id = hello.migration_id.clone();
+    agent.begin(InFlight {
+        id: id.clone(),
+        role: "target",
+        pid: 0,
+        peer: peer_name.clone(),
+        phase: "preflight".into(),
+        pass: 0,
+        bytes_sent: 0,
+        started_unix_ms: 0,
+    });
+    let mut entry = Entry {
+        id: id.clone(),
+        role: "target".into(),
+        pid: 0,
+        host_pid: 0,
+        start_time: 0,
+        peer: peer_name.clone(),
+        state: "receiving".into(),
+        updated_unix_ms: 0,
+    };
+    record(&agent, &mut entry, "receiving");
+    let r = receive(&agent, &mut st, &id, &mut entry).await;
+    agent.end(&id);
+    if let Err(e) = &r {
+        if entry.state != "released" {
+            record(&agent, &mut entry, "discarded");
+            let reason = format!("{}: {}", agent.cfg.name, chain(e));
+            let _ = st.send(Msg::Abort(pp::Abort { reason })).await;
+            let _ = st.send.finish();
+            // The source may be blocked writing pages: make its writes fail now.
+            let _ = st.recv.stop(0u32.into());
+        }
+    }
+    r
+}
+
+fn record(agent: &Agent, e: &mut Entry, state: &str) {
+    e.state = state.to_string();
+    if let Err(err) = agent.journal.record(e) {
+        tracing::error!(id = %e.id, state, error = %err, "cannot write the migration journal");
+    }
+}
+
+/// What this agent did with migration `id`, for a source in doubt.
+fn outcome_of(agent: &Agent, id: &str) -> String {
+    let Some(e) = agent.journal.get(id) else { return "unknown".into() };
+    if e.role != "target" {
+        return "unknown".into();
+    }
+    match e.state.as_str() {
+        "released" => "released".into(),
+        // Crashed between the two journal writes: the tree ran only if detached (it is alive).
+        "releasing" => {
+            if journal::start_time(e.host_pid) == Some(e.start_time) {
+                "released".into()
+            } else {
+                "discarded".into()
+            }
+        }
+        "receiving" | "ready" if agent.list().iter().any(|m| m.id == id) => "receiving".into(),
+        _ => "discarded".into(),
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> TargetError {
+    TargetError::Failed(e.to_string())
+}
+
+async fn receive(agent: &Arc<Agent>, st: &mut Stream, id: &str, entry: &mut Entry) -> Result<(), TargetError> {
+    // Pre-flight (nothing is stopped on the source yet).
+    let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
+    let facts = match f.msg {
+        Some(Msg::Preflight(p)) => p,
+        other => {
+            let got = wire::frame_name(&pp::Frame { msg: other });
+            return Err(WireError::Unexpected { expected: "preflight", got }.into());
+        }
+    };
+    let new_pidns = facts.new_pidns;
+    let facts2 = facts.clone();
+    let problems =
+        tokio::task::spawn_blocking(move || floe_engine::migrate::preflight::check(&facts2)).await.map_err(failed)?;
+    let mut problems = problems;
+    let limit = agent.cfg.limits.max_memory_bytes;
+    if limit > 0 && facts.memory_bytes > limit {
+        problems.push(format!(
+            "the tree uses {} MiB, above this agent's limits.max_memory_bytes ({} MiB)",
+            facts.memory_bytes >> 20,
+            limit >> 20
+        ));
+    }
+    let ok = problems.is_empty();
+    st.send(Msg::PreflightReply(pp::PreflightReply { problems: problems.clone() })).await?;
+    if !ok {
+        tracing::info!(id, problems = ?problems, "pre-flight refused the migration");
+        return Ok(());
+    }
+    entry.pid = facts.root_pid;
+    let worker = TargetWorker::start(format!("floe-tgt-{}", facts.root_pid)).map_err(failed)?;
+    // Frames are checked (decompression, page checksums) on a thread of their own, in order.
+    let (vtx, vrx) = std::sync::mpsc::sync_channel::<Verify>(8);
+    let wtx = worker.tx.clone().ok_or_else(|| failed("engine thread gone"))?;
+    let max_raw = st.max as u64 * 64;
+    let verifier = std::thread::Builder::new()
+        .name("floe-verify".into())
+        .spawn(move || verify_loop(vrx, wtx, max_raw))
+        .map_err(failed)?;
+    let r = apply_stream(agent, st, id, entry, &worker, &vtx, new_pidns).await;
+    drop(vtx);
+    let _ = verifier.join();
+    // On error the worker drops here and kills the stopped tree.
+    r.map(|_| ())
+}
+
+enum Verify {
+    Pages(Vec<u8>),
+    Cmd(TgtCmd),
+}
+
+fn verify_loop(rx: std::sync::mpsc::Receiver<Verify>, tx: std::sync::mpsc::SyncSender<TgtCmd>, max_raw: u64) {
+    for v in rx {
+        let cmd = match v {
+            Verify::Cmd(c) => c,
+            Verify::Pages(payload) => match frame::split_pages(&payload) {
+                Err(e) => TgtCmd::Fail(format!("malformed page batch: {e}")),
+                Ok((b, data)) => match batch::decode(&b, data, max_raw) {
+                    Ok(d) => TgtCmd::Write(d),
+                    Err(e) => {
+                        tracing::error!(error = %e, "page batch refused");
+                        TgtCmd::Fail(e.to_string())
+                    }
+                },
+            },
+        };
+        if tx.send(cmd).is_err() {
+            return;
+        }
+    }
+}
+
+async fn to_verifier(vtx: &std::sync::mpsc::SyncSender<Verify>, v: Verify) -> Result<(), TargetError> {
+    // The channel is bounded: this waits while the engine thread is behind.
+    let vtx = vtx.clone();
+    tokio::task::spawn_blocking(move || vtx.send(v)).await.map_err(failed)?.map_err(|_| failed("engine thread stopped"))
+}
+
+async fn sync(vtx: &std::sync::mpsc::SyncSender<Verify>) -> Result<u64, TargetError> {
+    let (tx, rx) = oneshot::channel();
+    to_verifier(vtx, Verify::Cmd(TgtCmd::Sync(tx))).await?;
+    rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn apply_stream(
+    agent: &Arc<Agent>,
+    st: &mut Stream,
+    id: &str,
+    entry: &mut Entry,
+    worker: &TargetWorker,
+    vtx: &std::sync::mpsc::SyncSender<Verify>,
+    new_pidns: bool,
+) -> Result<i32, TargetError> {
+    let mut pass_t = Instant::now();
+    loop {
+        let (kind, payload) = wire::read_frame(&mut st.recv, st.max).await?;
+        if kind == frame::KIND_PAGES {
+            to_verifier(vtx, Verify::Pages(payload)).await?;
+            continue;
+        }
+        let f: pp::Frame = frame::decode(&payload).map_err(WireError::Frame)?;
+        match f.msg {
+            Some(Msg::PassStart(p)) => {
+                let m = p.manifest.ok_or_else(|| failed("pass start without the process state"))?;
+                agent.set_phase(id, "precopy", p.pass, 0);
+                let opts = floe_engine::restore::RestoreOptions { new_pidns, ..Default::default() };
+                let (tx, rx) = oneshot::channel();
+                to_verifier(vtx, Verify::Cmd(TgtCmd::Create(Box::new(m), opts, tx))).await?;
+                rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                pass_t = Instant::now();
+            }
+            Some(Msg::Layout(l)) => {
+                if l.pass == 1 {
+                    agent.hooks.maybe_exit("precopy");
+                }
+                let p = l.process.ok_or_else(|| failed("layout without a process"))?;
+                to_verifier(vtx, Verify::Cmd(TgtCmd::Layout(Box::new(p)))).await?;
+            }
+            Some(Msg::PassEnd(e)) => {
+                let written = sync(vtx).await?;
+                agent.set_phase(id, "precopy", e.pass, written * 4096);
+                st.send(Msg::PassAck(pp::PassAck {
+                    pass: e.pass,
+                    pages_written: written,
+                    apply_ms: pass_t.elapsed().as_secs_f64() * 1000.0,
+                }))
+                .await?;
+                pass_t = Instant::now();
+            }
+            Some(Msg::FinalImage(fi)) => {
+                agent.hooks.maybe_exit("final");
+                agent.set_phase(id, "final", 0, 0);
+                let t = Instant::now();
+                let dir = receive_final(agent, st, id, &fi).await?;
+                let present: HashMap<i32, Vec<(u64, u64)>> = fi
+                    .present
+                    .iter()
+                    .map(|p| (p.pid, p.ranges.chunks_exact(2).map(|c| (c[0], c[1])).collect()))
+                    .collect();
+                let (tx, rx) = oneshot::channel();
+                to_verifier(vtx, Verify::Cmd(TgtCmd::Finish(dir.clone(), present, tx))).await?;
+                let res = rx.await.map_err(|_| failed("engine thread stopped"));
+                let _ = std::fs::remove_dir_all(&dir);
+                let root = res?.map_err(TargetError::Failed)?;
+                agent.hooks.maybe_exit("ready");
+                record(agent, entry, "ready");
+                st.send(Msg::Ready(pp::Ready { pid: root, restore_ms: t.elapsed().as_secs_f64() * 1000.0 })).await?;
+                // Nothing runs until the source commits; a lost connection or an abort discards the tree.
+                let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
+                match f.msg {
+                    Some(Msg::Commit(_)) => {}
+                    Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
+                    other => {
+                        let got = wire::frame_name(&pp::Frame { msg: other });
+                        return Err(WireError::Unexpected { expected: "commit", got }.into());
+                    }
+                }
+                record(agent, entry, "releasing");
+                let (tx, rx) = oneshot::channel();
+                worker.send_blocking(TgtCmd::Release(tx)).map_err(failed)?;
+                let (host_pid, wait_pid) =
+                    rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                entry.host_pid = host_pid;
+                entry.start_time = journal::start_time(host_pid).unwrap_or(0);
+                record(agent, entry, "released");
+                reap(wait_pid);
+                tracing::info!(id, pid = root, host_pid, "migrated process runs here");
+                st.send(Msg::Done(pp::Done { pid: root })).await?;
+                let _ = st.send.finish();
+                return Ok(root);
+            }
+            Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
+            other => {
+                let got = wire::frame_name(&pp::Frame { msg: other });
+                return Err(WireError::Unexpected { expected: "a pre-copy frame", got }.into());
+            }
+        }
+    }
+}
+
+/// Receives the final image into a private directory.
+async fn receive_final(
+    agent: &Agent,
+    st: &mut Stream,
+    id: &str,
+    fi: &pp::FinalImage,
+) -> Result<std::path::PathBuf, TargetError> {
+    let limit = st.max as u64 * 1024;
+    if fi.manifest_len > limit || fi.pages_len > limit {
+        return Err(failed(format!("final image of {} + {} bytes is too large", fi.manifest_len, fi.pages_len)));
+    }
+    let mut files = [Vec::with_capacity(fi.manifest_len as usize), Vec::with_capacity(fi.pages_len as usize)];
+    let want = [fi.manifest_len, fi.pages_len];
+    while files[0].len() as u64 != want[0] || files[1].len() as u64 != want[1] {
+        let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
+        match f.msg {
+            Some(Msg::FileChunk(c)) => {
+                let i = c.file as usize;
+                if i > 1 || c.offset != files[i].len() as u64 || files[i].len() as u64 + c.data.len() as u64 > want[i] {
+                    return Err(failed("final image chunk out of order or too long"));
+                }
+                files[i].extend_from_slice(&c.data);
+            }
+            Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
+            other => {
+                let got = wire::frame_name(&pp::Frame { msg: other });
+                return Err(WireError::Unexpected { expected: "file chunk", got }.into());
+            }
+        }
+    }
+    if blake3::hash(&files[0]).as_bytes()[..] != fi.manifest_blake3[..]
+        || blake3::hash(&files[1]).as_bytes()[..] != fi.pages_blake3[..]
+    {
+        return Err(failed("final image failed its checksum: corrupted in transit"));
+    }
+    let dir = agent.run_dir.join(format!("in-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| failed(format!("cannot create {}: {e}", dir.display())))?;
+    for (name, data) in [(floe_engine::image::MANIFEST_FILE, &files[0]), (floe_engine::image::PAGES_FILE, &files[1])] {
+        std::fs::write(dir.join(name), data).map_err(|e| failed(format!("cannot write the final image: {e}")))?;
+    }
+    Ok(dir)
+}
+
+/// Reaps a released tree's root when it exits (it is this agent's child).
+fn reap(pid: i32) {
+    let _ =
+        std::thread::Builder::new().name(format!("floe-reap-{pid}")).spawn(
+            move || match floe_engine::restore::wait_exit(pid) {
+                Ok(code) => tracing::info!(pid, code, "migrated process exited"),
+                Err(e) => tracing::debug!(pid, error = %e, "cannot wait for migrated process"),
+            },
+        );
+}

@@ -1,0 +1,243 @@
+//! Threads that own the engine objects of a migration. ptrace ties a traced
+//! process to the thread that attached it, so every engine call of one
+//! migration's side runs on one dedicated thread, driven by commands.
+use crate::batch::Decoded;
+use floe_engine::dump::ChunkConsumer;
+use floe_engine::migrate::{Finished, PassReport, Source, SourceOptions, Staged};
+use floe_engine::restore::RestoreOptions;
+use floe_proto::image as pb;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use tokio::sync::oneshot;
+
+/// An error and its causes, as one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// The final pass's output.
+pub struct FinalOut {
+    pub report: floe_engine::dump::DumpReport,
+}
+
+enum SrcCmd {
+    Pass(ChunkConsumer, oneshot::Sender<Result<PassReport, String>>),
+    Final(PathBuf, oneshot::Sender<Result<FinalOut, String>>),
+    Kill(oneshot::Sender<Result<(), String>>),
+    Resume(oneshot::Sender<Result<(), String>>),
+}
+
+/// The source tree's engine thread. Dropping it resumes a frozen tree and
+/// stops dirty tracking.
+pub struct SourceWorker {
+    tx: Option<std::sync::mpsc::Sender<SrcCmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub tracker: String,
+}
+
+fn gone<T>() -> Result<T, String> {
+    Err("the migration's engine thread stopped".into())
+}
+
+impl SourceWorker {
+    pub fn start(opts: SourceOptions) -> Result<Self, String> {
+        let (tx, rx) = std::sync::mpsc::channel::<SrcCmd>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("floe-src-{}", opts.pid))
+            .spawn(move || {
+                let mut src = match Source::new(&opts) {
+                    Ok(s) => {
+                        let _ = ready_tx.send(Ok(s.tracker().to_string()));
+                        s
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(chain(&e)));
+                        return;
+                    }
+                };
+                for cmd in rx {
+                    match cmd {
+                        SrcCmd::Pass(c, r) => {
+                            let _ = r.send(src.pass(c).map(|(_, rep)| rep).map_err(|e| chain(&e)));
+                        }
+                        SrcCmd::Final(dir, r) => {
+                            let _ =
+                                r.send(src.freeze_final(&dir).map(|report| FinalOut { report }).map_err(|e| chain(&e)));
+                        }
+                        SrcCmd::Kill(r) => {
+                            let _ = r.send(src.kill().map_err(|e| chain(&e)));
+                        }
+                        SrcCmd::Resume(r) => {
+                            let _ = r.send(src.resume().map_err(|e| chain(&e)));
+                        }
+                    }
+                }
+                // Channel closed: `src` drops here, on its own thread.
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        let tracker = ready_rx.recv().unwrap_or_else(|_| Err("engine thread died".into()))?;
+        Ok(Self { tx: Some(tx), thread: Some(thread), tracker })
+    }
+
+    fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> SrcCmd,
+    ) -> oneshot::Receiver<Result<T, String>> {
+        let (rtx, rrx) = oneshot::channel();
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(make(rtx));
+        }
+        rrx
+    }
+
+    pub async fn pass(&self, c: ChunkConsumer) -> Result<PassReport, String> {
+        self.send(|r| SrcCmd::Pass(c, r)).await.unwrap_or_else(|_| gone())
+    }
+
+    pub async fn freeze_final(&self, dir: PathBuf) -> Result<FinalOut, String> {
+        self.send(|r| SrcCmd::Final(dir, r)).await.unwrap_or_else(|_| gone())
+    }
+
+    pub async fn kill(&self) -> Result<(), String> {
+        self.send(SrcCmd::Kill).await.unwrap_or_else(|_| gone())
+    }
+
+    pub async fn resume(&self) -> Result<(), String> {
+        self.send(SrcCmd::Resume).await.unwrap_or_else(|_| gone())
+    }
+}
+
+impl Drop for SourceWorker {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Commands for the target's engine thread, in stream order.
+pub enum TgtCmd {
+    Create(Box<pb::Manifest>, RestoreOptions, oneshot::Sender<Result<(), String>>),
+    Layout(Box<pb::Process>),
+    Write(Decoded),
+    /// A batch that failed its checks: the migration fails at the next sync.
+    Fail(String),
+    Sync(oneshot::Sender<Result<u64, String>>),
+    Finish(PathBuf, HashMap<i32, Vec<(u64, u64)>>, oneshot::Sender<Result<i32, String>>),
+    Release(oneshot::Sender<Result<(i32, i32), String>>),
+}
+
+/// The target tree's engine thread. Dropping it kills an unreleased tree.
+pub struct TargetWorker {
+    pub tx: Option<std::sync::mpsc::SyncSender<TgtCmd>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TargetWorker {
+    pub fn start(name: String) -> Result<Self, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<TgtCmd>(4);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || {
+                let mut staged: Option<Staged> = None;
+                let mut finished: Option<Finished> = None;
+                let mut failed: Option<String> = None;
+                for cmd in rx {
+                    match cmd {
+                        TgtCmd::Create(m, opts, r) => {
+                            let res = Staged::create(&m, &opts).map_err(|e| chain(&e));
+                            let _ = r.send(res.map(|s| {
+                                staged = Some(s);
+                            }));
+                        }
+                        TgtCmd::Layout(p) => {
+                            if failed.is_none() {
+                                if let Some(s) = staged.as_mut() {
+                                    if let Err(e) = s.relayout(std::slice::from_ref(&p)) {
+                                        failed = Some(chain(&e));
+                                    }
+                                }
+                            }
+                        }
+                        TgtCmd::Write(d) => {
+                            if failed.is_some() {
+                                continue;
+                            }
+                            let Some(s) = staged.as_mut() else {
+                                failed = Some("pages arrived before the process state".into());
+                                continue;
+                            };
+                            let r = s.write(d.pid, &d.data, &d.ranges).and_then(|()| s.write_zero(d.pid, &d.zero));
+                            if let Err(e) = r {
+                                failed = Some(chain(&e));
+                            }
+                        }
+                        TgtCmd::Fail(m) => {
+                            failed.get_or_insert(m);
+                        }
+                        TgtCmd::Sync(r) => {
+                            let res = match (&failed, &staged) {
+                                (Some(m), _) => Err(m.clone()),
+                                (None, Some(s)) => Ok(s.pages_written),
+                                (None, None) => Err("no process state received".into()),
+                            };
+                            let _ = r.send(res);
+                        }
+                        TgtCmd::Finish(dir, present, r) => {
+                            let res = match (failed.clone(), staged.take()) {
+                                (Some(m), _) => Err(m),
+                                (None, None) => Err("no process state received".into()),
+                                (None, Some(s)) => s.finish(&dir, &present).map_err(|e| chain(&e)),
+                            };
+                            let _ = r.send(res.map(|f| {
+                                let pid = f.root_pid();
+                                finished = Some(f);
+                                pid
+                            }));
+                        }
+                        TgtCmd::Release(r) => {
+                            let res = match finished.take() {
+                                Some(f) => f.release().map_err(|e| chain(&e)),
+                                None => Err("nothing to release".into()),
+                            };
+                            let _ = r.send(res);
+                        }
+                    }
+                }
+                // Dropped here (on this thread): an unreleased tree is killed.
+                drop(finished);
+                drop(staged);
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        Ok(Self { tx: Some(tx), thread: Some(thread) })
+    }
+
+    /// Sends a command (blocks while the engine thread is behind).
+    pub fn send_blocking(&self, cmd: TgtCmd) -> Result<(), String> {
+        match &self.tx {
+            Some(tx) => tx.send(cmd).map_err(|_| "the migration's engine thread stopped".to_string()),
+            None => gone(),
+        }
+    }
+}
+
+impl Drop for TargetWorker {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

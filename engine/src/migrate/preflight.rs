@@ -1,0 +1,205 @@
+//! Migration pre-flight: what the source learns about a tree without
+//! stopping it ([`gather`]), and the target's verdict ([`check`]), so that a
+//! migration that cannot succeed ends before the process stops at all.
+use crate::dump::DumpError;
+use crate::procfs;
+use floe_proto::peer as pp;
+use std::collections::BTreeMap;
+use std::io::Read;
+
+fn proc_err(pid: i32, what: &str) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
+    move |source| DumpError::Proc { pid, path: what.to_string(), source }
+}
+
+/// blake3 of a file's contents.
+fn hash_file(path: &str) -> std::io::Result<(u64, [u8; 32])> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((n, *h.finalize().as_bytes()))
+}
+
+/// This host's CPU feature flags.
+pub fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("flags"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, f)| f.split_whitespace().map(str::to_string).collect())
+        })
+        .unwrap_or_default()
+}
+
+/// Bytes of memory the kernel says can be given out without swapping.
+pub fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn status_kb(pid: i32, key: &str) -> u64 {
+    std::fs::read_to_string(procfs::path(pid, "status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Everything the target must check, read from /proc while the tree runs.
+pub fn gather(root: i32, new_pidns: bool) -> Result<pp::Preflight, DumpError> {
+    if !std::path::Path::new(&format!("/proc/{root}")).exists() {
+        return Err(DumpError::NoProcess { pid: root });
+    }
+    let tree = crate::dump::freeze::walk(root);
+    let mut out = pp::Preflight { root_pid: root, new_pidns, ..Default::default() };
+    // path -> (why, directory, hash content)
+    let mut files: BTreeMap<String, (String, bool, bool)> = BTreeMap::new();
+    for &(pid, _) in &tree {
+        out.pids.push(pid);
+        let tasks = std::fs::read_dir(procfs::path(pid, "task")).map_err(proc_err(pid, "task"))?;
+        for t in tasks.flatten() {
+            if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                if tid != pid {
+                    out.tids.push(tid);
+                }
+            }
+        }
+        out.memory_bytes += (status_kb(pid, "VmRSS:") + status_kb(pid, "VmSwap:")) * 1024;
+        let Ok(maps) = procfs::maps(pid, false) else { continue }; // a zombie
+        if let Ok(exe) = std::fs::read_link(procfs::path(pid, "exe")) {
+            files.entry(exe.to_string_lossy().into_owned()).or_insert((format!("executable of {pid}"), false, true));
+        }
+        for m in &maps {
+            let special = m.path.ends_with(" (deleted)")
+                || m.path.starts_with("/dev/")
+                || m.path.starts_with("/memfd:")
+                || m.path.starts_with("/SYSV")
+                || m.path.starts_with("/anon_hugepage");
+            if m.path.starts_with('/') && !special {
+                // Shared writable mappings change as the process runs: existence only.
+                let content = !(m.shared && m.prot() & libc::PROT_WRITE as u32 != 0);
+                files.entry(m.path.clone()).or_insert((format!("mapped by {pid}"), false, content));
+            }
+        }
+        for (what, link) in [("working directory", "cwd"), ("root directory", "root")] {
+            if let Ok(p) = std::fs::read_link(procfs::path(pid, link)) {
+                files.entry(p.to_string_lossy().into_owned()).or_insert((format!("{what} of {pid}"), true, false));
+            }
+        }
+        if let Ok(fds) = std::fs::read_dir(procfs::path(pid, "fd")) {
+            for fd in fds.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+                let t = target.to_string_lossy().into_owned();
+                let plain = t.starts_with('/') && !t.ends_with(" (deleted)") && !t.starts_with("/dev/");
+                if plain && std::fs::metadata(&t).map(|m| m.is_file()).unwrap_or(false) {
+                    let why = format!("open by {pid} (fd {})", fd.file_name().to_string_lossy());
+                    files.entry(t).or_insert((why, false, false));
+                }
+            }
+        }
+    }
+    for (path, (why, directory, content)) in files {
+        let mut fc = pp::FileCheck { path: path.clone(), why, directory, ..Default::default() };
+        if content {
+            // A file that cannot be read here is checked for existence only.
+            if let Ok((size, h)) = hash_file(&path) {
+                fc.size = size;
+                fc.blake3 = h.to_vec();
+            }
+        }
+        out.files.push(fc);
+    }
+    out.kernel_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let (parts, hash) = crate::restore::preflight::host_vdso_facts()
+        .map_err(|e| DumpError::Refused { pid: root, what: format!("cannot read this host's vdso: {e}") })?;
+    out.vdso_parts = parts;
+    out.vdso_blake3 = hash.to_vec();
+    out.cpu_flags = cpu_flags();
+    Ok(out)
+}
+
+/// Every reason this host cannot take the tree described by `f` (empty: it can).
+pub fn check(f: &pp::Preflight) -> Vec<String> {
+    let mut problems = Vec::new();
+    for fc in &f.files {
+        let meta = match std::fs::metadata(&fc.path) {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(format!("{} ({}) is missing on this host: {e}", fc.path, fc.why));
+                continue;
+            }
+        };
+        if fc.directory {
+            if !meta.is_dir() {
+                problems.push(format!("{} ({}) is not a directory on this host", fc.path, fc.why));
+            }
+            continue;
+        }
+        if !meta.is_file() {
+            problems.push(format!("{} ({}) is not a regular file on this host", fc.path, fc.why));
+            continue;
+        }
+        if fc.blake3.len() == 32 {
+            match hash_file(&fc.path) {
+                Ok((size, h)) if h[..] == fc.blake3[..] && size == fc.size => {}
+                Ok(_) => problems.push(format!("{} ({}) differs from the source host's copy", fc.path, fc.why)),
+                Err(e) => problems.push(format!("{} ({}) cannot be read on this host: {e}", fc.path, fc.why)),
+            }
+        }
+    }
+    if !f.new_pidns {
+        for pid in f.pids.iter().chain(&f.tids) {
+            if let Err(e) = crate::restore::preflight::check_pid(*pid) {
+                problems.push(e.to_string());
+            }
+        }
+    }
+    let ours = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    match crate::restore::preflight::host_vdso_facts() {
+        Ok((parts, hash)) => {
+            if parts != f.vdso_parts || hash[..] != f.vdso_blake3[..] {
+                problems.push(format!(
+                    "vdso differs (source kernel {}, this host {ours}); the target must run the same kernel build",
+                    f.kernel_release
+                ));
+            }
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    let flags = cpu_flags();
+    let missing: Vec<&String> = f.cpu_flags.iter().filter(|x| !flags.contains(x)).collect();
+    if !missing.is_empty() {
+        problems.push(format!("this host's CPU lacks features the process may use: {missing:?}"));
+    }
+    let avail = mem_available();
+    if avail < f.memory_bytes {
+        problems.push(format!(
+            "not enough memory: the tree uses {} MiB, this host has {} MiB available",
+            f.memory_bytes >> 20,
+            avail >> 20
+        ));
+    }
+    problems
+}

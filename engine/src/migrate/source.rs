@@ -1,0 +1,312 @@
+//! The source side of a live migration: pre-copy passes and the final freeze.
+use crate::dump::checks;
+use crate::dump::freeze::FrozenTree;
+use crate::dump::memory::{ChunkConsumer, Incremental, PageLoc, PAGE};
+use crate::dump::{dump_frozen, pre_dump_frozen, Base, DumpError, DumpOptions, DumpReport, DumpTimings, Output};
+use crate::image::ImageWriter;
+use crate::track::Tracker;
+use floe_proto::image as pb;
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+/// What to migrate and how.
+#[derive(Debug, Clone, Default)]
+pub struct SourceOptions {
+    pub pid: i32,
+    /// "auto", "uffd", "soft-dirty" or "hash".
+    pub dirty_tracker: String,
+    pub file_locks: bool,
+    pub ext_unix_sk: bool,
+}
+
+/// One pre-copy pass.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PassReport {
+    pub pass: u32,
+    /// Time the tree was stopped.
+    pub frozen_ms: f64,
+    /// Dirty-tracker scan (part of frozen_ms).
+    pub scan_ms: f64,
+    /// Whole pass, page copy included.
+    pub total_ms: f64,
+    /// Pages handed to the consumer.
+    pub pages_sent: u64,
+    /// Pages the target already had.
+    pub pages_reused: u64,
+}
+
+/// Per process: which pages the target holds, and (hash tracker) their hashes.
+#[derive(Default)]
+struct Known {
+    /// Sorted, disjoint.
+    ranges: Vec<(u64, u64)>,
+    hashes: HashMap<u64, [u8; 16]>,
+}
+
+/// A process tree being pre-copied. Dropping it stops dirty tracking and
+/// resumes the tree if it is frozen.
+pub struct Source {
+    opts: DumpOptions,
+    pre: checks::Preflight,
+    tracker: Tracker,
+    /// Id of the last pass (the tracker's scans are trusted only from it).
+    epoch: Option<[u8; 16]>,
+    known: HashMap<i32, Known>,
+    /// Pids of the tree at pass 0, in order.
+    pids: Vec<i32>,
+    frozen: Option<FrozenTree>,
+    passes: u32,
+}
+
+fn random_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    if let Ok(b) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        let h = blake3::hash(&b);
+        id.copy_from_slice(&h.as_bytes()[..16]);
+    }
+    id
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+impl Source {
+    /// Checks that the tree can be migrated at all (nothing is stopped).
+    pub fn new(o: &SourceOptions) -> Result<Self, DumpError> {
+        let opts = DumpOptions {
+            pid: o.pid,
+            leave_running: true,
+            file_locks: o.file_locks,
+            ext_unix_sk: o.ext_unix_sk,
+            dirty_tracker: if o.dirty_tracker.is_empty() { "auto".into() } else { o.dirty_tracker.clone() },
+            ..Default::default()
+        };
+        let pre = checks::preflight(o.pid, &opts)?;
+        let tracker = crate::dump::resolve_tracker(&opts.dirty_tracker)?;
+        Ok(Self { opts, pre, tracker, epoch: None, known: HashMap::new(), pids: Vec::new(), frozen: None, passes: 0 })
+    }
+
+    /// The dirty tracker in use.
+    pub fn tracker(&self) -> &'static str {
+        self.tracker.name()
+    }
+
+    /// Bytes of page data the target holds.
+    pub fn known_bytes(&self) -> u64 {
+        self.known.values().flat_map(|k| &k.ranges).map(|(s, e)| e - s).sum()
+    }
+
+    /// Freezes the tree, checking it is the same set of processes as at pass 0.
+    fn freeze(&mut self) -> Result<FrozenTree, DumpError> {
+        let frozen = FrozenTree::freeze(self.opts.pid)?;
+        let pids: Vec<i32> = frozen.procs.iter().map(|p| p.pid).collect();
+        if self.passes > 0 && pids != self.pids {
+            let gone: Vec<i32> = self.pids.iter().filter(|p| !pids.contains(p)).copied().collect();
+            let new: Vec<i32> = pids.iter().filter(|p| !self.pids.contains(p)).copied().collect();
+            return Err(DumpError::Refused {
+                pid: self.opts.pid,
+                what: format!(
+                    "the process tree changed during pre-copy (exited: {gone:?}, new: {new:?}); migrate it again"
+                ),
+            });
+        }
+        self.pids = pids;
+        Ok(frozen)
+    }
+
+    /// What the target holds, as the "parent" of the next pass.
+    fn base_and_index(&self) -> (Option<Base>, Incremental) {
+        let mut inc = Incremental::default();
+        let Some(epoch) = self.epoch else { return (None, inc) };
+        for (pid, k) in &self.known {
+            let runs = k
+                .ranges
+                .iter()
+                .flat_map(|&(s, e)| {
+                    // Runs of at most 512 pages, as images have.
+                    (s..e).step_by(512 * PAGE as usize).map(move |a| (a, ((e - a) / PAGE).min(512)))
+                })
+                .map(|(a, n)| pb::PageRun { vaddr: a, nr_pages: n, image: 1, ..Default::default() })
+                .collect();
+            inc.runs.insert(*pid, runs);
+            for (va, h) in &k.hashes {
+                inc.by_addr.insert((*pid, *va), PageLoc { image: 1, offset: 0, hash: *h });
+            }
+        }
+        (Some(Base { link: None, epoch: epoch.to_vec() }), inc)
+    }
+
+    /// Records what a pass (or the final dump) left on the target.
+    fn learn(&mut self, processes: &[pb::Process]) {
+        let hashed = self.tracker == Tracker::Hash;
+        for p in processes.iter().filter(|p| !p.zombie) {
+            let mut ranges: Vec<(u64, u64)> =
+                p.page_runs.iter().map(|r| (r.vaddr, r.vaddr + r.nr_pages * PAGE)).collect();
+            ranges.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+            for (s, e) in ranges {
+                match merged.last_mut() {
+                    Some(l) if l.1 >= s => l.1 = l.1.max(e),
+                    _ => merged.push((s, e)),
+                }
+            }
+            let k = self.known.entry(p.pid).or_default();
+            if hashed {
+                let mut hashes = HashMap::with_capacity(k.hashes.len());
+                for r in &p.page_runs {
+                    for i in 0..r.nr_pages {
+                        let va = r.vaddr + i * PAGE;
+                        let h = if r.image == 0 {
+                            r.page_hashes.get(i as usize * 16..i as usize * 16 + 16).and_then(|h| h.try_into().ok())
+                        } else {
+                            k.hashes.get(&va).copied()
+                        };
+                        if let Some(h) = h {
+                            hashes.insert(va, h);
+                        }
+                    }
+                }
+                k.hashes = hashes;
+            }
+            k.ranges = merged;
+        }
+    }
+
+    /// One pre-copy pass: the tree is stopped for the tracker scan (pass 0:
+    /// also for collecting its whole state), then the pages the target lacks
+    /// go to `consumer` while it runs. Returns the pass's manifest (pass 0:
+    /// the full state without page data; later passes: mappings only) and
+    /// its report.
+    pub fn pass(&mut self, consumer: ChunkConsumer) -> Result<(pb::Manifest, PassReport), DumpError> {
+        let t0 = Instant::now();
+        let mut timings = DumpTimings::default();
+        let t_freeze = Instant::now();
+        let mut frozen = self.freeze()?;
+        timings.freeze_ms = ms(t_freeze);
+        let id = random_id();
+        let mut out = Output::Stream { id, consumer: Some(consumer) };
+        let (base, index) = self.base_and_index();
+        let opts = DumpOptions { pre_dump: true, ..self.opts.clone() };
+        let r: Result<DumpReport, DumpError> = if self.passes == 0 {
+            dump_frozen(&opts, &self.pre, &mut out, &mut frozen, &mut timings, t0, None, Some(index), self.tracker)
+        } else {
+            pre_dump_frozen(&opts, &mut out, &mut frozen, &mut timings, t0, base.as_ref(), Some(index), self.tracker)
+        };
+        // An error resumes the tree (FrozenTree's drop); a pass leaves it running.
+        let report = r?;
+        drop(frozen);
+        let manifest = report.manifest.ok_or_else(|| DumpError::Refused {
+            pid: self.opts.pid,
+            what: "pre-copy pass produced no manifest".into(),
+        })?;
+        self.learn(&manifest.processes);
+        self.epoch = Some(id);
+        let pass = PassReport {
+            pass: self.passes,
+            frozen_ms: report.timings.frozen_ms,
+            scan_ms: report.timings.scan_ms,
+            total_ms: ms(t0),
+            pages_sent: report.page_bytes / PAGE,
+            pages_reused: report.reused_pages,
+        };
+        self.passes += 1;
+        Ok((strip_pages(manifest), pass))
+    }
+
+    /// Freezes the tree for good and writes into `dir` an image holding its
+    /// whole state and the pages the target lacks. The tree stays frozen:
+    /// call [`Source::kill`] once the target runs it, or [`Source::resume`].
+    /// Returns the report; `present` lists, per process, every page range
+    /// the process has (the target drops what it holds outside them).
+    pub fn freeze_final(&mut self, dir: &Path) -> Result<DumpReport, DumpError> {
+        if self.passes == 0 {
+            return Err(DumpError::Refused {
+                pid: self.opts.pid,
+                what: "final freeze before any pre-copy pass".into(),
+            });
+        }
+        let t0 = Instant::now();
+        let mut timings = DumpTimings::default();
+        let t_freeze = Instant::now();
+        let mut frozen = self.freeze()?;
+        timings.freeze_ms = ms(t_freeze);
+        let writer = ImageWriter::create(dir, true)?;
+        let mut out = Output::Image(&writer);
+        let (base, index) = self.base_and_index();
+        let opts = DumpOptions { dir: dir.to_path_buf(), ..self.opts.clone() };
+        let r = dump_frozen(
+            &opts,
+            &self.pre,
+            &mut out,
+            &mut frozen,
+            &mut timings,
+            t0,
+            base.as_ref(),
+            Some(index),
+            self.tracker,
+        );
+        let mut report = match r {
+            Ok(r) => r,
+            Err(e) => {
+                writer.abort();
+                return Err(e);
+            }
+        };
+        report.timings.frozen_ms = ms(t_freeze);
+        report.timings.total_ms = ms(t0);
+        self.frozen = Some(frozen);
+        Ok(report)
+    }
+
+    /// Time since... whether the tree is frozen by the final pass.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// Lets a finally frozen tree run again (the migration was aborted).
+    pub fn resume(&mut self) -> Result<(), DumpError> {
+        self.stop_tracking();
+        match self.frozen.take() {
+            Some(f) => f.resume(),
+            None => Ok(()),
+        }
+    }
+
+    /// Kills the finally frozen tree (the target runs it now).
+    pub fn kill(&mut self) -> Result<(), DumpError> {
+        match self.frozen.take() {
+            Some(f) => f.kill(),
+            None => {
+                Err(DumpError::Refused { pid: self.opts.pid, what: "the tree is not frozen; nothing killed".into() })
+            }
+        }
+    }
+
+    /// Ends dirty tracking: no registration is left in the processes.
+    pub fn stop_tracking(&self) {
+        for pid in &self.pids {
+            if let Err(e) = crate::track::holder::stop(*pid) {
+                tracing::warn!(pid, error = %e, "cannot stop dirty tracking");
+            }
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        if self.frozen.is_some() || self.passes > 0 {
+            self.stop_tracking();
+        }
+        // A frozen tree left over resumes when its FrozenTree drops.
+    }
+}
+
+/// A pass's manifest without page runs (the pages went to the consumer).
+fn strip_pages(mut m: pb::Manifest) -> pb::Manifest {
+    for p in &mut m.processes {
+        p.page_runs.clear();
+    }
+    m
+}

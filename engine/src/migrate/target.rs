@@ -1,0 +1,239 @@
+//! The target side of a live migration: a restore built while the source runs.
+use crate::image::{ImageChain, ImageReader};
+use crate::restore::{load_pages, Preflight, RestoreError, RestoreOptions, Tree};
+use crate::sys::memory::Range;
+use floe_proto::image as pb;
+use std::collections::HashMap;
+
+/// A stopped process tree being filled with pages as they arrive.
+/// Dropping it kills every process in it.
+pub struct Staged {
+    tree: Tree,
+    pre: Preflight,
+    /// What each stub maps now, by pid (vmas only).
+    layout: HashMap<i32, pb::Process>,
+    /// Page ranges written into each process (unsorted, may overlap).
+    written: HashMap<i32, Vec<(u64, u64)>>,
+    /// Pids and thread ids at pass 0, in tree order.
+    tasks: Vec<(i32, Vec<i32>)>,
+    pub pages_written: u64,
+}
+
+fn refused(what: String) -> RestoreError {
+    RestoreError::Refused { what }
+}
+
+impl Staged {
+    /// Checks the state of pass 0 against this host and builds the stopped
+    /// tree with every mapping (restore stage a).
+    pub fn create(m0: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
+        let pre = Preflight::check_manifest(m0, opts)?;
+        let tree = Tree::create(m0, &pre)?;
+        let layout = m0
+            .processes
+            .iter()
+            .filter(|p| !p.zombie)
+            .map(|p| (p.pid, pb::Process { pid: p.pid, vmas: p.vmas.clone(), ..Default::default() }))
+            .collect();
+        let tasks = m0
+            .processes
+            .iter()
+            .map(|p| (p.pid, if p.zombie { Vec::new() } else { p.threads.iter().map(|t| t.tid).collect() }))
+            .collect();
+        Ok(Self { tree, pre, layout, written: HashMap::new(), tasks, pages_written: 0 })
+    }
+
+    /// Writes `data` into process `pid` at `ranges` ((address, length), in
+    /// order, consuming `data` front to back).
+    pub fn write(&mut self, pid: i32, data: &[u8], ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
+        if !self.layout.contains_key(&pid) {
+            return Err(refused(format!("page batch for process {pid}, which is not in this migration")));
+        }
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        if total != data.len() as u64 || ranges.iter().any(|r| r.0 % 4096 != 0 || r.1 % 4096 != 0) {
+            return Err(refused(format!("page batch for process {pid}: ranges do not match its data")));
+        }
+        let rs: Vec<Range> = ranges.iter().map(|&(addr, len)| Range { addr, len }).collect();
+        // process_vm_writev takes a bounded number of ranges per call.
+        let mut off = 0usize;
+        for part in rs.chunks(crate::sys::memory::MAX_IOV) {
+            let n: u64 = part.iter().map(|r| r.len).sum();
+            self.tree.write_pages(pid, &data[off..off + n as usize], part)?;
+            off += n as usize;
+        }
+        self.written.entry(pid).or_default().extend(ranges.iter().map(|&(a, l)| (a, a + l)));
+        self.pages_written += total / 4096;
+        Ok(())
+    }
+
+    /// Fills `ranges` of process `pid` with zeros.
+    pub fn write_zero(&mut self, pid: i32, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; CHUNK as usize];
+        for &(a, l) in ranges {
+            let mut at = 0;
+            while at < l {
+                let n = (l - at).min(CHUNK);
+                self.write(pid, &zeros[..n as usize], &[(a + at, n)])?;
+                at += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the stubs' mappings up to date with a pass's (before its pages).
+    pub fn relayout(&mut self, procs: &[pb::Process]) -> Result<(), RestoreError> {
+        for p in procs.iter().filter(|p| !p.zombie) {
+            let old = self
+                .layout
+                .get(&p.pid)
+                .ok_or_else(|| refused(format!("process {} appeared after pre-copy started", p.pid)))?;
+            if old.vmas == p.vmas {
+                continue;
+            }
+            let kept = self.tree.relayout(old, p)?;
+            // Pages outside what was kept went with their mappings.
+            if let Some(w) = self.written.get_mut(&p.pid) {
+                *w = intersect(&merge(std::mem::take(w)), &merge(kept));
+            }
+            self.layout.insert(p.pid, pb::Process { pid: p.pid, vmas: p.vmas.clone(), ..Default::default() });
+        }
+        Ok(())
+    }
+
+    /// Applies the final image (state, last pages) with the tree stopped:
+    /// `present` lists per pid every page range the process had at the
+    /// freeze; pages written earlier outside them are dropped.
+    pub fn finish(
+        mut self,
+        dir: &std::path::Path,
+        present: &HashMap<i32, Vec<(u64, u64)>>,
+    ) -> Result<Finished, RestoreError> {
+        let chain = ImageChain::open(dir)?;
+        let img: &ImageReader = chain.newest();
+        let m = &img.manifest;
+        if m.parent.is_some() || m.pre_dump {
+            return Err(refused("final image of a migration must be a standalone dump".into()));
+        }
+        let tasks: Vec<(i32, Vec<i32>)> = m
+            .processes
+            .iter()
+            .map(|p| (p.pid, if p.zombie { Vec::new() } else { p.threads.iter().map(|t| t.tid).collect() }))
+            .collect();
+        if tasks != self.tasks {
+            return Err(refused(format!(
+                "processes or threads changed during pre-copy (at start {:?}, at the freeze {:?}); migrate again",
+                self.tasks, tasks
+            )));
+        }
+        self.relayout(&m.processes)?;
+        for p in m.processes.iter().filter(|p| !p.zombie) {
+            let Some(w) = self.written.remove(&p.pid) else { continue };
+            let shared: Vec<(u64, u64)> = p
+                .vmas
+                .iter()
+                .filter(|v| v.kind == pb::VmaKind::AnonShared as i32 || v.kind == pb::VmaKind::FileShared as i32)
+                .map(|v| (v.start, v.end))
+                .collect();
+            let keep = merge(present.get(&p.pid).cloned().unwrap_or_default().into_iter().chain(shared).collect());
+            let stale = subtract_all(&merge(w), &keep);
+            if !stale.is_empty() {
+                self.tree.drop_pages(p.pid, &stale)?;
+            }
+        }
+        let bytes = load_pages(&chain, &mut self.tree)?;
+        self.pages_written += bytes / 4096;
+        self.tree.finish_stopped(img, &self.pre)?;
+        Ok(Finished { tree: Some(self.tree), processes: m.processes.clone(), root: m.root_pid })
+    }
+}
+
+/// A migrated tree with all its state, still stopped. Dropping it kills it.
+pub struct Finished {
+    tree: Option<Tree>,
+    processes: Vec<pb::Process>,
+    root: i32,
+}
+
+impl Finished {
+    /// The root's pid.
+    pub fn root_pid(&self) -> i32 {
+        self.root
+    }
+
+    /// Lets the tree run (the source has committed). Returns the root's
+    /// host pid and the pid to wait for to reap it (the pid namespace's init
+    /// under `new_pidns`).
+    pub fn release(mut self) -> Result<(i32, i32), RestoreError> {
+        let tree = self.tree.take().ok_or_else(|| refused("tree already released".into()))?;
+        let init = tree.ns_init;
+        let pid = tree.release(&self.processes)?;
+        Ok((pid, init.unwrap_or(pid)))
+    }
+}
+
+fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for (s, e) in v {
+        match out.last_mut() {
+            Some(l) if l.1 >= s => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// Both sorted, merged.
+fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < a.len() && j < b.len() {
+        let s = a[i].0.max(b[j].0);
+        let e = a[i].1.min(b[j].1);
+        if s < e {
+            out.push((s, e));
+        }
+        if a[i].1 < b[j].1 {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
+}
+
+/// `a` minus `b` (both sorted, merged).
+fn subtract_all(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(s, e) in a {
+        let mut cur = s;
+        for &(bs, be) in b.iter().skip_while(|x| x.1 <= s) {
+            if bs >= e {
+                break;
+            }
+            if bs > cur {
+                out.push((cur, bs));
+            }
+            cur = cur.max(be);
+        }
+        if cur < e {
+            out.push((cur, e));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_algebra() {
+        let a = merge(vec![(10, 20), (0, 5), (15, 30)]);
+        assert_eq!(a, vec![(0, 5), (10, 30)]);
+        assert_eq!(intersect(&a, &[(3, 12), (25, 40)]), vec![(3, 5), (10, 12), (25, 30)]);
+        assert_eq!(subtract_all(&a, &[(3, 12), (25, 40)]), vec![(0, 3), (12, 25)]);
+        assert_eq!(subtract_all(&a, &[]), a);
+    }
+}
