@@ -180,6 +180,12 @@ pub struct TuningOverrides {
     /// Upper bound of MTU discovery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_mtu: Option<u16>,
+    /// A connection silent this long (milliseconds) is dead: the migration on it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Keep-alive interval (milliseconds); must be below idle_timeout_ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -294,6 +300,14 @@ impl AgentConfig {
                 }
             }
         }
+        if self.tuning.idle_timeout_ms.is_some_and(|ms| ms < 100) {
+            return invalid("tuning.idle_timeout_ms", "must be at least 100".to_string());
+        }
+        if let (Some(idle), Some(ka)) = (self.tuning.idle_timeout_ms, self.tuning.keep_alive_ms) {
+            if ka == 0 || ka >= idle {
+                return invalid("tuning.keep_alive_ms", format!("{ka} must be between 1 and idle_timeout_ms ({idle})"));
+            }
+        }
         if let (Some(initial), Some(max)) = (self.tuning.initial_mtu, self.tuning.max_mtu) {
             if initial > max {
                 return invalid("tuning.initial_mtu", format!("{initial} is larger than tuning.max_mtu ({max})"));
@@ -337,6 +351,13 @@ impl AgentConfig {
         if let Some(max) = self.tuning.max_mtu {
             tuning.max_mtu = max;
             tuning.initial_mtu = tuning.initial_mtu.min(max);
+        }
+        if let Some(ms) = self.tuning.idle_timeout_ms {
+            tuning.idle_timeout_ms = ms;
+            tuning.keep_alive_ms = tuning.keep_alive_ms.min(ms / 2).max(1);
+        }
+        if let Some(ms) = self.tuning.keep_alive_ms {
+            tuning.keep_alive_ms = ms;
         }
         tuning
     }

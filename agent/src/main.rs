@@ -72,6 +72,8 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
         journal,
         in_flight: std::sync::Mutex::new(Default::default()),
         hooks: state::Hooks::from_env(),
+        identity: id,
+        tuning,
         run_dir,
     });
     tracing::info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control_socket.display(), "floe-agent ready");

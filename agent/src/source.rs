@@ -307,7 +307,15 @@ fn record(agent: &Agent, e: &mut Entry, state: &str) {
 
 async fn connect(agent: &Agent, addr: std::net::SocketAddr, name: &str) -> Result<quinn::Connection, MigrateError> {
     let err = |what: String| MigrateError::Connect { peer: name.to_string(), what };
-    let connecting = crate::tls::connect(&agent.endpoint, addr, name).map_err(|e| err(chain(&e)))?;
+    // Full-size packets from the start on a jumbo-frame link (the path's real MTU).
+    let mut tuning = agent.tuning.clone();
+    if let Some(mtu) = crate::tls::link_mtu_for(addr.ip()) {
+        let t = crate::tls::Tuning::for_path_mtu(mtu);
+        tuning.initial_mtu = t.initial_mtu;
+        tuning.max_mtu = tuning.max_mtu.max(t.max_mtu);
+    }
+    let cfg = crate::tls::client_config(&agent.identity, &tuning).map_err(|e| err(chain(&e)))?;
+    let connecting = agent.endpoint.connect_with(cfg, addr, name).map_err(|e| err(e.to_string()))?;
     match tokio::time::timeout(Duration::from_secs(10), connecting).await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => {

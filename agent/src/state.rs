@@ -64,6 +64,9 @@ pub struct Agent {
     pub journal: Journal,
     pub in_flight: Mutex<BTreeMap<String, InFlight>>,
     pub hooks: Hooks,
+    pub identity: crate::tls::Identity,
+    /// Transport tuning from the configuration (the MTU is adapted per peer).
+    pub tuning: crate::tls::Tuning,
     /// Scratch space for final images (tmpfs when available).
     pub run_dir: PathBuf,
 }

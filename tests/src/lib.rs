@@ -17,6 +17,7 @@
 //! report holds `pid` and `sigusr1_count`.
 #![allow(clippy::unwrap_used)] // test support: a panic is the failure report
 
+pub mod cluster;
 pub mod netns;
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
