@@ -59,11 +59,6 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
             }
         }
     }
-    for e in journal.all() {
-        if e.state == "committing" {
-            tracing::warn!(id = %e.id, pid = e.pid, peer = %e.peer, "a migration was in doubt when this agent stopped; its source copy was released by the kernel when the agent died — check that only one copy runs");
-        }
-    }
     let control = control::bind(&cfg.control_socket)
         .with_context(|| format!("cannot bind the control socket {}", cfg.control_socket.display()))?;
     let agent = Arc::new(state::Agent {
@@ -76,6 +71,7 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
         tuning,
         run_dir,
     });
+    floe_agent::source::resolve_after_restart(agent.clone());
     tracing::info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control_socket.display(), "floe-agent ready");
     let a = agent.clone();
     tokio::spawn(async move { control::serve(a, control).await });

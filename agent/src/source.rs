@@ -281,7 +281,23 @@ async fn run(
         Ok(report) => Ok(report),
         Err(e) if entry.state == "committing" => {
             // Commit sent, no confirmation: find out before touching the source copy.
-            resolve_in_doubt(agent, &worker, &s.id, addr, name, &mut entry, ev, &e).await
+            let deadline = Duration::from_secs(agent.cfg.limits.in_doubt_timeout_s);
+            ev.warning(&format!("commit not confirmed ({e}); asking {name} what it did")).await;
+            match resolve_in_doubt(agent, &worker, addr, name, &mut entry, Some(deadline)).await {
+                Some(r) => Err(r),
+                None => {
+                    // Still unknown: keep the source copy frozen and keep asking in the background.
+                    let a = agent.clone();
+                    let name = name.to_string();
+                    tokio::spawn(async move {
+                        let _ = resolve_in_doubt(&a, &worker, addr, &name, &mut entry, None).await;
+                    });
+                    Err(MigrateError::InDoubt(format!(
+                        "no answer from the target within {} s; the source copy stays frozen (not running) while this agent keeps asking; see `floe status` and docs/operations.md",
+                        deadline.as_secs()
+                    )))
+                }
+            }
         }
         Err(e) => {
             let reason = e.to_string();
@@ -457,7 +473,10 @@ async fn precopy_and_handover(
     report.downtime.restore_finish_ms = ms(t_wait.elapsed());
     let _ = ready.restore_ms;
 
-    // Point of no return: from here the source copy never runs unless the target says it discarded its own.
+    // Point of no return: from here the source copy never runs unless the
+    // target says it discarded its own. Parked first, so that it stays
+    // stopped even if this agent dies before the outcome is known.
+    worker.park().await.map_err(MigrateError::Engine)?;
     record(s.agent, entry, "committing");
     s.ev.phase("commit", "target is ready; handing over").await;
     let t_commit = Instant::now();
@@ -643,33 +662,30 @@ async fn send_final(
 
 /// Commit was sent but not confirmed. Asks the target (on new connections)
 /// what it did, and only then kills or resumes the source copy, which stays
-/// frozen meanwhile.
-#[allow(clippy::too_many_arguments)]
-async fn resolve_in_doubt(
-    agent: &Arc<Agent>,
+/// frozen (and parked) meanwhile. None: no answer before `deadline`.
+pub async fn resolve_in_doubt(
+    agent: &Agent,
     worker: &SourceWorker,
-    id: &str,
     addr: std::net::SocketAddr,
     name: &str,
     entry: &mut Entry,
-    ev: &Events,
-    cause: &MigrateError,
-) -> Result<Report, MigrateError> {
-    ev.warning(&format!("commit not confirmed ({cause}); asking {name} what it did")).await;
-    let deadline = Instant::now() + Duration::from_secs(agent.cfg.limits.in_doubt_timeout_s);
-    while Instant::now() < deadline {
-        match query(agent, addr, name, id).await {
+    deadline: Option<Duration>,
+) -> Option<MigrateError> {
+    let t0 = Instant::now();
+    let id = entry.id.clone();
+    while deadline.is_none_or(|d| t0.elapsed() < d) {
+        match query(agent, addr, name, &id).await {
             Ok(outcome) if outcome == "released" => {
                 let _ = worker.kill().await;
                 record(agent, entry, "committed");
-                return Err(MigrateError::InDoubt(format!(
+                return Some(MigrateError::InDoubt(format!(
                     "{name} confirmed on a second connection that the process runs there; the source copy was killed (the report is incomplete)"
                 )));
             }
-            Ok(outcome) if outcome == "discarded" || outcome == "unknown" || outcome == "receiving" => {
+            Ok(outcome) if outcome == "discarded" || outcome == "unknown" => {
                 let r = worker.resume().await;
                 record(agent, entry, "aborted");
-                return Err(MigrateError::InDoubt(format!(
+                return Some(MigrateError::InDoubt(format!(
                     "{name} did not run the process ({outcome}); the source copy was resumed{}",
                     r.err().map(|e| format!(" (resume failed: {e})")).unwrap_or_default()
                 )));
@@ -679,10 +695,43 @@ async fn resolve_in_doubt(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Err(MigrateError::InDoubt(format!(
-        "no answer from {name} within {} s; the source copy stays frozen (not running) until this agent learns the outcome — see docs/operations.md",
-        agent.cfg.limits.in_doubt_timeout_s
-    )))
+    None
+}
+
+/// After a restart: migrations this agent left "committing". Their source
+/// copies are parked (stopped by a queued SIGSTOP when the agent died);
+/// each is killed or continued once the target says what it did.
+pub fn resolve_after_restart(agent: Arc<Agent>) {
+    for mut e in agent.journal.all().into_iter().filter(|e| e.role == "source" && e.state == "committing") {
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let Ok((addr, name)) = agent.cfg.resolve_peer(&e.peer) else {
+                tracing::error!(id = %e.id, peer = %e.peer, "in-doubt migration to a peer no longer in [peers]; resolve by hand");
+                return;
+            };
+            tracing::warn!(id = %e.id, pid = e.pid, peer = %name, "resolving a migration left in doubt by the previous run");
+            loop {
+                let same = journal::start_time(e.host_pid) == Some(e.start_time);
+                match query(&agent, addr, &name, &e.id).await {
+                    Ok(o) if o == "released" => {
+                        if same {
+                            let _ = floe_engine::sys::task::kill(e.host_pid, libc::SIGKILL);
+                        }
+                        record(&agent, &mut e, "committed");
+                        return;
+                    }
+                    Ok(o) if o == "discarded" || o == "unknown" => {
+                        if same {
+                            let _ = floe_engine::sys::task::kill(e.host_pid, libc::SIGCONT);
+                        }
+                        record(&agent, &mut e, "aborted");
+                        return;
+                    }
+                    _ => tokio::time::sleep(Duration::from_secs(2)).await,
+                }
+            }
+        });
+    }
 }
 
 /// One in-doubt query on a fresh connection.

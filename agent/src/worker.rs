@@ -35,6 +35,7 @@ enum SrcCmd {
     Final(PathBuf, oneshot::Sender<Result<FinalOut, String>>),
     Kill(oneshot::Sender<Result<(), String>>),
     Resume(oneshot::Sender<Result<(), String>>),
+    Park(oneshot::Sender<Result<(), String>>),
 }
 
 /// The source tree's engine thread. Dropping it resumes a frozen tree and
@@ -81,6 +82,9 @@ impl SourceWorker {
                         SrcCmd::Resume(r) => {
                             let _ = r.send(src.resume().map_err(|e| chain(&e)));
                         }
+                        SrcCmd::Park(r) => {
+                            let _ = r.send(src.park().map_err(|e| chain(&e)));
+                        }
                     }
                 }
                 // Channel closed: `src` drops here, on its own thread.
@@ -115,6 +119,11 @@ impl SourceWorker {
 
     pub async fn resume(&self) -> Result<(), String> {
         self.send(SrcCmd::Resume).await.unwrap_or_else(|_| gone())
+    }
+
+    /// Queues a SIGSTOP so the frozen tree stays stopped even if this agent dies.
+    pub async fn park(&self) -> Result<(), String> {
+        self.send(SrcCmd::Park).await.unwrap_or_else(|_| gone())
     }
 }
 

@@ -171,6 +171,19 @@ impl FrozenTree {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Sends `sig` to every live process of the tree (it stays pending while
+    /// the tasks are stopped here).
+    pub fn signal_all(&self, sig: i32) -> Result<(), DumpError> {
+        for p in self.procs.iter().filter(|p| !p.zombie) {
+            task::kill(p.pid, sig).map_err(|source| DumpError::Io {
+                pid: p.pid,
+                what: format!("cannot send signal {sig}"),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Kills every process of the tree (children first).
     pub fn kill(mut self) -> Result<(), DumpError> {
         self.done = true;

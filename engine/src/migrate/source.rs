@@ -56,6 +56,8 @@ pub struct Source {
     /// Pids of the tree at pass 0, in order.
     pids: Vec<i32>,
     frozen: Option<FrozenTree>,
+    /// A SIGSTOP is queued to the frozen tree (see [`Source::park`]).
+    parked: bool,
     passes: u32,
 }
 
@@ -85,7 +87,17 @@ impl Source {
         };
         let pre = checks::preflight(o.pid, &opts)?;
         let tracker = crate::dump::resolve_tracker(&opts.dirty_tracker)?;
-        Ok(Self { opts, pre, tracker, epoch: None, known: HashMap::new(), pids: Vec::new(), frozen: None, passes: 0 })
+        Ok(Self {
+            opts,
+            pre,
+            tracker,
+            epoch: None,
+            known: HashMap::new(),
+            pids: Vec::new(),
+            frozen: None,
+            parked: false,
+            passes: 0,
+        })
     }
 
     /// The dirty tracker in use.
@@ -265,11 +277,32 @@ impl Source {
         self.frozen.is_some()
     }
 
+    /// Makes the frozen tree stay stopped even if this process dies: a
+    /// SIGSTOP is queued to every process, taken when ptrace lets go of them
+    /// (a crash of the caller included). [`Source::resume`] cancels it with
+    /// SIGCONT (which the processes then see); [`Source::kill`] is unaffected.
+    pub fn park(&mut self) -> Result<(), DumpError> {
+        let f = self.frozen.as_ref().ok_or_else(|| DumpError::Refused {
+            pid: self.opts.pid,
+            what: "the tree is not frozen; nothing to park".into(),
+        })?;
+        f.signal_all(libc::SIGSTOP)?;
+        self.parked = true;
+        Ok(())
+    }
+
     /// Lets a finally frozen tree run again (the migration was aborted).
     pub fn resume(&mut self) -> Result<(), DumpError> {
         self.stop_tracking();
         match self.frozen.take() {
-            Some(f) => f.resume(),
+            Some(f) => {
+                if self.parked {
+                    // Discards the pending SIGSTOP.
+                    f.signal_all(libc::SIGCONT)?;
+                    self.parked = false;
+                }
+                f.resume()
+            }
             None => Ok(()),
         }
     }
