@@ -98,8 +98,10 @@ pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool, zero: 
 pub struct Decoded {
     pub pid: i32,
     pub pass: u32,
-    /// Non-zero pages, in the order of `ranges`.
-    pub data: Vec<u8>,
+    /// Holds the non-zero pages at `at`, in the order of `ranges` (the frame
+    /// buffer itself when the batch was not compressed).
+    pub buf: Vec<u8>,
+    pub at: std::ops::Range<usize>,
     /// (address, length) for `data`, in order.
     pub ranges: Vec<(u64, u64)>,
     /// (address, length) to fill with zeros.
@@ -115,9 +117,12 @@ pub enum BatchError {
     Checksum { pid: i32, pass: u32, addr: u64 },
 }
 
-/// Decompresses and verifies a batch; nothing is written yet. `max_raw`
-/// bounds the decompressed size.
-pub fn decode(b: &PageBatch, payload: &[u8], max_raw: u64) -> Result<Decoded, BatchError> {
+/// Decompresses and verifies the batch in `frame` (a pages frame's payload,
+/// whose page data starts at `data_at`); nothing is written yet. `max_raw`
+/// bounds the decompressed size. The frame buffer is kept (not copied) when
+/// the data was not compressed.
+pub fn decode(b: &PageBatch, frame: Vec<u8>, data_at: usize, max_raw: u64) -> Result<Decoded, BatchError> {
+    let payload = frame.get(data_at..).unwrap_or(&[]);
     let bad = |what: String| BatchError::Malformed { pid: b.pid, what };
     let pages: u64 = b.runs.iter().map(|r| r.nr_pages as u64).sum();
     if pages == 0 || pages * PAGE as u64 > max_raw {
@@ -131,13 +136,19 @@ pub fn decode(b: &PageBatch, payload: &[u8], max_raw: u64) -> Result<Decoded, Ba
     if b.raw_len != nonzero * PAGE as u64 || b.page_hashes.len() as u64 != nonzero * 16 {
         return Err(bad("page count, data length and checksums disagree".into()));
     }
-    let data = match Compression::try_from(b.compression) {
-        Ok(Compression::None) => payload.to_vec(),
+    let (buf, at) = match Compression::try_from(b.compression) {
+        Ok(Compression::None) => {
+            let end = data_at + payload.len();
+            (frame, data_at..end)
+        }
         Ok(Compression::Zstd) => {
-            zstd::bulk::decompress(payload, b.raw_len as usize).map_err(|e| bad(format!("zstd: {e}")))?
+            let d = zstd::bulk::decompress(payload, b.raw_len as usize).map_err(|e| bad(format!("zstd: {e}")))?;
+            let n = d.len();
+            (d, 0..n)
         }
         Err(_) => return Err(bad(format!("unknown compression {}", b.compression))),
     };
+    let data = &buf[at.clone()];
     if data.len() as u64 != b.raw_len {
         return Err(bad(format!("{} bytes of page data, expected {}", data.len(), b.raw_len)));
     }
@@ -166,5 +177,5 @@ pub fn decode(b: &PageBatch, payload: &[u8], max_raw: u64) -> Result<Decoded, Ba
             i += 1;
         }
     }
-    Ok(Decoded { pid: b.pid, pass: b.pass, data, ranges, zero, pages })
+    Ok(Decoded { pid: b.pid, pass: b.pass, buf, at, ranges, zero, pages })
 }

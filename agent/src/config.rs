@@ -36,7 +36,8 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/floe/agent.toml";
 /// Directory of the default certificate and key paths.
 const DEFAULT_CERT_DIR: &str = "/etc/floe";
 /// Smallest `limits.max_frame_bytes` accepted.
-const MIN_FRAME_BYTES: u32 = 4096;
+/// (page batches are up to 16 MiB of data plus their description).
+const MIN_FRAME_BYTES: u32 = 16 << 20;
 
 /// What can go wrong while loading the configuration or resolving a peer.
 #[derive(Debug, thiserror::Error)]
@@ -481,7 +482,7 @@ gamma = "localhost:7421"
 
 [limits]
 max_concurrent_migrations = 2
-max_frame_bytes = 1048576
+max_frame_bytes = 33554432
 max_memory_bytes = 1073741824
 in_doubt_timeout_s = 30
 

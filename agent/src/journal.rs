@@ -16,6 +16,12 @@ pub struct Entry {
     /// Its start time (field 22 of /proc/PID/stat), so a reused pid is not taken for it.
     pub start_time: u64,
     pub peer: String,
+    /// The peer's address (to ask it again after a restart).
+    #[serde(default)]
+    pub peer_addr: String,
+    /// Source: every process of the tree (host pids), to kill or continue them all.
+    #[serde(default)]
+    pub tree_pids: Vec<i32>,
     /// Source: "started", "committing", "committed", "aborted".
     /// Target: "receiving", "ready", "releasing", "released", "discarded".
     pub state: String,
@@ -49,16 +55,15 @@ impl Journal {
         self.dir.join(format!("{id}.json"))
     }
 
-    /// Writes `e` durably (tmp file, fsync, rename, fsync of the directory).
+    /// Writes `e` atomically (tmp file, rename). Not fsynced: the journal
+    /// must survive a crash of the agent, which the page cache does; a
+    /// crash of the host ends the processes it is about as well, so nothing
+    /// would be left to decide (and an fsync here sits in the downtime).
     pub fn record(&self, e: &mut Entry) -> std::io::Result<()> {
-        use std::io::Write;
         e.updated_unix_ms = now_ms();
         let tmp = self.dir.join(format!(".{}.tmp", e.id));
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(e).map_err(std::io::Error::other)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.path(&e.id))?;
-        std::fs::File::open(&self.dir)?.sync_all()
+        std::fs::write(&tmp, serde_json::to_vec_pretty(e).map_err(std::io::Error::other)?)?;
+        std::fs::rename(&tmp, self.path(&e.id))
     }
 
     pub fn get(&self, id: &str) -> Option<Entry> {
@@ -108,6 +113,8 @@ mod tests {
             host_pid: 6,
             start_time: 7,
             peer: "a".into(),
+            peer_addr: String::new(),
+            tree_pids: Vec::new(),
             state: "ready".into(),
             updated_unix_ms: 0,
         };

@@ -163,6 +163,12 @@ pub async fn migrate(agent: Arc<Agent>, req: MigrateRequest, ev: Events) -> Resu
     if !std::path::Path::new(&format!("/proc/{}", req.pid)).exists() {
         return Err(MigrateError::Refused(format!("no process {}", req.pid)));
     }
+    let busy = agent.list().len();
+    if busy >= agent.cfg.limits.max_concurrent_migrations {
+        return Err(MigrateError::Refused(format!(
+            "{busy} migrations already in flight on this agent (limits.max_concurrent_migrations); retry later"
+        )));
+    }
     agent.begin(InFlight {
         id: id.clone(),
         role: "source",
@@ -176,8 +182,27 @@ pub async fn migrate(agent: Arc<Agent>, req: MigrateRequest, ev: Events) -> Resu
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0),
     });
-    let r = run(&agent, &req, &ev, &id, addr, &name).await;
-    agent.end(&id);
+    let mut entry = Entry {
+        id: id.to_string(),
+        role: "source".into(),
+        pid: req.pid,
+        host_pid: req.pid,
+        start_time: journal::start_time(req.pid).unwrap_or(0),
+        peer: name.to_string(),
+        peer_addr: addr.to_string(),
+        tree_pids: Vec::new(),
+        state: "started".into(),
+        updated_unix_ms: 0,
+    };
+    record(&agent, &mut entry, "started");
+    let r = run(&agent, &req, &ev, &id, addr, &name, &mut entry).await;
+    if r.is_err() && entry.state == "started" {
+        // Failed before anything was frozen for good: the process runs here.
+        record(&agent, &mut entry, "aborted");
+    }
+    if entry.state != "committing" {
+        agent.end(&id);
+    }
     r
 }
 
@@ -188,19 +213,9 @@ async fn run(
     id: &str,
     addr: std::net::SocketAddr,
     name: &str,
+    entry: &mut Entry,
 ) -> Result<Report, MigrateError> {
     let t_start = Instant::now();
-    let mut entry = Entry {
-        id: id.to_string(),
-        role: "source".into(),
-        pid: req.pid,
-        host_pid: req.pid,
-        start_time: journal::start_time(req.pid).unwrap_or(0),
-        peer: name.to_string(),
-        state: "started".into(),
-        updated_unix_ms: 0,
-    };
-    record(agent, &mut entry, "started");
     ev.phase("connect", &format!("{name} at {addr}")).await;
     let conn = connect(agent, addr, name).await?;
     let (send, recv) =
@@ -235,6 +250,8 @@ async fn run(
                     floe_engine::dump::STREAM_BATCH_BYTES
                 )));
             }
+            // Frames both sides accept.
+            s.max_frame = s.max_frame.min(r.max_frame);
             if r.protocol_version != frame::PROTOCOL_VERSION {
                 return Err(MigrateError::Refused(format!(
                     "{name} speaks peer protocol version {}, this agent {}",
@@ -255,6 +272,7 @@ async fn run(
         .map_err(|e| MigrateError::Engine(e.to_string()))?
         .map_err(|e| MigrateError::Refused(chain(&e)))?;
     let memory_bytes = facts.memory_bytes;
+    entry.tree_pids = facts.pids.clone();
     s.send("preflight", Msg::Preflight(facts)).await?;
     match s.recv("preflight", Duration::from_secs(120)).await? {
         Msg::PreflightReply(r) if r.problems.is_empty() => {}
@@ -276,21 +294,38 @@ async fn run(
         .await
         .map_err(|e| MigrateError::Engine(e.to_string()))?
         .map_err(MigrateError::Refused)?;
-    let outcome = precopy_and_handover(&mut s, &worker, req, memory_bytes, t_start, &mut entry).await;
+    let outcome = precopy_and_handover(&mut s, &worker, req, memory_bytes, t_start, entry).await;
     match outcome {
         Ok(report) => Ok(report),
         Err(e) if entry.state == "committing" => {
             // Commit sent, no confirmation: find out before touching the source copy.
             let deadline = Duration::from_secs(agent.cfg.limits.in_doubt_timeout_s);
             ev.warning(&format!("commit not confirmed ({e}); asking {name} what it did")).await;
-            match resolve_in_doubt(agent, &worker, addr, name, &mut entry, Some(deadline)).await {
-                Some(r) => Err(r),
+            agent.set_phase(id, "in doubt", 0, 0);
+            match resolve_in_doubt(agent, &worker, addr, name, entry, Some(deadline)).await {
+                Some(Ok(())) => {
+                    ev.warning(&format!("{name} confirmed on a second connection that the process runs there; the source copy was killed (timings are incomplete)")).await;
+                    Ok(Report {
+                        event: "report",
+                        id: id.to_string(),
+                        pid: req.pid,
+                        target: name.to_string(),
+                        target_pid: req.pid,
+                        dirty_tracker: worker.tracker.clone(),
+                        memory_bytes,
+                        total_ms: t_start.elapsed().as_secs_f64() * 1000.0,
+                        ..Default::default()
+                    })
+                }
+                Some(Err(r)) => Err(r),
                 None => {
                     // Still unknown: keep the source copy frozen and keep asking in the background.
                     let a = agent.clone();
                     let name = name.to_string();
+                    let mut entry = entry.clone();
                     tokio::spawn(async move {
                         let _ = resolve_in_doubt(&a, &worker, addr, &name, &mut entry, None).await;
+                        a.end(&entry.id);
                     });
                     Err(MigrateError::InDoubt(format!(
                         "no answer from the target within {} s; the source copy stays frozen (not running) while this agent keeps asking; see `floe status` and docs/operations.md",
@@ -304,7 +339,7 @@ async fn run(
             let _ = s.send("abort", Msg::Abort(pp::Abort { reason: reason.clone() })).await;
             let _ = s.send.finish();
             let resumed = worker.resume().await;
-            record(agent, &mut entry, "aborted");
+            record(agent, entry, "aborted");
             drop(worker);
             if let Err(r) = resumed {
                 ev.warning(&format!("resuming the source process failed: {r}")).await;
@@ -392,13 +427,14 @@ async fn precopy_and_handover(
     let mut converged = false;
     let mut pass = 0u32;
     loop {
+        // Judged on pass 0's rate: small passes measure latency more than the link.
         let compress = compress_mode.unwrap_or(pass > 0 && link_rate > 0.0 && compress_rate > link_rate * 1.1);
         s.ev.phase("precopy", &format!("pass {pass}")).await;
         s.agent.set_phase(&s.id, "precopy", pass, report.wire_bytes);
         let st = run_pass(s, worker, pass, compress, &batch_no).await?;
         report.page_bytes_sent += st.page_bytes;
         report.wire_bytes += st.wire_bytes;
-        if st.duration_ms > 0.0 {
+        if st.duration_ms > 0.0 && (pass == 0 || st.wire_bytes >= 64 << 20) {
             link_rate = st.wire_bytes as f64 / (st.duration_ms / 1000.0);
         }
         if pass == 0 {
@@ -417,7 +453,8 @@ async fn precopy_and_handover(
         };
         st.est_downtime_ms = st.remaining_bytes as f64 / rate * 1000.0 + fixed_ms;
         s.ev.emit("pass", &st).await;
-        let shrinking = prev.as_ref().is_none_or(|p| st.est_downtime_ms < p.est_downtime_ms * 0.95);
+        // Pass 0's estimate is a guess (it moved everything): compare from pass 1 on.
+        let shrinking = pass < 2 || prev.as_ref().is_none_or(|p| st.est_downtime_ms < p.est_downtime_ms * 0.95);
         pass += 1;
         if pass >= 2 && st.est_downtime_ms <= max_downtime {
             converged = true;
@@ -662,7 +699,8 @@ async fn send_final(
 
 /// Commit was sent but not confirmed. Asks the target (on new connections)
 /// what it did, and only then kills or resumes the source copy, which stays
-/// frozen (and parked) meanwhile. None: no answer before `deadline`.
+/// frozen (and parked) meanwhile. Ok: the process runs on the target (the
+/// source copy was killed). None: no answer before `deadline`.
 pub async fn resolve_in_doubt(
     agent: &Agent,
     worker: &SourceWorker,
@@ -670,7 +708,7 @@ pub async fn resolve_in_doubt(
     name: &str,
     entry: &mut Entry,
     deadline: Option<Duration>,
-) -> Option<MigrateError> {
+) -> Option<Result<(), MigrateError>> {
     let t0 = Instant::now();
     let id = entry.id.clone();
     while deadline.is_none_or(|d| t0.elapsed() < d) {
@@ -678,17 +716,15 @@ pub async fn resolve_in_doubt(
             Ok(outcome) if outcome == "released" => {
                 let _ = worker.kill().await;
                 record(agent, entry, "committed");
-                return Some(MigrateError::InDoubt(format!(
-                    "{name} confirmed on a second connection that the process runs there; the source copy was killed (the report is incomplete)"
-                )));
+                return Some(Ok(()));
             }
             Ok(outcome) if outcome == "discarded" || outcome == "unknown" => {
                 let r = worker.resume().await;
                 record(agent, entry, "aborted");
-                return Some(MigrateError::InDoubt(format!(
+                return Some(Err(MigrateError::InDoubt(format!(
                     "{name} did not run the process ({outcome}); the source copy was resumed{}",
                     r.err().map(|e| format!(" (resume failed: {e})")).unwrap_or_default()
-                )));
+                ))));
             }
             Ok(other) => tracing::info!(id, outcome = %other, "target still deciding"),
             Err(e) => tracing::info!(id, error = %e, "in-doubt query failed; retrying"),
@@ -705,24 +741,35 @@ pub fn resolve_after_restart(agent: Arc<Agent>) {
     for mut e in agent.journal.all().into_iter().filter(|e| e.role == "source" && e.state == "committing") {
         let agent = agent.clone();
         tokio::spawn(async move {
-            let Ok((addr, name)) = agent.cfg.resolve_peer(&e.peer) else {
-                tracing::error!(id = %e.id, peer = %e.peer, "in-doubt migration to a peer no longer in [peers]; resolve by hand");
+            let peer = match e.peer_addr.parse::<std::net::SocketAddr>() {
+                Ok(a) => Some((a, e.peer.clone())),
+                Err(_) => agent.cfg.resolve_peer(&e.peer).ok(),
+            };
+            let Some((addr, name)) = peer else {
+                tracing::error!(id = %e.id, peer = %e.peer, "in-doubt migration to an unknown peer; resolve by hand (see docs/operations.md)");
                 return;
             };
             tracing::warn!(id = %e.id, pid = e.pid, peer = %name, "resolving a migration left in doubt by the previous run");
             loop {
+                // The tree's processes, if the root is still the one that was parked.
                 let same = journal::start_time(e.host_pid) == Some(e.start_time);
+                let signal_tree = |sig: i32| {
+                    let pids = if e.tree_pids.is_empty() { vec![e.host_pid] } else { e.tree_pids.clone() };
+                    for p in pids.iter().rev() {
+                        let _ = floe_engine::sys::task::kill(*p, sig);
+                    }
+                };
                 match query(&agent, addr, &name, &e.id).await {
                     Ok(o) if o == "released" => {
                         if same {
-                            let _ = floe_engine::sys::task::kill(e.host_pid, libc::SIGKILL);
+                            signal_tree(libc::SIGKILL);
                         }
                         record(&agent, &mut e, "committed");
                         return;
                     }
                     Ok(o) if o == "discarded" || o == "unknown" => {
                         if same {
-                            let _ = floe_engine::sys::task::kill(e.host_pid, libc::SIGCONT);
+                            signal_tree(libc::SIGCONT);
                         }
                         record(&agent, &mut e, "aborted");
                         return;

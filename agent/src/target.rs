@@ -134,6 +134,8 @@ async fn stream(
         host_pid: 0,
         start_time: 0,
         peer: peer_name.clone(),
+        peer_addr: String::new(),
+        tree_pids: Vec::new(),
         state: "receiving".into(),
         updated_unix_ms: 0,
     };
@@ -212,6 +214,7 @@ async fn receive(agent: &Arc<Agent>, st: &mut Stream, id: &str, entry: &mut Entr
     st.send(Msg::PreflightReply(pp::PreflightReply { problems: problems.clone() })).await?;
     if !ok {
         tracing::info!(id, problems = ?problems, "pre-flight refused the migration");
+        record(agent, entry, "discarded");
         return Ok(());
     }
     entry.pid = facts.root_pid;
@@ -232,7 +235,8 @@ async fn receive(agent: &Arc<Agent>, st: &mut Stream, id: &str, entry: &mut Entr
 }
 
 enum Verify {
-    Pages(Vec<u8>),
+    /// A pages frame's payload (in a buffer that may be longer).
+    Pages(Vec<u8>, usize),
     Cmd(TgtCmd),
 }
 
@@ -240,19 +244,26 @@ fn verify_loop(rx: std::sync::mpsc::Receiver<Verify>, tx: std::sync::mpsc::SyncS
     for v in rx {
         let cmd = match v {
             Verify::Cmd(c) => c,
-            Verify::Pages(payload) => match frame::split_pages(&payload) {
-                Err(e) => TgtCmd::Fail(format!("malformed page batch: {e}")),
-                Ok((b, data)) => match batch::decode(&b, data, max_raw) {
-                    Ok(d) => TgtCmd::Write(d),
-                    Err(e) => {
-                        tracing::error!(error = %e, "page batch refused");
-                        TgtCmd::Fail(e.to_string())
-                    }
-                },
-            },
+            Verify::Pages(payload, len) => decode_pages(payload, len, max_raw),
         };
         if tx.send(cmd).is_err() {
             return;
+        }
+    }
+}
+
+/// A pages frame's payload (the first `len` bytes of `payload`) as an engine command.
+fn decode_pages(mut payload: Vec<u8>, len: usize, max_raw: u64) -> TgtCmd {
+    let (b, at) = match frame::split_pages(&payload[..len]) {
+        Ok((b, data)) => (b, len - data.len()),
+        Err(e) => return TgtCmd::Fail(format!("malformed page batch: {e}")),
+    };
+    payload.truncate(len);
+    match batch::decode(&b, payload, at, max_raw) {
+        Ok(d) => TgtCmd::Write(d),
+        Err(e) => {
+            tracing::error!(error = %e, "page batch refused");
+            TgtCmd::Fail(e.to_string())
         }
     }
 }
@@ -280,13 +291,18 @@ async fn apply_stream(
     new_pidns: bool,
 ) -> Result<i32, TargetError> {
     let mut pass_t = Instant::now();
+    // Frame buffers come back from the engine thread once written: no fresh
+    // 16 MiB allocation (and its page faults) per batch.
+    let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    to_verifier(vtx, Verify::Cmd(TgtCmd::Pool(pool_tx))).await?;
     loop {
-        let (kind, payload) = wire::read_frame(&mut st.recv, st.max).await?;
+        let mut buf = pool_rx.try_recv().unwrap_or_default();
+        let (kind, len) = wire::read_frame_into(&mut st.recv, st.max, &mut buf).await?;
         if kind == frame::KIND_PAGES {
-            to_verifier(vtx, Verify::Pages(payload)).await?;
+            to_verifier(vtx, Verify::Pages(buf, len)).await?;
             continue;
         }
-        let f: pp::Frame = frame::decode(&payload).map_err(WireError::Frame)?;
+        let f: pp::Frame = frame::decode(&buf[..len]).map_err(WireError::Frame)?;
         match f.msg {
             Some(Msg::PassStart(p)) => {
                 let m = p.manifest.ok_or_else(|| failed("pass start without the process state"))?;
@@ -329,8 +345,11 @@ async fn apply_stream(
                 to_verifier(vtx, Verify::Cmd(TgtCmd::Finish(dir.clone(), present, tx))).await?;
                 let res = rx.await.map_err(|_| failed("engine thread stopped"));
                 let _ = std::fs::remove_dir_all(&dir);
-                let root = res?.map_err(TargetError::Failed)?;
+                let (root, host_pid) = res?.map_err(TargetError::Failed)?;
                 agent.hooks.maybe_exit("ready");
+                // Known before release, so an answer about "releasing" can check liveness.
+                entry.host_pid = host_pid;
+                entry.start_time = journal::start_time(host_pid).unwrap_or(0);
                 record(agent, entry, "ready");
                 st.send(Msg::Ready(pp::Ready { pid: root, restore_ms: t.elapsed().as_secs_f64() * 1000.0 })).await?;
                 // Nothing runs until the source commits; a lost connection or an abort discards the tree.
@@ -349,7 +368,6 @@ async fn apply_stream(
                 let (host_pid, wait_pid) =
                     rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
                 entry.host_pid = host_pid;
-                entry.start_time = journal::start_time(host_pid).unwrap_or(0);
                 record(agent, entry, "released");
                 reap(wait_pid);
                 tracing::info!(id, pid = root, host_pid, "migrated process runs here");

@@ -40,6 +40,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: u32) -> Result<(u8
     Ok((h.kind, payload))
 }
 
+/// Like [`read_frame`], into `buf` (grown when needed, never shrunk, so a
+/// recycled buffer costs no page faults). Returns the kind and the length.
+pub async fn read_frame_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(u8, usize), WireError> {
+    let mut h = [0u8; HEADER_LEN];
+    r.read_exact(&mut h).await.map_err(io)?;
+    let h = Header::parse(&h, max)?;
+    let len = h.len as usize;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    r.read_exact(&mut buf[..len]).await.map_err(io)?;
+    Ok((h.kind, len))
+}
+
 /// A control frame decoded as `M`.
 pub async fn read_control<R: AsyncRead + Unpin, M: Message + Default>(r: &mut R, max: u32) -> Result<M, WireError> {
     let (kind, payload) = read_frame(r, max).await?;

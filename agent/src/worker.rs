@@ -139,12 +139,15 @@ impl Drop for SourceWorker {
 /// Commands for the target's engine thread, in stream order.
 pub enum TgtCmd {
     Create(Box<pb::Manifest>, RestoreOptions, oneshot::Sender<Result<(), String>>),
+    /// Where to give frame buffers back once their pages are written.
+    Pool(std::sync::mpsc::Sender<Vec<u8>>),
     Layout(Box<pb::Process>),
     Write(Decoded),
     /// A batch that failed its checks: the migration fails at the next sync.
     Fail(String),
     Sync(oneshot::Sender<Result<u64, String>>),
-    Finish(PathBuf, HashMap<i32, Vec<(u64, u64)>>, oneshot::Sender<Result<i32, String>>),
+    /// Answers (the root's pid, its host pid).
+    Finish(PathBuf, HashMap<i32, Vec<(u64, u64)>>, oneshot::Sender<Result<(i32, i32), String>>),
     Release(oneshot::Sender<Result<(i32, i32), String>>),
 }
 
@@ -163,8 +166,10 @@ impl TargetWorker {
                 let mut staged: Option<Staged> = None;
                 let mut finished: Option<Finished> = None;
                 let mut failed: Option<String> = None;
+                let mut pool: Option<std::sync::mpsc::Sender<Vec<u8>>> = None;
                 for cmd in rx {
                     match cmd {
+                        TgtCmd::Pool(p) => pool = Some(p),
                         TgtCmd::Create(m, opts, r) => {
                             let res = Staged::create(&m, &opts).map_err(|e| chain(&e));
                             let _ = r.send(res.map(|s| {
@@ -188,9 +193,14 @@ impl TargetWorker {
                                 failed = Some("pages arrived before the process state".into());
                                 continue;
                             };
-                            let r = s.write(d.pid, &d.data, &d.ranges).and_then(|()| s.write_zero(d.pid, &d.zero));
+                            let r = s
+                                .write(d.pid, &d.buf[d.at.clone()], &d.ranges)
+                                .and_then(|()| s.write_zero(d.pid, &d.zero));
                             if let Err(e) = r {
                                 failed = Some(chain(&e));
+                            }
+                            if let Some(pool) = &pool {
+                                let _ = pool.send(d.buf);
                             }
                         }
                         TgtCmd::Fail(m) => {
@@ -211,9 +221,9 @@ impl TargetWorker {
                                 (None, Some(s)) => s.finish(&dir, &present).map_err(|e| chain(&e)),
                             };
                             let _ = r.send(res.map(|f| {
-                                let pid = f.root_pid();
+                                let pids = (f.root_pid(), f.host_pid());
                                 finished = Some(f);
-                                pid
+                                pids
                             }));
                         }
                         TgtCmd::Release(r) => {

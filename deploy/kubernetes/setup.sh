@@ -20,7 +20,7 @@
 # node (see daemonset.yaml), so there is no automatic restart here.
 set -euo pipefail
 
-ns=floe-system
+ns="floe-system"
 port=7420
 ca_dir=
 floe=${FLOE:-floe}

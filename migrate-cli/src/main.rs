@@ -66,6 +66,9 @@ enum Cmd {
         /// Allow datagram unix sockets connected to a named socket outside the tree (reconnected on restore).
         #[arg(long)]
         ext_unix_sk: bool,
+        /// Dump established TCP connections (TCP_REPAIR); their peers' packets are blocked until restore.
+        #[arg(long)]
+        tcp_established: bool,
         #[command(flatten)]
         inc: IncrementalArgs,
         /// Print the report as JSON.
@@ -118,6 +121,12 @@ enum Cmd {
         /// Restore into a new pid namespace, so the image's pids need not be free here.
         #[arg(short = 'n', long = "new-pidns")]
         new_pidns: bool,
+        /// Restore established TCP connections (the image was dumped with --tcp-established).
+        #[arg(long, conflicts_with = "tcp_close")]
+        tcp_established: bool,
+        /// Restore established TCP connections closed (the process sees them as gone).
+        #[arg(long)]
+        tcp_close: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -291,6 +300,8 @@ fn run(cli: Cli) -> Result<i32> {
                 pre_dump: true,
                 auto_dedup: inc.auto_dedup,
                 dirty_tracker: inc.dirty_tracker,
+                tcp_established: false,
+                net_lock: String::new(),
             };
             let defer = sys::DeferTermination::new();
             let report =
@@ -321,7 +332,18 @@ fn run(cli: Cli) -> Result<i32> {
             println!("freed {:.1} MiB in the parents of {}", freed as f64 / 1048576.0, dir.display());
             Ok(0)
         }
-        Cmd::Dump { pid, dir, leave_running, shell_job, force, file_locks, ext_unix_sk, inc, json } => {
+        Cmd::Dump {
+            pid,
+            dir,
+            leave_running,
+            shell_job,
+            force,
+            file_locks,
+            ext_unix_sk,
+            tcp_established,
+            inc,
+            json,
+        } => {
             let opts = dump::DumpOptions {
                 pid,
                 dir: dir.clone(),
@@ -335,6 +357,8 @@ fn run(cli: Cli) -> Result<i32> {
                 pre_dump: false,
                 auto_dedup: inc.auto_dedup,
                 dirty_tracker: inc.dirty_tracker,
+                tcp_established,
+                net_lock: String::new(),
             };
             let defer = sys::DeferTermination::new();
             let report = dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()));
@@ -368,8 +392,8 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Restore { dir, restore_detached, shell_job, new_pidns, json } => {
-            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job, new_pidns };
+        Cmd::Restore { dir, restore_detached, shell_job, new_pidns, tcp_established, tcp_close, json } => {
+            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job, new_pidns, tcp_established, tcp_close };
             let defer = sys::DeferTermination::new();
             let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()));
             drop(defer);

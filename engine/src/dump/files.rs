@@ -56,6 +56,10 @@ pub struct FileTable {
     tree: HashSet<i32>,
     /// --ext-unix-sk was given.
     pub ext_unix_sk: bool,
+    /// --tcp-established was given.
+    pub tcp_established: bool,
+    /// Sockets put in TCP repair mode.
+    pub repaired: crate::fdkinds::socket::Repaired,
 }
 
 impl FileTable {
@@ -225,6 +229,8 @@ impl FileTable {
                 fdinfo: &text,
                 blobs,
                 ext_unix_sk: self.ext_unix_sk,
+                tcp_established: self.tcp_established,
+                repaired: &mut self.repaired,
             };
             crate::fdkinds::dump(kind, &mut ctx, &mut d).map_err(refuse)?;
         } else if link.starts_with("pipe:") {

@@ -36,6 +36,11 @@ pub struct DumpOptions {
     pub file_locks: bool,
     /// Allow datagram unix sockets connected to a named peer outside the tree.
     pub ext_unix_sk: bool,
+    /// Dump established TCP connections with TCP_REPAIR (without it they are refused).
+    pub tcp_established: bool,
+    /// The nftables table holding those connections still (recorded in the
+    /// manifest so that restore removes it); set by [`dump`].
+    pub net_lock: String,
     /// Incremental: the parent image (relative to `dir` unless absolute).
     pub prev_images_dir: Option<PathBuf>,
     /// Keep per-page checksums so that a later dump can build on this one.
@@ -66,6 +71,8 @@ pub struct DumpTimings {
     /// Dirty-tracker work while stopped (uffd: registering and scanning;
     /// soft-dirty: reading and clearing the bits); part of collect_ms.
     pub scan_ms: f64,
+    /// Adding the tree's TCP connections to the network lock (part of collect_ms).
+    pub lock_ms: f64,
     /// Resuming the processes, or killing them (and the kernel freeing
     /// their memory) after a dump without --leave-running.
     pub release_ms: f64,
@@ -73,7 +80,7 @@ pub struct DumpTimings {
 }
 
 /// Outcome of a dump.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, serde::Serialize)]
 pub struct DumpReport {
     pub pid: i32,
     pub processes: usize,
@@ -96,6 +103,10 @@ pub struct DumpReport {
     /// Migration final dump: per process, every page range it has.
     #[serde(skip)]
     pub present: Vec<(i32, Vec<(u64, u64)>)>,
+    /// Sockets left in TCP repair mode: dropping this takes them out (the
+    /// process runs on); `keep()` leaves them in it (the process dies).
+    #[serde(skip)]
+    pub repaired: crate::fdkinds::socket::Repaired,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +149,22 @@ pub enum DumpError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Track(#[from] crate::track::TrackError),
+    #[error("network lock: {0}")]
+    NetLock(#[from] floe_netfilter::NetfilterError),
+}
+
+/// Packets carrying this mark pass floe's network locks.
+pub const NET_LOCK_MARK: u32 = 0x0f10_e10c;
+
+/// The established TCP connections of a frozen tree, for the network lock.
+pub(crate) fn tree_connections(frozen: &FrozenTree) -> Vec<floe_netfilter::ConnTuple> {
+    frozen
+        .procs
+        .iter()
+        .filter(|p| !p.zombie)
+        .flat_map(|p| crate::fdkinds::socket::tcp_tuples(p.pid))
+        .map(|(l, r)| floe_netfilter::ConnTuple::new(l, r))
+        .collect()
 }
 
 pub(crate) fn proc_err(pid: i32, path: &str) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
@@ -222,6 +249,24 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     // Indexed before the freeze: it grows with the parent chain.
     let index = parent.as_ref().map(|p| p.index(tracker != crate::track::Tracker::Uffd));
     let writer = ImageWriter::create(&opts.dir, opts.force)?;
+    // Established connections are held still by a network lock prepared
+    // before the freeze (its elements are added inside it).
+    let mut lock = None;
+    let mut opts = opts.clone();
+    if opts.tcp_established && !opts.pre_dump {
+        let hex: String = writer.image_id[..6].iter().map(|b| format!("{b:02x}")).collect();
+        match floe_netfilter::Lock::prepare(&format!("floe_dump_{hex}"), NET_LOCK_MARK) {
+            Ok(l) => {
+                opts.net_lock = l.name().to_string();
+                lock = Some(l);
+            }
+            Err(e) => {
+                writer.abort();
+                return Err(e.into());
+            }
+        }
+    }
+    let opts = &opts;
     let mut timings = DumpTimings::default();
     let t_freeze = Instant::now();
     let frozen = FrozenTree::freeze(pid);
@@ -233,6 +278,17 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
+    if let Some(l) = &lock {
+        let conns = tree_connections(&frozen);
+        match l.lock(&conns) {
+            Ok(d) => timings.lock_ms = ms(d),
+            Err(e) => {
+                writer.abort();
+                drop(frozen);
+                return Err(e.into());
+            }
+        }
+    }
     let base = parent.as_ref().map(Parent::base);
     let mut out = Output::Image(&writer);
     let result = if opts.pre_dump {
@@ -252,9 +308,21 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     if frozen.released() {
         // Pre-dump: the processes ran on since the state was collected.
     } else if opts.leave_running || opts.pre_dump {
+        // Connections leave repair mode silently, then the tree runs on.
+        drop(std::mem::take(&mut report.repaired));
         frozen.resume()?;
         timings.frozen_ms = ms(t_freeze.elapsed());
+        if let Some(l) = lock.take() {
+            l.unlock()?;
+        }
     } else {
+        // Connections stay in repair mode: they close without FIN or RST,
+        // and the lock stays until restore removes it (the peers' packets
+        // are dropped meanwhile, not answered with a reset).
+        std::mem::take(&mut report.repaired).keep();
+        if let Some(l) = lock.take() {
+            l.persist();
+        }
         // The image is complete: the process is gone from here on, however
         // long the kernel takes to tear its memory down.
         timings.frozen_ms = ms(t_freeze.elapsed());
@@ -397,6 +465,7 @@ pub(crate) fn pre_dump_frozen(
         timings: timings.clone(),
         manifest,
         present: Vec::new(),
+        repaired: Default::default(),
     })
 }
 
@@ -474,6 +543,7 @@ pub(crate) fn dump_frozen(
     let pids: Vec<i32> = frozen.procs.iter().map(|p| p.pid).collect();
     let mut files = files::FileTable::new(&pids);
     files.ext_unix_sk = opts.ext_unix_sk;
+    files.tcp_established = opts.tcp_established;
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());
@@ -533,7 +603,9 @@ pub(crate) fn dump_frozen(
         sink.announce(memory::StreamItem::State(Box::new(state)))?;
     }
     if opts.pre_dump {
-        // Everything but the pages is collected: let the processes run.
+        // Everything but the pages is collected: let the processes run
+        // (their connections out of repair mode first).
+        drop(std::mem::take(&mut files.repaired));
         frozen.resume_in_place()?;
         timings.frozen_ms = ms(t_collect.elapsed()) + timings.freeze_ms;
         sink.tolerate_races(true);
@@ -579,6 +651,7 @@ pub(crate) fn dump_frozen(
         parent: parent.and_then(|p| p.link.clone()),
         pre_dump: opts.pre_dump,
         dirty_tracker: tracker.name().to_string(),
+        net_lock: opts.net_lock.clone(),
     };
     let nr_procs = manifest.processes.len();
     let (manifest_len, manifest) = out.commit(manifest, pages.file)?;
@@ -610,6 +683,7 @@ pub(crate) fn dump_frozen(
         timings: timings.clone(),
         manifest,
         present,
+        repaired: std::mem::take(&mut files.repaired),
     })
 }
 

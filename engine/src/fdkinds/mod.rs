@@ -33,6 +33,10 @@ pub struct DumpCtx<'a> {
     pub blobs: &'a mut Vec<Vec<u8>>,
     /// --ext-unix-sk: datagram unix sockets may be connected outside the tree.
     pub ext_unix_sk: bool,
+    /// --tcp-established: established TCP connections are dumped with TCP_REPAIR.
+    pub tcp_established: bool,
+    /// Sockets left in TCP repair mode by this dump (see [`socket::Repaired`]).
+    pub repaired: &'a mut socket::Repaired,
 }
 
 /// What a kind's `restore` gets.
@@ -44,6 +48,8 @@ pub struct RestoreCtx<'a> {
     pub stash: &'a mut HashMap<String, OwnedFd>,
     /// Shared memory objects already created for mappings, by shmem inode.
     pub shm: &'a HashMap<u64, OwnedFd>,
+    /// --tcp-close: established TCP connections come back closed.
+    pub tcp_close: bool,
 }
 
 /// Which kind a descriptor link names, if one of this module's.

@@ -161,6 +161,11 @@ impl Finished {
         self.root
     }
 
+    /// The root's pid as this host sees it (differs under `new_pidns`).
+    pub fn host_pid(&self) -> i32 {
+        self.tree.as_ref().map(|t| t.root_pid()).unwrap_or(0)
+    }
+
     /// Lets the tree run (the source has committed). Returns the root's
     /// host pid and the pid to wait for to reap it (the pid namespace's init
     /// under `new_pidns`).

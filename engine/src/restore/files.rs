@@ -143,7 +143,13 @@ impl OpenFiles {
                     })
                 }
                 other => {
-                    let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm };
+                    let mut ctx = crate::fdkinds::RestoreCtx {
+                        img,
+                        opened: &fds,
+                        stash: &mut stash,
+                        shm,
+                        tcp_close: pre.tcp_close,
+                    };
                     crate::fdkinds::restore(other, f, &mut ctx).map_err(|what| ferr(&f.path, what))?
                 }
             };
@@ -152,7 +158,8 @@ impl OpenFiles {
         for idx in later {
             let f = &img.manifest.files[idx];
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
-            let mut ctx = crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm };
+            let mut ctx =
+                crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm, tcp_close: pre.tcp_close };
             let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
             fds[idx] = Some(fd);
         }

@@ -292,6 +292,10 @@ pub struct RestoreOptions {
     pub shell_job: bool,
     /// Restore into a new pid namespace (the image's pids need not be free).
     pub new_pidns: bool,
+    /// Restore established TCP connections (TCP_REPAIR).
+    pub tcp_established: bool,
+    /// Restore established TCP connections closed.
+    pub tcp_close: bool,
 }
 
 /// Per-phase timings of a restore, in milliseconds.
@@ -302,6 +306,8 @@ pub struct RestoreTimings {
     pub create_ms: f64,
     pub pages_ms: f64,
     pub finish_ms: f64,
+    /// Removing the dump's network lock (--tcp-established).
+    pub unlock_ms: f64,
     pub total_ms: f64,
 }
 
@@ -391,6 +397,19 @@ pub fn restore(opts: &RestoreOptions) -> Result<RestoreReport, RestoreError> {
     let host_pid = tree.finish(img, &pre)?;
     let pid = img.root().pid;
     timings.finish_ms = ms(t);
+    // The connections exist again: let their peers' packets through.
+    let lock = &img.manifest.net_lock;
+    if !lock.is_empty() && (opts.tcp_established || opts.tcp_close) {
+        let t = Instant::now();
+        match floe_netfilter::remove_table(lock) {
+            Ok(false) => tracing::warn!(table = %lock, "the network lock of this image was already gone"),
+            Ok(true) => {}
+            Err(e) => {
+                tracing::error!(table = %lock, error = %e, "cannot remove the network lock; delete the nftables table by hand")
+            }
+        }
+        timings.unlock_ms = ms(t);
+    }
     timings.total_ms = ms(t0);
     tracing::info!(pid, timings = ?timings, page_bytes, "restore complete");
     Ok(RestoreReport {

@@ -18,6 +18,8 @@ pub struct Preflight {
     pub host_vdso: (u64, u64),
     pub host_block: (u64, u64),
     pub host_parts: Vec<(String, u64, u64)>,
+    /// --tcp-close: established TCP connections come back closed.
+    pub tcp_close: bool,
 }
 
 /// How long to wait for a zombie holding the pid to be reaped.
@@ -151,7 +153,24 @@ impl Preflight {
                 }
             }
         }
-        Ok(Self { pid: root.pid, new_pidns: opts.new_pidns, terminal_fd, host_vdso, host_block, host_parts })
+        let established = m.files.iter().filter(|f| f.inet_socket.as_ref().is_some_and(|s| s.tcp.is_some())).count();
+        if established > 0 && !opts.tcp_established && !opts.tcp_close {
+            return Err(RestoreError::Refused {
+                what: format!(
+                    "the image holds {established} established TCP connection(s); pass --tcp-established to restore \
+                     them, or --tcp-close to restore them closed"
+                ),
+            });
+        }
+        Ok(Self {
+            pid: root.pid,
+            new_pidns: opts.new_pidns,
+            terminal_fd,
+            host_vdso,
+            host_block,
+            host_parts,
+            tcp_close: opts.tcp_close,
+        })
     }
 }
 

@@ -2,8 +2,9 @@
 //! connected, and UDP sockets (bound or not, connected or not) with an
 //! empty receive queue.
 //!
-//! Established TCP connections (and every other connection state) are
-//! refused: they need TCP_REPAIR (--tcp-established, a later feature). So
+//! Established TCP connections are dumped with TCP_REPAIR under
+//! --tcp-established (see tcp_repair.rs) and refused without it, as are
+//! connections in other states (being set up or half closed). So
 //! are listeners with connections waiting in their accept queue, and UDP
 //! sockets with datagrams waiting to be read or corked data waiting to be
 //! sent: there is no way to put a datagram back with its original sender.
@@ -12,8 +13,8 @@
 //! TCP_NODELAY, buffer sizes, ... wherever they differ from a fresh
 //! socket's), bind to the saved address and port (the dumped process is
 //! dead, so the port is free), then listen(backlog) or connect.
-use super::{apply_opts, opt_on, save_opts, Opt, SOCKET_OPTS};
-use crate::fdkinds::DumpCtx;
+use super::{apply_opts, opt_on, save_opts, tcp_repair, Opt, SOCKET_OPTS};
+use crate::fdkinds::{DumpCtx, RestoreCtx};
 use crate::sys::fd_socket;
 use floe_proto::image as pb;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -69,6 +70,10 @@ pub(super) const IP_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IP, libc::IP_PKTINFO, "IP_PKTINFO", INT),
     Opt(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, "IP_MTU_DISCOVER", INT),
     Opt(libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT", INT),
+];
+
+/// Multicast options: datagram sockets only (TCP sockets refuse to set them).
+pub(super) const IP_MCAST_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IP, libc::IP_MULTICAST_TTL, "IP_MULTICAST_TTL", INT),
     Opt(libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, "IP_MULTICAST_LOOP", INT),
 ];
@@ -79,10 +84,13 @@ pub(super) const IPV6_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, "IPV6_TCLASS", INT),
     Opt(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, "IPV6_RECVPKTINFO", INT),
     Opt(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, "IPV6_MTU_DISCOVER", INT),
-    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, "IPV6_MULTICAST_HOPS", INT),
-    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, "IPV6_MULTICAST_LOOP", INT),
     Opt(libc::IPPROTO_IPV6, IPV6_FREEBIND, "IPV6_FREEBIND", INT),
     Opt(libc::IPPROTO_IPV6, IPV6_TRANSPARENT, "IPV6_TRANSPARENT", INT),
+];
+
+pub(super) const IPV6_MCAST_OPTS: &[Opt] = &[
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, "IPV6_MULTICAST_HOPS", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_LOOP, "IPV6_MULTICAST_LOOP", INT),
 ];
 
 pub(super) const TCP_OPTS: &[Opt] = &[
@@ -173,7 +181,7 @@ fn state_name(s: u8) -> &'static str {
     TCP_STATE_NAMES.get(s as usize).copied().unwrap_or("?")
 }
 
-pub fn dump(_ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc) -> Result<(), String> {
+pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc) -> Result<(), String> {
     fn err(what: &'static str) -> impl Fn(std::io::Error) -> String {
         move |e| format!("cannot read its {what} ({e})")
     }
@@ -232,25 +240,38 @@ pub fn dump(_ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDes
             }
             TCP_ESTABLISHED => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
-                return Err(format!(
-                    "it is an established TCP connection {} -> {remote}; checkpointing established TCP \
-                     connections needs --tcp-established, which is not available yet",
-                    show(&local)
-                ));
+                if !ctx.tcp_established {
+                    return Err(format!(
+                        "it is an established TCP connection {} -> {remote}; pass --tcp-established to \
+                         checkpoint established TCP connections",
+                        show(&local)
+                    ));
+                }
+                let p = peer.as_ref().ok_or("established TCP connection without a peer address")?;
+                s.connected = true;
+                s.remote_addr = p.ip.clone();
+                s.remote_port = p.port as u32;
+                s.remote_scope_id = p.scope_id;
+                s.remote_flowinfo = p.flowinfo;
+                let dup = sock.try_clone().map_err(|e| format!("cannot keep the socket ({e})"))?;
+                let t = tcp_repair::dump(sock, ctx.blobs).map_err(|e| format!("{} -> {remote}: {e}", show(&local)))?;
+                // From here the socket is in repair mode until the dump's end.
+                ctx.repaired.push(dup);
+                s.tcp = Some(t);
             }
             TCP_SYN_SENT => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
                 return Err(format!(
-                    "it is a TCP connection {} -> {remote} still being set up (SYN_SENT); TCP connections need \
-                     --tcp-established, which is not available yet",
+                    "it is a TCP connection {} -> {remote} still being set up (SYN_SENT); connections being set \
+                     up cannot be checkpointed; retry once it is established",
                     show(&local)
                 ));
             }
             other => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
                 return Err(format!(
-                    "it is a TCP connection {} -> {remote} in state {}; TCP connections need --tcp-established, \
-                     which is not available yet",
+                    "it is a TCP connection {} -> {remote} in state {}; only established connections can be \
+                     checkpointed yet (half-closed ones cannot)",
                     show(&local),
                     state_name(other)
                 ));
@@ -286,6 +307,7 @@ pub fn dump(_ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDes
             s.remote_flowinfo = p.flowinfo;
         }
         lists.push(UDP_OPTS);
+        lists.push(if family == libc::AF_INET { IP_MCAST_OPTS } else { IPV6_MCAST_OPTS });
     }
     save_opts(sock, &lists, &mut s.opts);
     d.inet_socket = Some(s);
@@ -296,11 +318,42 @@ fn opt_corked(sock: &OwnedFd) -> bool {
     fd_socket::getsockopt_int(sock, libc::IPPROTO_UDP, libc::UDP_CORK).map(|v| v != 0).unwrap_or(false)
 }
 
-pub fn restore(d: &pb::FileDesc) -> Result<OwnedFd, String> {
+pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String> {
+    let img = ctx.img;
+    let blob = |i: i32| img.read_blob(i as usize).map_err(|e| format!("cannot read a TCP queue ({e})"));
+    restore_socket(d, ctx.tcp_close, &blob)
+}
+
+/// The socket of `d`; `blob` reads a saved TCP queue.
+fn restore_socket(
+    d: &pb::FileDesc,
+    tcp_close: bool,
+    blob: &dyn Fn(i32) -> Result<Vec<u8>, String>,
+) -> Result<OwnedFd, String> {
     let s = d.inet_socket.as_ref().ok_or("the image has no socket state for this descriptor")?;
     let sock =
         fd_socket::socket(s.family, s.r#type, s.protocol).map_err(|e| format!("cannot create the socket ({e})"))?;
     apply_opts(&sock, &s.opts)?;
+    if let Some(t) = &s.tcp {
+        if tcp_close {
+            // --tcp-close: a socket that never connected; the process sees the connection as gone.
+            return Ok(sock);
+        }
+        let port = |p: u32| u16::try_from(p).map_err(|_| "invalid port in the image".to_string());
+        let local =
+            Addr { ip: s.local_addr.clone(), port: port(s.local_port)?, flowinfo: 0, scope_id: s.local_scope_id };
+        let remote = Addr {
+            ip: s.remote_addr.clone(),
+            port: port(s.remote_port)?,
+            flowinfo: s.remote_flowinfo,
+            scope_id: s.remote_scope_id,
+        };
+        let queue = |i: i32| if i < 0 { Ok(Vec::new()) } else { blob(i) };
+        let (sendq, recvq) = (queue(t.send_queue_blob)?, queue(t.recv_queue_blob)?);
+        tcp_repair::restore(&sock, t, &build_addr(s.family, &local)?, &build_addr(s.family, &remote)?, &sendq, &recvq)
+            .map_err(|e| format!("{} -> {}: {e}", show(&local), show(&remote)))?;
+        return Ok(sock);
+    }
     let local = Addr {
         ip: s.local_addr.clone(),
         port: u16::try_from(s.local_port).map_err(|_| "invalid port in the image")?,
@@ -337,6 +390,57 @@ pub fn restore(d: &pb::FileDesc) -> Result<OwnedFd, String> {
         fd_socket::connect(&sock, &raw).map_err(|e| format!("cannot connect to {} ({e})", show(&remote)))?;
     }
     Ok(sock)
+}
+
+/// The established TCP connections among `pid`'s descriptors, as
+/// (local, remote) addresses (what a network lock must hold still).
+pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let mut out = Vec::new();
+    let Ok(pidfd) = crate::sys::task::pidfd_open(pid) else { return out };
+    let Ok(rd) = std::fs::read_dir(crate::procfs::path(pid, "fd")) else { return out };
+    for ent in rd.flatten() {
+        let is_socket = std::fs::read_link(ent.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        let Ok(sock) = crate::sys::task::pidfd_getfd(&pidfd, fd) else { continue };
+        let family = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
+        let proto = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
+        if !(family == libc::AF_INET || family == libc::AF_INET6) || proto != libc::IPPROTO_TCP {
+            continue;
+        }
+        if fd_socket::tcp_state(&sock).map(|st| st.state).ok() != Some(TCP_ESTABLISHED) {
+            continue;
+        }
+        let l = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r));
+        let r = fd_socket::getpeername(&sock).ok().and_then(|r| parse_addr(family, &r));
+        if let (Some(l), Some(r)) = (l, r) {
+            if let (Some(l), Some(r)) = (to_std(&l), to_std(&r)) {
+                if !out.contains(&(l, r)) {
+                    out.push((l, r));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn to_std(a: &Addr) -> Option<std::net::SocketAddr> {
+    match a.ip.len() {
+        4 => Some(std::net::SocketAddr::from((Ipv4Addr::new(a.ip[0], a.ip[1], a.ip[2], a.ip[3]), a.port))),
+        16 => {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&a.ip);
+            Some(std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+                Ipv6Addr::from(b),
+                a.port,
+                a.flowinfo,
+                a.scope_id,
+            )))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -394,7 +498,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let Ok(r) = restore(&d) else { return false };
+        let Ok(r) = restore_socket(&d, false, &|_| Err("no blobs".into())) else { return false };
         let st = fd_socket::tcp_state(&r).expect("tcp_info");
         assert_eq!((st.state, st.backlog), (TCP_LISTEN, 7));
         let got = parse_addr(libc::AF_INET, &fd_socket::getsockname(&r).expect("name")).expect("parse");

@@ -19,7 +19,55 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 mod inet;
+mod tcp_repair;
 mod unix;
+
+pub use inet::tcp_tuples;
+
+/// Sockets a dump put in TCP repair mode (dups of the process's). Dropped
+/// armed (the dump failed, or the process runs on) they leave repair mode
+/// without sending anything; [`Repaired::keep`] leaves them in it, so the
+/// connections close silently when the dumped process dies.
+#[derive(Default)]
+pub struct Repaired {
+    socks: Vec<OwnedFd>,
+    kept: bool,
+}
+
+impl Repaired {
+    pub fn push(&mut self, s: OwnedFd) {
+        self.socks.push(s);
+    }
+
+    pub fn len(&self) -> usize {
+        self.socks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.socks.is_empty()
+    }
+
+    /// The process will die (or stay frozen for good): stay in repair mode.
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl std::fmt::Debug for Repaired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repaired({} sockets, kept: {})", self.socks.len(), self.kept)
+    }
+}
+
+impl Drop for Repaired {
+    fn drop(&mut self) {
+        if !self.kept {
+            for s in &self.socks {
+                tcp_repair::leave_repair(s);
+            }
+        }
+    }
+}
 
 pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
     let ino = socket_ino(ctx.link).ok_or_else(|| format!("cannot parse the socket inode from {:?}", ctx.link))?;
@@ -46,7 +94,7 @@ pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
 pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String> {
     let fd = match pb::FdKind::try_from(d.kind) {
         Ok(pb::FdKind::UnixSocket) => unix::restore(d, ctx)?,
-        Ok(pb::FdKind::InetSocket) => inet::restore(d)?,
+        Ok(pb::FdKind::InetSocket) => inet::restore(d, ctx)?,
         _ => return Err("not a socket".into()),
     };
     let fl = if d.flags & libc::O_NONBLOCK as u32 != 0 { libc::O_NONBLOCK } else { 0 };
@@ -189,7 +237,18 @@ pub(super) fn save_opts(sock: &OwnedFd, lists: &[&[Opt]], out: &mut Vec<pb::Sock
 }
 
 fn label(o: &pb::SockOpt) -> String {
-    for l in [SOCKET_OPTS, UNIX_OPTS, inet::TCP_OPTS, inet::UDP_OPTS, inet::IP_OPTS, inet::IPV6_OPTS, inet::INET_OPTS] {
+    let lists = [
+        SOCKET_OPTS,
+        UNIX_OPTS,
+        inet::TCP_OPTS,
+        inet::UDP_OPTS,
+        inet::IP_OPTS,
+        inet::IP_MCAST_OPTS,
+        inet::IPV6_OPTS,
+        inet::IPV6_MCAST_OPTS,
+        inet::INET_OPTS,
+    ];
+    for l in lists {
         if let Some(Opt(_, _, name, _)) = l.iter().find(|Opt(lv, n, _, _)| *lv == o.level && *n == o.name) {
             return (*name).to_string();
         }

@@ -1,0 +1,216 @@
+//! Established TCP connections with TCP_REPAIR (`--tcp-established`).
+//!
+//! Dump (the process is frozen and its connections are locked by the
+//! caller, so no segment moves while they are read): repair mode on, then
+//! both queues' sequence numbers and contents (MSG_PEEK under
+//! TCP_REPAIR_QUEUE), how much of the send queue was never sent
+//! (SIOCOUTQNSD), MSS, window scaling, SACK and timestamps (TCP_INFO),
+//! the timestamp clock and the repair window. The socket is left in repair
+//! mode: when the dumped process dies it closes without a FIN or RST, and
+//! when it is resumed instead, [`leave_repair`] takes it out silently.
+//!
+//! Restore (before the restored process runs): a socket in repair mode gets
+//! both queues' starting sequence numbers, is bound and "connected" (no
+//! SYN in repair mode), gets its options, timestamp clock and queues back,
+//! then its window; repair mode ends with a window probe, which has the
+//! peer acknowledge at once. The part of the send queue that was never sent
+//! is then sent normally, so it goes out now instead of after a
+//! retransmission timeout.
+use crate::sys::fd_socket;
+use floe_proto::image as pb;
+use std::os::fd::OwnedFd;
+
+const TCP_REPAIR: i32 = 19;
+const TCP_REPAIR_QUEUE: i32 = 20;
+const TCP_QUEUE_SEQ: i32 = 21;
+const TCP_REPAIR_OPTIONS: i32 = 22;
+const TCP_TIMESTAMP: i32 = 24;
+const TCP_REPAIR_WINDOW: i32 = 29;
+const TCP_RECV_QUEUE: i32 = 1;
+const TCP_SEND_QUEUE: i32 = 2;
+/// Values of TCP_REPAIR: on, off with a window probe, off without one.
+const REPAIR_ON: i32 = 1;
+const REPAIR_OFF: i32 = 0;
+const REPAIR_OFF_NO_WP: i32 = -1;
+const TCPOPT_MAXSEG: u32 = 2;
+const TCPOPT_WINDOW: u32 = 3;
+const TCPOPT_SACK_PERM: u32 = 4;
+const TCPOPT_TIMESTAMP: u32 = 8;
+const TCPI_OPT_TIMESTAMPS: u8 = 1;
+const TCPI_OPT_SACK: u8 = 2;
+const TCPI_OPT_WSCALE: u8 = 4;
+const SIOCOUTQNSD: libc::c_ulong = 0x894B;
+/// struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+const REPAIR_WINDOW_LEN: usize = 20;
+
+fn e(what: &'static str) -> impl Fn(std::io::Error) -> String {
+    move |err| format!("TCP_REPAIR: cannot {what} ({err})")
+}
+
+fn u32_at(b: &[u8], i: usize) -> u32 {
+    b.get(i * 4..i * 4 + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]])).unwrap_or(0)
+}
+
+/// Reads one queue's data without consuming it (repair mode, queue selected).
+fn peek_queue(sock: &OwnedFd, len: usize) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; len];
+    if len == 0 {
+        return Ok(buf);
+    }
+    let got = fd_socket::peek(sock, &mut buf, 0).map_err(e("read a queue"))?;
+    if got.len != len {
+        return Err(format!("TCP_REPAIR: queue holds {} bytes, {len} expected", got.len));
+    }
+    Ok(buf)
+}
+
+/// Puts `sock` in repair mode and reads the connection's state. Queue
+/// contents go to `blobs`.
+pub fn dump(sock: &OwnedFd, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
+    fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_ON)
+        .map_err(e("enter repair mode (needs CAP_NET_ADMIN)"))?;
+    let r = read_state(sock, blobs);
+    if r.is_err() {
+        leave_repair(sock);
+    }
+    r
+}
+
+fn read_state(sock: &OwnedFd, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
+    let mut t = pb::TcpRepair { send_queue_blob: -1, recv_queue_blob: -1, ..Default::default() };
+    let outq = fd_socket::ioctl_int(sock, libc::TIOCOUTQ).map_err(e("measure the send queue"))?.max(0) as usize;
+    let unsent = fd_socket::ioctl_int(sock, SIOCOUTQNSD).map_err(e("measure the unsent data"))?.max(0) as usize;
+    let inq = fd_socket::ioctl_int(sock, libc::FIONREAD).map_err(e("measure the receive queue"))?.max(0) as usize;
+    for (queue, seq) in [(TCP_SEND_QUEUE, &mut t.snd_seq), (TCP_RECV_QUEUE, &mut t.rcv_seq)] {
+        fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue).map_err(e("select a queue"))?;
+        *seq = fd_socket::getsockopt_int(sock, libc::IPPROTO_TCP, TCP_QUEUE_SEQ).map_err(e("read a sequence number"))?
+            as u32;
+    }
+    fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        .map_err(e("select a queue"))?;
+    let sendq = peek_queue(sock, outq)?;
+    fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        .map_err(e("select a queue"))?;
+    let recvq = peek_queue(sock, inq)?;
+    t.send_queue_len = outq as u32;
+    t.recv_queue_len = inq as u32;
+    t.unsent = unsent.min(outq) as u32;
+    if !sendq.is_empty() {
+        t.send_queue_blob = blobs.len() as i32;
+        blobs.push(sendq);
+    }
+    if !recvq.is_empty() {
+        t.recv_queue_blob = blobs.len() as i32;
+        blobs.push(recvq);
+    }
+    let info = fd_socket::getsockopt(sock, libc::IPPROTO_TCP, libc::TCP_INFO, 8).map_err(e("read TCP_INFO"))?;
+    let (opts, ws) = (info.get(5).copied().unwrap_or(0), info.get(6).copied().unwrap_or(0));
+    t.timestamps = opts & TCPI_OPT_TIMESTAMPS != 0;
+    t.sack = opts & TCPI_OPT_SACK != 0;
+    t.wscale = opts & TCPI_OPT_WSCALE != 0;
+    t.snd_wscale = (ws & 0x0f) as u32;
+    t.rcv_wscale = (ws >> 4) as u32;
+    t.mss = fd_socket::getsockopt_int(sock, libc::IPPROTO_TCP, libc::TCP_MAXSEG).map_err(e("read the MSS"))? as u32;
+    t.timestamp =
+        fd_socket::getsockopt_int(sock, libc::IPPROTO_TCP, TCP_TIMESTAMP).map_err(e("read the timestamp"))? as u32;
+    let w = fd_socket::getsockopt(sock, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW_LEN)
+        .map_err(e("read the window"))?;
+    if w.len() != REPAIR_WINDOW_LEN {
+        return Err(format!("TCP_REPAIR: the window is {} bytes, {REPAIR_WINDOW_LEN} expected", w.len()));
+    }
+    (t.snd_wl1, t.snd_wnd, t.max_window, t.rcv_wnd, t.rcv_wup) =
+        (u32_at(&w, 0), u32_at(&w, 1), u32_at(&w, 2), u32_at(&w, 3), u32_at(&w, 4));
+    Ok(t)
+}
+
+/// Takes a dumped socket out of repair mode without sending anything (the
+/// dump failed, or the process keeps running).
+pub fn leave_repair(sock: &OwnedFd) {
+    if let Err(err) = fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF_NO_WP) {
+        tracing::warn!(error = %err, "cannot take a socket out of TCP repair mode");
+    }
+}
+
+/// Rebuilds the connection on `sock` (a fresh TCP socket, options applied,
+/// not bound): `bind`/`connect` are the raw local and remote addresses.
+pub fn restore(
+    sock: &OwnedFd,
+    t: &pb::TcpRepair,
+    local: &[u8],
+    remote: &[u8],
+    sendq: &[u8],
+    recvq: &[u8],
+) -> Result<(), String> {
+    if sendq.len() != t.send_queue_len as usize || recvq.len() != t.recv_queue_len as usize {
+        return Err("TCP_REPAIR: queue data in the image does not match its length".into());
+    }
+    let unsent = (t.unsent as usize).min(sendq.len());
+    let (sent, later) = sendq.split_at(sendq.len() - unsent);
+    fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_ON)
+        .map_err(e("enter repair mode (needs CAP_NET_ADMIN)"))?;
+    fd_socket::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(e("set SO_REUSEADDR"))?;
+    // The queues start where their restored contents begin; the unsent tail
+    // is not part of the send queue yet.
+    let starts = [
+        (TCP_SEND_QUEUE, t.snd_seq.wrapping_sub(sendq.len() as u32)),
+        (TCP_RECV_QUEUE, t.rcv_seq.wrapping_sub(recvq.len() as u32)),
+    ];
+    for (queue, seq) in starts {
+        fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue).map_err(e("select a queue"))?;
+        fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, seq as i32)
+            .map_err(e("set a sequence number"))?;
+    }
+    fd_socket::bind(sock, local).map_err(e("bind the local address (is it configured on this host?)"))?;
+    fd_socket::connect(sock, remote).map_err(e("connect in repair mode"))?;
+    let mut opts: Vec<(u32, u32)> = vec![(TCPOPT_MAXSEG, t.mss)];
+    if t.wscale {
+        opts.push((TCPOPT_WINDOW, t.snd_wscale | (t.rcv_wscale << 16)));
+    }
+    if t.sack {
+        opts.push((TCPOPT_SACK_PERM, 0));
+    }
+    if t.timestamps {
+        opts.push((TCPOPT_TIMESTAMP, 0));
+    }
+    let raw: Vec<u8> = opts.iter().flat_map(|(c, v)| c.to_ne_bytes().into_iter().chain(v.to_ne_bytes())).collect();
+    fd_socket::setsockopt(sock, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, &raw).map_err(e("set the TCP options"))?;
+    if t.timestamps {
+        fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_TIMESTAMP, t.timestamp as i32)
+            .map_err(e("set the timestamp"))?;
+    }
+    for (queue, data) in [(TCP_RECV_QUEUE, recvq), (TCP_SEND_QUEUE, sent)] {
+        if data.is_empty() {
+            continue;
+        }
+        fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue).map_err(e("select a queue"))?;
+        send_all(sock, data).map_err(e("refill a queue"))?;
+    }
+    let mut w = Vec::with_capacity(REPAIR_WINDOW_LEN);
+    for v in [t.snd_wl1, t.snd_wnd, t.max_window, t.rcv_wnd, t.rcv_wup] {
+        w.extend_from_slice(&v.to_ne_bytes());
+    }
+    fd_socket::setsockopt(sock, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(e("set the window"))?;
+    // Off with a window probe: the peer answers at once.
+    fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF).map_err(e("leave repair mode"))?;
+    if !later.is_empty() {
+        send_all(sock, later).map_err(e("send the data that was never sent"))?;
+    }
+    Ok(())
+}
+
+/// send() until all of `data` is queued (the socket is non-blocking; the
+/// queue held it before, so it fits).
+fn send_all(sock: &OwnedFd, mut data: &[u8]) -> std::io::Result<()> {
+    let mut spins = 0;
+    while !data.is_empty() {
+        match fd_socket::send(sock, data, None) {
+            Ok(n) => data = &data[n..],
+            Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && spins < 1000 => {
+                spins += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Established TCP connections (issue 6): `floe dump --tcp-established`
+//! saves them with TCP_REPAIR and `floe restore --tcp-established` brings
+//! them back, so a client holding a connection to the dumped server
+//! carries on without noticing; without the flag they are refused, and
+//! `--tcp-close` restores them closed.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use floe_tests::*;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: TCP_REPAIR needs root");
+            return;
+        }
+    };
+}
+
+fn port_of(dir: &std::path::Path) -> u16 {
+    let text = std::fs::read_to_string(dir.join("ready")).unwrap();
+    text.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap()
+}
+
+/// Sends `msg` and reads back its uppercased echo.
+fn echo(c: &mut TcpStream, msg: &str) -> String {
+    c.write_all(msg.as_bytes()).unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    c.read_exact(&mut buf).unwrap();
+    String::from_utf8(buf).unwrap()
+}
+
+fn start_server(td: &tempfile::TempDir) -> (Fixture, TcpStream) {
+    let fx = Spawn::fixture("tcpecho", td.path()).arg(td.path()).ready_file(td.path().join("ready")).spawn();
+    let mut c = TcpStream::connect(("127.0.0.1", port_of(td.path()))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(echo(&mut c, "hello"), "HELLO");
+    (fx, c)
+}
+
+#[test]
+fn established_connection_refused_without_flag() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let (fx, mut c) = start_server(&td);
+    let img = td.path().join("img");
+    let out = dump(fx.pid, &img, &[]);
+    let err = assert_failed_cleanly(&out, "dump of a server with an established connection");
+    assert_mentions(&err, &["established TCP connection", "--tcp-established"], "refusal");
+    assert_running_untouched(fx.pid, "after the refused dump");
+    assert_eq!(echo(&mut c, "still"), "STILL");
+}
+
+#[test]
+fn established_connection_survives_dump_and_restore() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let (mut fx, mut c) = start_server(&td);
+    let img = td.path().join("img");
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump --tcp-established");
+    fx.reap(Duration::from_secs(5));
+    // Without the flag, restore refuses and says what to do.
+    let out = restore_detached(&img, &[], std::process::Stdio::null());
+    let err = assert_failed_cleanly(&out, "restore without --tcp-established");
+    assert_mentions(&err, &["--tcp-established", "--tcp-close"], "restore refusal");
+    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
+    fx.adopt_restored();
+    // The client never reconnected: same connection, data flows both ways.
+    assert_eq!(echo(&mut c, "world"), "WORLD");
+    assert_eq!(echo(&mut c, &"x".repeat(100_000)), "X".repeat(100_000));
+    // A second dump/restore of the restored server works too.
+    let img2 = td.path().join("img2");
+    assert_ok(&dump(fx.pid, &img2, &["--tcp-established"]), "second dump");
+    assert!(wait_pid_gone(fx.pid, Duration::from_secs(5)));
+    assert_ok(&restore_detached(&img2, &["--tcp-established"], std::process::Stdio::null()), "second restore");
+    assert_eq!(echo(&mut c, "again"), "AGAIN");
+}
+
+#[test]
+fn leave_running_keeps_the_connection_working() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let (fx, mut c) = start_server(&td);
+    let img = td.path().join("img");
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established", "--leave-running"]), "dump --leave-running");
+    assert_running_untouched(fx.pid, "after dump --leave-running");
+    assert_eq!(echo(&mut c, "after"), "AFTER");
+}
+
+#[test]
+fn tcp_close_restores_the_connection_closed() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let (mut fx, _c) = start_server(&td);
+    let img = td.path().join("img");
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump");
+    fx.reap(Duration::from_secs(5));
+    assert_ok(&restore_detached(&img, &["--tcp-close"], std::process::Stdio::null()), "restore --tcp-close");
+    fx.adopt_restored();
+    // Its read fails at once, and the echo server exits.
+    assert!(wait_pid_gone(fx.pid, Duration::from_secs(10)), "the server did not see its connection closed");
+}
