@@ -359,6 +359,9 @@ pub(crate) fn pre_dump_frozen(
     let mut tracked: Vec<Tracked> = Vec::new();
     // Per live process: (pid, ppid, pages written since the parent (None: unknown), ranges scanned).
     let mut scans: Vec<(i32, i32, Option<Ranges>)> = Vec::new();
+    // uffd trackers kept by a holder: scanned after the tree runs again
+    // (index in `scans`, tracker, whether it ended at the parent image).
+    let mut deferred: Vec<(usize, crate::track::UffdTracker, bool)> = Vec::new();
     for i in 0..frozen.procs.len() {
         let (pid, ppid, zombie) = (frozen.procs[i].pid, frozen.procs[i].ppid, frozen.procs[i].zombie);
         if zombie {
@@ -366,23 +369,20 @@ pub(crate) fn pre_dump_frozen(
         }
         let mut dirty = None;
         if use_uffd {
-            let maps = procfs::maps(pid, false).map_err(proc_err(pid, "maps"))?;
-            let ranges: Ranges = maps
-                .iter()
-                .filter(|m| {
-                    m.prot() != 0
-                        && !memory::is_vdso_part(&m.path)
-                        && m.path != "[vsyscall]"
-                        && !(m.shared && m.path.starts_with('/') && !m.path.ends_with(" (deleted)"))
-                })
-                .map(|m| (m.start, m.end))
-                .collect();
             let t_scan = Instant::now();
-            let (t, written) = track_ranges(frozen, i, pid, &ranges, parent.map(|p| p.epoch.as_slice()))?;
+            if let Some(t) = crate::track::holder::fetch(pid)? {
+                // Trusted only if the tracker's last scan was for exactly this parent.
+                let trusted = parent.is_some_and(|p| epoch::matches(pid, &p.epoch));
+                epoch::invalidate(pid);
+                deferred.push((scans.len(), t, trusted));
+            } else {
+                // A new tracker is injected into the process: only while it is stopped.
+                let ranges = tracked_ranges(pid)?;
+                let (t, written) = track_ranges(frozen, i, pid, &ranges, None)?;
+                dirty = written.map(|w| with_unscanned(w, &ranges));
+                tracked.push(t);
+            }
             timings.scan_ms += ms(t_scan.elapsed());
-            // Anything outside the scanned ranges (mapped after this point) counts as written.
-            dirty = written.map(|w| with_unscanned(w, &ranges));
-            tracked.push(t);
         } else if soft_dirty {
             let t_scan = Instant::now();
             dirty = soft_dirty_scan(pid, parent.is_some())?;
@@ -393,6 +393,21 @@ pub(crate) fn pre_dump_frozen(
     frozen.resume_in_place()?;
     timings.collect_ms = ms(t_collect.elapsed());
     timings.frozen_ms = timings.freeze_ms + timings.collect_ms;
+    // The scan needs no stop: PAGEMAP_SCAN reports and write-protects each
+    // page atomically, so a page written after its turn is reported by the
+    // next pass, and one written before it by this one.
+    for (j, mut t, trusted) in deferred {
+        let t_scan = Instant::now();
+        let pid = scans[j].0;
+        let Ok(ranges) = tracked_ranges(pid) else { continue }; // it exited meanwhile
+        let new = t.untracked(&ranges);
+        t.register(&new)?;
+        let written = t.dirty(pid, &ranges)?;
+        // Anything outside the scanned ranges (mapped after this point) counts as written.
+        scans[j].2 = trusted.then(|| with_unscanned(written, &ranges));
+        tracked.push(Tracked { pid, tracker: t });
+        timings.scan_ms += ms(t_scan.elapsed());
+    }
 
     let t_mem = Instant::now();
     let mut sink = out.sink()?;
@@ -912,6 +927,22 @@ mod epoch {
             tracing::warn!(pid, error = %e, "cannot record the tracker's image; the next dump compares every page");
         }
     }
+}
+
+/// The ranges of `pid` a uffd tracker covers: every accessible mapping but
+/// the vdso block and shared file mappings.
+fn tracked_ranges(pid: i32) -> Result<Ranges, DumpError> {
+    let maps = procfs::maps(pid, false).map_err(proc_err(pid, "maps"))?;
+    Ok(maps
+        .iter()
+        .filter(|m| {
+            m.prot() != 0
+                && !memory::is_vdso_part(&m.path)
+                && m.path != "[vsyscall]"
+                && !(m.shared && m.path.starts_with('/') && !m.path.ends_with(" (deleted)"))
+        })
+        .map(|m| (m.start, m.end))
+        .collect())
 }
 
 /// Takes up (from its holder) or starts uffd tracking of `ranges` of process
