@@ -492,6 +492,7 @@ async fn precopy_and_handover(
     let t_freeze = Instant::now();
     let fo = worker.freeze_final(dir.clone()).await.map_err(MigrateError::Engine)?;
     let t = &fo.report.timings;
+    tracing::info!(id = %s.id, timings = ?t, page_bytes = fo.report.page_bytes, "final dump done");
     report.downtime.freeze_ms = t.freeze_ms;
     report.downtime.final_scan_ms = t.collect_ms;
     report.downtime.final_dump_ms = t.memory_ms + t.commit_ms;

@@ -514,3 +514,302 @@ impl Drop for Hosts {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Lan: three hosts on one Ethernet segment
+
+/// MTU of the [`Lan`] veths (and so of its bridge): an ordinary Ethernet LAN.
+pub const LAN_MTU: u32 = 1500;
+/// Last octet of [`Lan::service_ip`].
+pub const LAN_SERVICE_LAST_OCTET: u8 = 100;
+
+/// Three hosts on one switched Ethernet segment, for tests in which a
+/// service (and its floating address) moves between two servers while a
+/// client keeps talking to it.
+///
+/// ```text
+///   floe-<tag>-<uniq>-a        floe-<tag>-<uniq>-b        floe-<tag>-<uniq>-c
+///   f<uniq>a 10.X.Y.1/24       f<uniq>b 10.X.Y.2/24       f<uniq>c 10.X.Y.3/24
+///        |  veth                    |  veth                    |  veth
+///   g<uniq>a ------------- b<uniq> (bridge) ------------- g<uniq>c
+///                               g<uniq>b
+///                     floe-<tag>-<uniq>-s  ("switch")
+/// ```
+///
+/// Hosts a and b are the servers, c is the client. The bridge lives in its
+/// own namespace `-s`, which holds no address: it only switches frames
+/// (STP off, so ports forward at once; MAC learning with the kernel's
+/// default ageing of 300 s). Every veth has MTU [`LAN_MTU`].
+///
+/// [`Lan::service_ip`] (10.X.Y.100) is a floating address configured nowhere
+/// at creation: put it on a server with [`Lan::add_address`] and take it
+/// away with [`Lan::del_address`].
+///
+/// Naming, subnets and stale cleanup follow [`Hosts`] (same `<uniq>` and
+/// counter, so a `Lan` and a `Hosts` of one process never share names or a
+/// subnet); the fourth namespace ends in `-s`, which [`cleanup_stale`]
+/// handles like the others (the veths and the bridge vanish with their
+/// namespaces).
+///
+/// Neighbour caches: a client that talked to the service address keeps the
+/// old server's MAC for it (REACHABLE, then STALE) after the address moved;
+/// frames sent there are dropped by the old server (it no longer owns the
+/// address and does not forward), until the entry fails its unicast probes
+/// and is re-resolved by broadcast, which takes several seconds. A
+/// gratuitous ARP from the new owner ([`Lan::announce`]) updates the entry
+/// at once (Linux accepts it for an existing entry even with arp_accept=0).
+///
+/// Dropping it (also while unwinding from a panic) SIGKILLs every process
+/// in the four namespaces, deletes the veths, the bridge and the namespaces.
+#[derive(Debug)]
+pub struct Lan {
+    /// Server a (10.X.Y.1).
+    pub a: Host,
+    /// Server b (10.X.Y.2).
+    pub b: Host,
+    /// Client c (10.X.Y.3).
+    pub c: Host,
+    /// The floating service address 10.X.Y.100 (not configured at creation).
+    pub service_ip: Ipv4Addr,
+    /// Name of the "switch" namespace holding the bridge.
+    pub switch: String,
+    /// Name of the bridge (inside [`Lan::switch`]).
+    pub bridge: String,
+    /// Switch-side veth ends, for a, b, c in that order.
+    ports: [String; 3],
+}
+
+/// A neighbour-cache entry (`ip neigh show to IP dev DEV`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    /// Link-layer address (lowercase, colon-separated), if the entry has one
+    /// (INCOMPLETE and FAILED entries have none).
+    pub lladdr: Option<String>,
+    /// NUD state(s) as `ip` prints them, e.g. "REACHABLE", "STALE", "FAILED".
+    pub state: String,
+}
+
+impl Lan {
+    /// Creates the four namespaces `floe-<tag>-<uniq>-{a,b,c,s}` (after
+    /// removing stale ones of this tag, see [`cleanup_stale`]), the bridge,
+    /// one veth pair per host (MTU [`LAN_MTU`]), addresses 10.X.Y.{1,2,3}/24,
+    /// brings lo and all links up and waits (at most [`PING_READY_TIMEOUT`]
+    /// per pair) until a, b and c can ping one another. `tag`: 1 to 12
+    /// characters of `[a-z0-9]`. On any error, what was created so far is
+    /// removed again.
+    pub fn new(tag: &str) -> io::Result<Lan> {
+        if tag.is_empty()
+            || tag.len() > MAX_TAG_LEN
+            || !tag.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("netns tag {tag:?} must be 1 to {MAX_TAG_LEN} characters of [a-z0-9]"),
+            ));
+        }
+        tool("ip")?;
+        tool("ping")?;
+        cleanup_stale(tag);
+
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // "f" + <= 5 (pid_max 2^22) + "-" + <= 7 + "a" <= 15 characters.
+        let uniq = format!("{}-{}", base36(u64::from(pid)), base36(u64::from(n)));
+        let (x, y) = (100 + (pid % 128) as u8, (n % 256) as u8);
+        let host = |side: &str, last: u8| Host {
+            name: format!("floe-{tag}-{uniq}-{side}"),
+            ip: Ipv4Addr::new(10, x, y, last),
+            ifname: format!("f{uniq}{side}"),
+        };
+        // Built first so that Drop cleans up after a failure half-way.
+        let lan = Lan {
+            a: host("a", 1),
+            b: host("b", 2),
+            c: host("c", 3),
+            service_ip: Ipv4Addr::new(10, x, y, LAN_SERVICE_LAST_OCTET),
+            switch: format!("floe-{tag}-{uniq}-s"),
+            bridge: format!("b{uniq}"),
+            ports: ["a", "b", "c"].map(|side| format!("g{uniq}{side}")),
+        };
+        lan.setup()?;
+        eprintln!(
+            "netns lan: bridge {} in {}; a {} ({}, {}), b {} ({}, {}), c {} ({}, {}); service address {}",
+            lan.bridge,
+            lan.switch,
+            lan.a.name,
+            lan.a.ip,
+            lan.a.ifname,
+            lan.b.name,
+            lan.b.ip,
+            lan.b.ifname,
+            lan.c.name,
+            lan.c.ip,
+            lan.c.ifname,
+            lan.service_ip
+        );
+        Ok(lan)
+    }
+
+    fn setup(&self) -> io::Result<()> {
+        let mtu = LAN_MTU.to_string();
+        let sw = self.switch.as_str();
+        ip(&["netns", "add", sw])?;
+        for h in self.hosts() {
+            ip(&["netns", "add", &h.name])?;
+        }
+        ip(&["-n", sw, "link", "set", "lo", "up"])?;
+        ip(&["-n", sw, "link", "add", &self.bridge, "mtu", &mtu, "type", "bridge", "stp_state", "0"])?;
+        ip(&["-n", sw, "link", "set", &self.bridge, "up"])?;
+        for (h, port) in self.hosts().into_iter().zip(&self.ports) {
+            // Both ends are created directly inside their namespaces.
+            #[rustfmt::skip]
+            let veth = [
+                "link", "add", &h.ifname, "netns", &h.name, "mtu", &mtu,
+                "type", "veth", "peer", "name", port, "netns", sw, "mtu", &mtu,
+            ];
+            ip(&veth)?;
+            ip(&["-n", sw, "link", "set", port, "master", &self.bridge])?;
+            ip(&["-n", sw, "link", "set", port, "up"])?;
+            ip(&["-n", &h.name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &h.name, "addr", "add", &format!("{}/24", h.ip), "dev", &h.ifname])?;
+            ip(&["-n", &h.name, "link", "set", &h.ifname, "up"])?;
+        }
+        for (from, to) in [(&self.a, &self.b), (&self.a, &self.c), (&self.b, &self.c)] {
+            let started = Instant::now();
+            while !from.can_ping(to.ip)? {
+                if started.elapsed() > PING_READY_TIMEOUT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("{} cannot ping {} ({}) after {PING_READY_TIMEOUT:?}", from.name, to.name, to.ip),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    /// The three hosts a, b, c.
+    pub fn hosts(&self) -> [&Host; 3] {
+        [&self.a, &self.b, &self.c]
+    }
+
+    /// The switch-side veth end (bridge port, in [`Lan::switch`]) of `host`
+    /// (matched by namespace name). Errors for a host not of this Lan.
+    pub fn switch_port(&self, host: &Host) -> io::Result<&str> {
+        self.hosts()
+            .into_iter()
+            .zip(&self.ports)
+            .find(|(h, _)| h.name == host.name)
+            .map(|(_, p)| p.as_str())
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a host of this Lan", host.name))
+            })
+    }
+
+    /// `ip addr add IP/24 dev <ifname>` in `host`'s namespace, then
+    /// [`Lan::announce`] (a gratuitous ARP, silently skipped when `arping`
+    /// is not installed). Fails if the address is there already.
+    pub fn add_address(&self, host: &Host, addr: Ipv4Addr) -> io::Result<()> {
+        self.switch_port(host)?;
+        ip(&["-n", &host.name, "addr", "add", &format!("{addr}/24"), "dev", &host.ifname])?;
+        self.announce(host, addr).map(drop)
+    }
+
+    /// `ip addr del IP/24 dev <ifname>` in `host`'s namespace. Sockets bound
+    /// to the address stay open; they just stop receiving. Fails if the
+    /// address is not there.
+    pub fn del_address(&self, host: &Host, addr: Ipv4Addr) -> io::Result<()> {
+        self.switch_port(host)?;
+        ip(&["-n", &host.name, "addr", "del", &format!("{addr}/24"), "dev", &host.ifname]).map(drop)
+    }
+
+    /// Sends one gratuitous ARP request for `addr` from `host`'s interface
+    /// (`arping -U -c1 -I <ifname> <addr>`, iputils syntax; package
+    /// `iputils-arping`), so the other hosts' neighbour entries for `addr`
+    /// point at `host`'s MAC. Returns Ok(false) without doing anything when
+    /// `arping` is not installed; errors when it fails.
+    pub fn announce(&self, host: &Host, addr: Ipv4Addr) -> io::Result<bool> {
+        let Some(arping) = find_tool("arping") else {
+            return Ok(false);
+        };
+        let mut cmd = host.command_setns(arping)?;
+        cmd.args(["-U", "-c1", "-w1", "-I", &host.ifname, &addr.to_string()]);
+        run(&mut cmd, Stdio::null())?;
+        Ok(true)
+    }
+
+    /// Whether a gratuitous ARP can be sent ([`Lan::announce`] needs `arping`).
+    pub fn can_announce() -> bool {
+        find_tool("arping").is_some()
+    }
+
+    /// The MAC address of `host`'s interface (lowercase, colon-separated).
+    pub fn mac(&self, host: &Host) -> io::Result<String> {
+        // /sys/class/net of another namespace is not visible here: ask `ip`.
+        let out = ip(&["-n", &host.name, "-o", "link", "show", "dev", &host.ifname])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| w.starts_with("link/"))
+            .and_then(|_| words.next())
+            .map(str::to_owned)
+            .ok_or_else(|| io::Error::other(format!("no link-layer address in `ip link show` output: {out}")))
+    }
+
+    /// `on`'s neighbour-cache entry for `addr` on its interface, if any.
+    pub fn neighbour(&self, on: &Host, addr: Ipv4Addr) -> io::Result<Option<Neighbour>> {
+        let out = ip(&["-n", &on.name, "neigh", "show", "to", &addr.to_string(), "dev", &on.ifname])?;
+        let Some(line) = out.lines().find(|l| l.split_whitespace().next() == Some(addr.to_string().as_str())) else {
+            return Ok(None);
+        };
+        // "10.1.2.100 lladdr 6a:..:01 REACHABLE" or "10.1.2.100 FAILED"
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let lladdr = words.iter().position(|w| *w == "lladdr").and_then(|i| words.get(i + 1)).map(|s| s.to_string());
+        let state = words
+            .iter()
+            .skip(1)
+            .filter(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+            .copied()
+            .collect::<Vec<_>>()
+            .join(",");
+        Ok(Some(Neighbour { lladdr, state }))
+    }
+
+    /// Removes `on`'s neighbour-cache entry for `addr`
+    /// (`ip neigh flush to ADDR dev <ifname>`), so the next packet resolves
+    /// it afresh by broadcast ARP.
+    pub fn flush_neighbour(&self, on: &Host, addr: Ipv4Addr) -> io::Result<()> {
+        ip(&["-n", &on.name, "neigh", "flush", "to", &addr.to_string(), "dev", &on.ifname]).map(drop)
+    }
+
+    /// The four namespace names: a, b, c and the switch.
+    pub fn namespaces(&self) -> [&str; 4] {
+        [&self.a.name, &self.b.name, &self.c.name, &self.switch]
+    }
+}
+
+impl Drop for Lan {
+    /// Kills every process inside the four namespaces (SIGKILL, waiting up
+    /// to [`KILL_TIMEOUT`] for them to leave), deletes the veths, the bridge
+    /// and the namespaces. Problems are reported on stderr, never panics.
+    fn drop(&mut self) {
+        for name in self.namespaces() {
+            let left = kill_netns_processes(name);
+            if !left.is_empty() {
+                eprintln!("warning: processes {left:?} still in {name} after SIGKILL and {KILL_TIMEOUT:?}");
+            }
+        }
+        for h in self.hosts() {
+            if h.netns_path().exists() {
+                // Deleting one end deletes the pair; an error means it is gone already.
+                let _ = ip(&["-n", &h.name, "link", "del", &h.ifname]);
+            }
+        }
+        if netns_path(&self.switch).exists() {
+            let _ = ip(&["-n", &self.switch, "link", "del", &self.bridge]);
+        }
+        for name in self.namespaces() {
+            remove_netns(name);
+        }
+    }
+}

@@ -80,6 +80,9 @@ pub struct ImageWriter {
     pages_tmp: PathBuf,
     manifest_tmp: PathBuf,
     pub image_id: [u8; 16],
+    /// fsync before the renames (off for scratch images that live only as
+    /// long as the process writing them, e.g. a migration's final image).
+    durable: bool,
 }
 
 fn random_id() -> [u8; 16] {
@@ -107,7 +110,16 @@ impl ImageWriter {
             pages_tmp: dir.join(format!(".{PAGES_FILE}.tmp.{tag}")),
             manifest_tmp: dir.join(format!(".{MANIFEST_FILE}.tmp.{tag}")),
             image_id: random_id(),
+            durable: true,
         })
+    }
+
+    /// Like [`ImageWriter::create`] (replacing an image there) for a scratch
+    /// image nobody needs after a crash: written atomically but not synced.
+    pub fn scratch(dir: &Path) -> Result<Self, ImageError> {
+        let mut w = Self::create(dir, true)?;
+        w.durable = false;
+        Ok(w)
     }
 
     /// Opens the temporary pages file with its header written; data goes at
@@ -134,7 +146,9 @@ impl ImageWriter {
 
     /// Writes the manifest, syncs both files and renames them into place.
     pub fn commit(&self, manifest: &Manifest, pages: File) -> Result<u64, ImageError> {
-        pages.sync_all().map_err(io_err(&self.pages_tmp, "cannot sync pages file"))?;
+        if self.durable {
+            pages.sync_all().map_err(io_err(&self.pages_tmp, "cannot sync pages file"))?;
+        }
         drop(pages);
         let payload = manifest.encode_to_vec();
         let mut buf = Vec::with_capacity(MANIFEST_HEADER_LEN + payload.len());
@@ -148,7 +162,9 @@ impl ImageWriter {
         {
             let mut f = File::create(mp).map_err(io_err(mp, "cannot create manifest"))?;
             f.write_all(&buf).map_err(io_err(mp, "cannot write manifest"))?;
-            f.sync_all().map_err(io_err(mp, "cannot sync manifest"))?;
+            if self.durable {
+                f.sync_all().map_err(io_err(mp, "cannot sync manifest"))?;
+            }
         }
         let final_manifest = self.dir.join(MANIFEST_FILE);
         if self.force && final_manifest.exists() {
@@ -158,8 +174,10 @@ impl ImageWriter {
         let final_pages = self.dir.join(PAGES_FILE);
         fs::rename(&self.pages_tmp, &final_pages).map_err(io_err(&final_pages, "cannot rename pages file"))?;
         fs::rename(mp, &final_manifest).map_err(io_err(&final_manifest, "cannot rename manifest"))?;
-        if let Ok(d) = File::open(&self.dir) {
-            let _ = d.sync_all();
+        if self.durable {
+            if let Ok(d) = File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
         }
         Ok(buf.len() as u64)
     }

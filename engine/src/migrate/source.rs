@@ -244,7 +244,8 @@ impl Source {
         let t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
-        let writer = ImageWriter::create(dir, true)?;
+        // Read once by the agent, then deleted: no fsync in the downtime.
+        let writer = ImageWriter::scratch(dir)?;
         let mut out = Output::Image(&writer);
         let (base, index) = self.base_and_index();
         let opts = DumpOptions { dir: dir.to_path_buf(), ..self.opts.clone() };

@@ -109,7 +109,9 @@ impl Staged {
         dir: &std::path::Path,
         present: &HashMap<i32, Vec<(u64, u64)>>,
     ) -> Result<Finished, RestoreError> {
+        let t0 = std::time::Instant::now();
         let chain = ImageChain::open(dir)?;
+        let t_open = t0.elapsed();
         let img: &ImageReader = chain.newest();
         let m = &img.manifest;
         if m.parent.is_some() || m.pre_dump {
@@ -127,6 +129,7 @@ impl Staged {
             )));
         }
         self.relayout(&m.processes)?;
+        let t_relayout = t0.elapsed();
         for p in m.processes.iter().filter(|p| !p.zombie) {
             let Some(w) = self.written.remove(&p.pid) else { continue };
             let shared: Vec<(u64, u64)> = p
@@ -141,9 +144,21 @@ impl Staged {
                 self.tree.drop_pages(p.pid, &stale)?;
             }
         }
+        let t_drop = t0.elapsed();
         let bytes = load_pages(&chain, &mut self.tree)?;
         self.pages_written += bytes / 4096;
+        let t_pages = t0.elapsed();
         self.tree.finish_stopped(img, &self.pre)?;
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            open_ms = ms(t_open),
+            relayout_ms = ms(t_relayout - t_open),
+            drop_ms = ms(t_drop - t_relayout),
+            pages_ms = ms(t_pages - t_drop),
+            finish_ms = ms(t0.elapsed() - t_pages),
+            bytes,
+            "migration target: final image applied"
+        );
         Ok(Finished { tree: Some(self.tree), processes: m.processes.clone(), root: m.root_pid })
     }
 }
