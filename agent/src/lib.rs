@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod journal;
+pub mod netaddr;
 pub mod source;
 pub mod state;
 pub mod target;

@@ -104,6 +104,8 @@ struct Session<'a> {
     max_frame: u32,
     send: Send,
     recv: Recv,
+    /// Service addresses removed from this host (address, interface), put back on abort.
+    moved: Vec<(String, String)>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -228,6 +230,7 @@ async fn run(
         max_frame: agent.cfg.limits.max_frame_bytes,
         send,
         recv,
+        moved: Vec::new(),
     };
     let version = agent.hooks.protocol_version.unwrap_or(frame::PROTOCOL_VERSION);
     s.send(
@@ -289,6 +292,7 @@ async fn run(
         dirty_tracker: req.dirty_tracker.clone(),
         file_locks: req.file_locks,
         ext_unix_sk: req.ext_unix_sk,
+        tcp_established: req.tcp_established,
     };
     let worker = tokio::task::spawn_blocking(move || SourceWorker::start(opts))
         .await
@@ -338,6 +342,13 @@ async fn run(
             let reason = e.to_string();
             let _ = s.send("abort", Msg::Abort(pp::Abort { reason: reason.clone() })).await;
             let _ = s.send.finish();
+            for (cidr, dev) in std::mem::take(&mut s.moved) {
+                let c = cidr.clone();
+                match tokio::task::spawn_blocking(move || crate::netaddr::add(&c, Some(&dev))).await {
+                    Ok(Ok(_)) => {}
+                    _ => ev.warning(&format!("could not put {cidr} back on this host; add it by hand")).await,
+                }
+            }
             let resumed = worker.resume().await;
             record(agent, entry, "aborted");
             drop(worker);
@@ -490,7 +501,26 @@ async fn precopy_and_handover(
     s.agent.set_phase(&s.id, "final", pass, report.wire_bytes);
     let dir = s.agent.run_dir.join(format!("mig-{}", s.id));
     let t_freeze = Instant::now();
-    let fo = worker.freeze_final(dir.clone()).await.map_err(MigrateError::Engine)?;
+    // The network lock is prepared before the freeze; its elements go in inside it.
+    let lock = if req.tcp_established {
+        let name = format!("floe_mig_{}", &s.id[..16]);
+        Some(
+            floe_netfilter::Lock::prepare(&name, floe_engine::dump::NET_LOCK_MARK)
+                .map_err(|e| MigrateError::Engine(chain(&e)))?,
+        )
+    } else {
+        None
+    };
+    let fo = worker.freeze_final(dir.clone(), lock).await.map_err(MigrateError::Engine)?;
+    // Service addresses leave this host now (the connections are read and locked).
+    for cidr in &req.move_address {
+        let c = cidr.clone();
+        let dev = tokio::task::spawn_blocking(move || crate::netaddr::remove(&c))
+            .await
+            .map_err(|e| MigrateError::Engine(e.to_string()))?
+            .map_err(|e| MigrateError::Refused(e.to_string()))?;
+        s.moved.push((cidr.clone(), dev));
+    }
     let t = &fo.report.timings;
     tracing::info!(id = %s.id, timings = ?t, page_bytes = fo.report.page_bytes, "final dump done");
     report.downtime.freeze_ms = t.freeze_ms;
@@ -679,6 +709,7 @@ async fn send_final(
         Msg::FinalImage(pp::FinalImage {
             manifest_len: manifest.len() as u64,
             pages_len: pages.len() as u64,
+            addresses: s.moved.iter().map(|(c, _)| c.clone()).collect(),
             manifest_blake3: blake3::hash(&manifest).as_bytes().to_vec(),
             pages_blake3: blake3::hash(&pages).as_bytes().to_vec(),
             present: present

@@ -280,6 +280,26 @@ async fn sync(vtx: &std::sync::mpsc::SyncSender<Verify>) -> Result<u64, TargetEr
     rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)
 }
 
+/// Network changes made for a migration on this host; undone if it fails.
+#[derive(Default)]
+struct NetState {
+    /// Service addresses added (address, interface).
+    added: Vec<(String, String)>,
+    lock: Option<floe_netfilter::Lock>,
+}
+
+impl Drop for NetState {
+    fn drop(&mut self) {
+        for (cidr, dev) in &self.added {
+            let out = std::process::Command::new("ip").args(["addr", "del", cidr, "dev", dev]).output();
+            if !matches!(out, Ok(ref o) if o.status.success()) {
+                tracing::error!(address = %cidr, "cannot remove the service address after a failed migration");
+            }
+        }
+        // The lock's own drop deletes its table.
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn apply_stream(
     agent: &Arc<Agent>,
@@ -290,6 +310,7 @@ async fn apply_stream(
     vtx: &std::sync::mpsc::SyncSender<Verify>,
     new_pidns: bool,
 ) -> Result<i32, TargetError> {
+    let mut net = NetState::default();
     let mut pass_t = Instant::now();
     // Frame buffers come back from the engine thread once written: no fresh
     // 16 MiB allocation (and its page faults) per batch.
@@ -307,7 +328,13 @@ async fn apply_stream(
             Some(Msg::PassStart(p)) => {
                 let m = p.manifest.ok_or_else(|| failed("pass start without the process state"))?;
                 agent.set_phase(id, "precopy", p.pass, 0);
-                let opts = floe_engine::restore::RestoreOptions { new_pidns, ..Default::default() };
+                // Connections come back silent (repair mode) and go live on commit.
+                let opts = floe_engine::restore::RestoreOptions {
+                    new_pidns,
+                    tcp_established: true,
+                    tcp_hold: true,
+                    ..Default::default()
+                };
                 let (tx, rx) = oneshot::channel();
                 to_verifier(vtx, Verify::Cmd(TgtCmd::Create(Box::new(m), opts, tx))).await?;
                 rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
@@ -336,6 +363,30 @@ async fn apply_stream(
                 agent.set_phase(id, "final", 0, 0);
                 let t = Instant::now();
                 let dir = receive_final(agent, st, id, &fi).await?;
+                // Service addresses and the connections' lock, before they are restored.
+                for cidr in &fi.addresses {
+                    let c = cidr.clone();
+                    let dev = tokio::task::spawn_blocking(move || crate::netaddr::add(&c, None))
+                        .await
+                        .map_err(failed)?
+                        .map_err(|e| failed(format!("cannot add the service address here: {e}")))?;
+                    net.added.push((cidr.clone(), dev));
+                }
+                let d2 = dir.clone();
+                let conns = tokio::task::spawn_blocking(move || {
+                    floe_engine::image::ImageReader::open(&d2)
+                        .map(|img| floe_engine::migrate::image_connections(&img.manifest))
+                })
+                .await
+                .map_err(failed)?
+                .map_err(|e| failed(format!("the final image is unreadable: {e}")))?;
+                if !conns.is_empty() {
+                    let name = format!("floe_mig_{}", &id[..16]);
+                    let lock = floe_netfilter::Lock::prepare(&name, floe_engine::dump::NET_LOCK_MARK)
+                        .map_err(|e| failed(chain(&e)))?;
+                    lock.lock(&conns).map_err(|e| failed(chain(&e)))?;
+                    net.lock = Some(lock);
+                }
                 let present: HashMap<i32, Vec<(u64, u64)>> = fi
                     .present
                     .iter()
@@ -363,6 +414,13 @@ async fn apply_stream(
                     }
                 }
                 record(agent, entry, "releasing");
+                // The source copy never runs again: let the connections' packets through here.
+                if let Some(l) = net.lock.take() {
+                    if let Err(e) = l.unlock() {
+                        tracing::error!(error = %e, "cannot remove the network lock");
+                    }
+                }
+                net.added.clear();
                 let (tx, rx) = oneshot::channel();
                 worker.send_blocking(TgtCmd::Release(tx)).map_err(failed)?;
                 let (host_pid, wait_pid) =

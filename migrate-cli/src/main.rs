@@ -162,6 +162,12 @@ enum Cmd {
         /// Allow datagram unix sockets connected to a named socket outside the tree.
         #[arg(long)]
         ext_unix_sk: bool,
+        /// Migrate established TCP connections (their peers notice nothing but a short pause).
+        #[arg(long)]
+        tcp_established: bool,
+        /// A service address (IP/PREFIX) that moves with the process: removed here after the freeze, added on the target before its connections are restored. Repeatable.
+        #[arg(long = "move-address", value_name = "IP/PREFIX")]
+        move_address: Vec<String>,
         /// One JSON event per line on stdout (phases, passes, the final report).
         #[arg(long)]
         json: bool,
@@ -247,6 +253,8 @@ fn run(cli: Cli) -> Result<i32> {
             new_pidns,
             file_locks,
             ext_unix_sk,
+            tcp_established,
+            move_address,
             json,
             control_socket,
         } => {
@@ -262,6 +270,8 @@ fn run(cli: Cli) -> Result<i32> {
                 ext_unix_sk,
                 test_hook: String::new(),
                 new_pidns,
+                tcp_established,
+                move_address,
             };
             agentctl::migrate(&control_socket, req, json)
         }
@@ -393,7 +403,14 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Cmd::Restore { dir, restore_detached, shell_job, new_pidns, tcp_established, tcp_close, json } => {
-            let opts = restore::RestoreOptions { dir: dir.clone(), shell_job, new_pidns, tcp_established, tcp_close };
+            let opts = restore::RestoreOptions {
+                dir: dir.clone(),
+                shell_job,
+                new_pidns,
+                tcp_established,
+                tcp_close,
+                tcp_hold: false,
+            };
             let defer = sys::DeferTermination::new();
             let report = restore::restore(&opts).with_context(|| format!("restore from {} failed", dir.display()));
             drop(defer);

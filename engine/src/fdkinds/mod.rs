@@ -50,6 +50,11 @@ pub struct RestoreCtx<'a> {
     pub shm: &'a HashMap<u64, OwnedFd>,
     /// --tcp-close: established TCP connections come back closed.
     pub tcp_close: bool,
+    /// Keep restored connections in repair mode (silent) until the tree is
+    /// released (live migration: until the source commits).
+    pub tcp_hold: bool,
+    /// Connections held in repair mode, released by the caller.
+    pub held: &'a mut Vec<socket::HeldConn>,
 }
 
 /// Which kind a descriptor link names, if one of this module's.

@@ -20,4 +20,4 @@ mod source;
 mod target;
 
 pub use source::{PassReport, Source, SourceOptions};
-pub use target::{Finished, Staged};
+pub use target::{image_connections, Finished, Staged};

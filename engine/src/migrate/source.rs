@@ -18,6 +18,8 @@ pub struct SourceOptions {
     pub dirty_tracker: String,
     pub file_locks: bool,
     pub ext_unix_sk: bool,
+    /// Migrate established TCP connections (TCP_REPAIR under a network lock).
+    pub tcp_established: bool,
 }
 
 /// One pre-copy pass.
@@ -58,6 +60,10 @@ pub struct Source {
     frozen: Option<FrozenTree>,
     /// A SIGSTOP is queued to the frozen tree (see [`Source::park`]).
     parked: bool,
+    /// The final freeze's network lock and the connections it left in
+    /// repair mode: both end with the tree (kill) or before it runs again.
+    lock: Option<floe_netfilter::Lock>,
+    repaired: crate::fdkinds::socket::Repaired,
     passes: u32,
 }
 
@@ -74,6 +80,10 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1000.0
 }
 
+fn ms_of(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 impl Source {
     /// Checks that the tree can be migrated at all (nothing is stopped).
     pub fn new(o: &SourceOptions) -> Result<Self, DumpError> {
@@ -82,6 +92,7 @@ impl Source {
             leave_running: true,
             file_locks: o.file_locks,
             ext_unix_sk: o.ext_unix_sk,
+            tcp_established: o.tcp_established,
             dirty_tracker: if o.dirty_tracker.is_empty() { "auto".into() } else { o.dirty_tracker.clone() },
             ..Default::default()
         };
@@ -96,6 +107,8 @@ impl Source {
             pids: Vec::new(),
             frozen: None,
             parked: false,
+            lock: None,
+            repaired: Default::default(),
             passes: 0,
         })
     }
@@ -232,7 +245,9 @@ impl Source {
     /// call [`Source::kill`] once the target runs it, or [`Source::resume`].
     /// Returns the report; `present` lists, per process, every page range
     /// the process has (the target drops what it holds outside them).
-    pub fn freeze_final(&mut self, dir: &Path) -> Result<DumpReport, DumpError> {
+    /// `lock` (prepared by the caller) gets the tree's established TCP
+    /// connections right after the freeze, before they are read.
+    pub fn freeze_final(&mut self, dir: &Path, lock: Option<floe_netfilter::Lock>) -> Result<DumpReport, DumpError> {
         if self.passes == 0 {
             return Err(DumpError::Refused {
                 pid: self.opts.pid,
@@ -244,6 +259,10 @@ impl Source {
         let t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
+        if let Some(l) = &lock {
+            let conns = crate::dump::tree_connections(&frozen);
+            timings.lock_ms = ms_of(l.lock(&conns)?);
+        }
         // Read once by the agent, then deleted: no fsync in the downtime.
         let writer = ImageWriter::scratch(dir)?;
         let mut out = Output::Image(&writer);
@@ -269,6 +288,8 @@ impl Source {
         };
         report.timings.frozen_ms = ms(t_freeze);
         report.timings.total_ms = ms(t0);
+        self.repaired = std::mem::take(&mut report.repaired);
+        self.lock = lock;
         self.frozen = Some(frozen);
         Ok(report)
     }
@@ -295,27 +316,44 @@ impl Source {
     /// Lets a finally frozen tree run again (the migration was aborted).
     pub fn resume(&mut self) -> Result<(), DumpError> {
         self.stop_tracking();
-        match self.frozen.take() {
+        let r = match self.frozen.take() {
             Some(f) => {
                 if self.parked {
                     // Discards the pending SIGSTOP.
                     f.signal_all(libc::SIGCONT)?;
                     self.parked = false;
                 }
+                // Connections leave repair mode silently before the tree runs.
+                drop(std::mem::take(&mut self.repaired));
                 f.resume()
             }
             None => Ok(()),
+        };
+        self.unlock();
+        r
+    }
+
+    /// Removes the network lock, if any.
+    fn unlock(&mut self) {
+        if let Some(l) = self.lock.take() {
+            if let Err(e) = l.unlock() {
+                tracing::error!(error = %e, "cannot remove the network lock");
+            }
         }
     }
 
     /// Kills the finally frozen tree (the target runs it now).
     pub fn kill(&mut self) -> Result<(), DumpError> {
-        match self.frozen.take() {
+        // Its connections stay in repair mode: they close without a FIN or RST.
+        std::mem::take(&mut self.repaired).keep();
+        let r = match self.frozen.take() {
             Some(f) => f.kill(),
             None => {
                 Err(DumpError::Refused { pid: self.opts.pid, what: "the tree is not frozen; nothing killed".into() })
             }
-        }
+        };
+        self.unlock();
+        r
     }
 
     /// Ends dirty tracking: no registration is left in the processes.

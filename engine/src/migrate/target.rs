@@ -192,6 +192,34 @@ impl Finished {
     }
 }
 
+/// The established TCP connections an image restores (for the target's
+/// network lock), as (local, remote).
+pub fn image_connections(m: &pb::Manifest) -> Vec<floe_netfilter::ConnTuple> {
+    let addr = |ip: &[u8], port: u32| -> Option<std::net::SocketAddr> {
+        let port = u16::try_from(port).ok()?;
+        match ip.len() {
+            4 => Some(std::net::SocketAddr::from(([ip[0], ip[1], ip[2], ip[3]], port))),
+            16 => {
+                let mut b = [0u8; 16];
+                b.copy_from_slice(ip);
+                Some(std::net::SocketAddr::from((std::net::Ipv6Addr::from(b), port)))
+            }
+            _ => None,
+        }
+    };
+    m.files
+        .iter()
+        .filter_map(|f| f.inet_socket.as_ref())
+        .filter(|s| s.tcp.is_some())
+        .filter_map(|s| {
+            Some(floe_netfilter::ConnTuple::new(
+                addr(&s.local_addr, s.local_port)?,
+                addr(&s.remote_addr, s.remote_port)?,
+            ))
+        })
+        .collect()
+}
+
 fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     v.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());

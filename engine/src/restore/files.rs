@@ -16,6 +16,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 /// Every description of the image, opened in floe.
 pub struct OpenFiles {
     fds: Vec<Option<OwnedFd>>,
+    /// Restored TCP connections kept in repair mode (`tcp_hold`).
+    pub held: Vec<crate::fdkinds::socket::HeldConn>,
 }
 
 const CREATION_FLAGS: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
@@ -45,6 +47,7 @@ impl OpenFiles {
         let mut pipes: HashMap<u64, PipePair> = HashMap::new();
         let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(img.manifest.files.len());
         let mut stash = HashMap::new();
+        let mut held = Vec::new();
         let mut later = Vec::new();
         for (idx, f) in img.manifest.files.iter().enumerate() {
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
@@ -149,6 +152,8 @@ impl OpenFiles {
                         stash: &mut stash,
                         shm,
                         tcp_close: pre.tcp_close,
+                        tcp_hold: pre.tcp_hold,
+                        held: &mut held,
                     };
                     crate::fdkinds::restore(other, f, &mut ctx).map_err(|what| ferr(&f.path, what))?
                 }
@@ -158,8 +163,15 @@ impl OpenFiles {
         for idx in later {
             let f = &img.manifest.files[idx];
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
-            let mut ctx =
-                crate::fdkinds::RestoreCtx { img, opened: &fds, stash: &mut stash, shm, tcp_close: pre.tcp_close };
+            let mut ctx = crate::fdkinds::RestoreCtx {
+                img,
+                opened: &fds,
+                stash: &mut stash,
+                shm,
+                tcp_close: pre.tcp_close,
+                tcp_hold: pre.tcp_hold,
+                held: &mut held,
+            };
             let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
             fds[idx] = Some(fd);
         }
@@ -182,7 +194,7 @@ impl OpenFiles {
                 .and_then(|fl| task::fcntl_int(fd, libc::F_SETFL, fl | libc::O_ASYNC));
             set.map_err(|e| ferr(&f.path, format!("cannot restore signal-driven I/O ({e})")))?;
         }
-        Ok(Self { fds })
+        Ok(Self { fds, held })
     }
 
     pub fn get(&self, idx: u32) -> Option<&OwnedFd> {

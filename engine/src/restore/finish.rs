@@ -52,7 +52,8 @@ impl Tree {
     pub fn finish_stopped(&mut self, img: &ImageReader, pre: &Preflight) -> Result<(), RestoreError> {
         let map: Vec<(i32, i32)> = self.procs.iter().map(|s| (s.vpid, s.pid)).collect();
         let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
-        let files = OpenFiles::open(img, pre, &self.shm.objects, &host_pid)?;
+        let mut files = OpenFiles::open(img, pre, &self.shm.objects, &host_pid)?;
+        self.held.append(&mut files.held);
         let procs = &img.manifest.processes;
         let mut locked = std::collections::HashSet::new();
         for (stub, p) in self.procs.iter_mut().zip(procs) {
@@ -73,6 +74,12 @@ impl Tree {
 
     /// Lets a tree that [`Tree::finish_stopped`] prepared run. Returns the root's pid.
     pub fn release(mut self, procs: &[floe_proto::image::Process]) -> Result<i32, RestoreError> {
+        // Connections held silent until now go live (a window probe prompts each peer).
+        for h in std::mem::take(&mut self.held) {
+            if let Err(e) = h.release() {
+                tracing::error!(error = %e, "a restored TCP connection could not leave repair mode");
+            }
+        }
         // Release children before parents.
         self.finished = true;
         for (stub, p) in self.procs.iter().zip(procs).rev() {

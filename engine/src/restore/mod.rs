@@ -35,6 +35,8 @@ pub struct Tree {
     pub(crate) shm: stub::Shmem,
     /// The new pid namespace's init (floe's child) under `restore -n`.
     pub ns_init: Option<i32>,
+    /// Restored TCP connections still in repair mode, released with the tree.
+    pub(crate) held: Vec<crate::fdkinds::socket::HeldConn>,
 }
 
 /// Runs `build` with the init of a new pid namespace under `restore -n`
@@ -189,8 +191,13 @@ impl Tree {
             source,
         })?;
         let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
-        let mut tree =
-            Tree { procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?], finished: false, shm, ns_init };
+        let mut tree = Tree {
+            procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?],
+            finished: false,
+            shm,
+            ns_init,
+            held: Vec::new(),
+        };
         tree.set_session(0, root)?;
         Ok((tree, root))
     }
@@ -296,6 +303,9 @@ pub struct RestoreOptions {
     pub tcp_established: bool,
     /// Restore established TCP connections closed.
     pub tcp_close: bool,
+    /// Keep restored TCP connections silent (repair mode) until
+    /// [`Tree::release`] (live migration's target, until the commit).
+    pub tcp_hold: bool,
 }
 
 /// Per-phase timings of a restore, in milliseconds.

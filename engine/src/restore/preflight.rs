@@ -20,6 +20,8 @@ pub struct Preflight {
     pub host_parts: Vec<(String, u64, u64)>,
     /// --tcp-close: established TCP connections come back closed.
     pub tcp_close: bool,
+    /// Restored connections stay in repair mode until the tree is released.
+    pub tcp_hold: bool,
 }
 
 /// How long to wait for a zombie holding the pid to be reaped.
@@ -170,6 +172,7 @@ impl Preflight {
             host_block,
             host_parts,
             tcp_close: opts.tcp_close,
+            tcp_hold: opts.tcp_hold,
         })
     }
 }

@@ -321,15 +321,26 @@ fn opt_corked(sock: &OwnedFd) -> bool {
 pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String> {
     let img = ctx.img;
     let blob = |i: i32| img.read_blob(i as usize).map_err(|e| format!("cannot read a TCP queue ({e})"));
-    restore_socket(d, ctx.tcp_close, &blob)
+    let (sock, unsent) = restore_socket(d, ctx.tcp_close, &blob)?;
+    if let Some(unsent) = unsent {
+        let dup = sock.try_clone().map_err(|e| format!("cannot keep the restored connection ({e})"))?;
+        let held = super::HeldConn { sock: dup, unsent };
+        if ctx.tcp_hold {
+            ctx.held.push(held);
+        } else {
+            held.release()?;
+        }
+    }
+    Ok(sock)
 }
 
-/// The socket of `d`; `blob` reads a saved TCP queue.
+/// The socket of `d`; `blob` reads a saved TCP queue. An established
+/// connection comes back in repair mode, with its never-sent data.
 fn restore_socket(
     d: &pb::FileDesc,
     tcp_close: bool,
     blob: &dyn Fn(i32) -> Result<Vec<u8>, String>,
-) -> Result<OwnedFd, String> {
+) -> Result<(OwnedFd, Option<Vec<u8>>), String> {
     let s = d.inet_socket.as_ref().ok_or("the image has no socket state for this descriptor")?;
     let sock =
         fd_socket::socket(s.family, s.r#type, s.protocol).map_err(|e| format!("cannot create the socket ({e})"))?;
@@ -337,7 +348,7 @@ fn restore_socket(
     if let Some(t) = &s.tcp {
         if tcp_close {
             // --tcp-close: a socket that never connected; the process sees the connection as gone.
-            return Ok(sock);
+            return Ok((sock, None));
         }
         let port = |p: u32| u16::try_from(p).map_err(|_| "invalid port in the image".to_string());
         let local =
@@ -350,9 +361,16 @@ fn restore_socket(
         };
         let queue = |i: i32| if i < 0 { Ok(Vec::new()) } else { blob(i) };
         let (sendq, recvq) = (queue(t.send_queue_blob)?, queue(t.recv_queue_blob)?);
-        tcp_repair::restore(&sock, t, &build_addr(s.family, &local)?, &build_addr(s.family, &remote)?, &sendq, &recvq)
-            .map_err(|e| format!("{} -> {}: {e}", show(&local), show(&remote)))?;
-        return Ok(sock);
+        let unsent = tcp_repair::restore(
+            &sock,
+            t,
+            &build_addr(s.family, &local)?,
+            &build_addr(s.family, &remote)?,
+            &sendq,
+            &recvq,
+        )
+        .map_err(|e| format!("{} -> {}: {e}", show(&local), show(&remote)))?;
+        return Ok((sock, Some(unsent)));
     }
     let local = Addr {
         ip: s.local_addr.clone(),
@@ -389,7 +407,7 @@ fn restore_socket(
         let raw = build_addr(s.family, &remote)?;
         fd_socket::connect(&sock, &raw).map_err(|e| format!("cannot connect to {} ({e})", show(&remote)))?;
     }
-    Ok(sock)
+    Ok((sock, None))
 }
 
 /// The established TCP connections among `pid`'s descriptors, as
@@ -498,7 +516,7 @@ mod tests {
             }),
             ..Default::default()
         };
-        let Ok(r) = restore_socket(&d, false, &|_| Err("no blobs".into())) else { return false };
+        let Ok((r, _)) = restore_socket(&d, false, &|_| Err("no blobs".into())) else { return false };
         let st = fd_socket::tcp_state(&r).expect("tcp_info");
         assert_eq!((st.state, st.backlog), (TCP_LISTEN, 7));
         let got = parse_addr(libc::AF_INET, &fd_socket::getsockname(&r).expect("name")).expect("parse");

@@ -53,6 +53,20 @@ impl Repaired {
     }
 }
 
+/// A restored TCP connection still in repair mode (a dup of the restored
+/// process's socket) and the data to send once it leaves it.
+pub struct HeldConn {
+    sock: OwnedFd,
+    unsent: Vec<u8>,
+}
+
+impl HeldConn {
+    /// Repair mode off (a window probe prompts the peer), then the unsent data.
+    pub fn release(self) -> Result<(), String> {
+        tcp_repair::release(&self.sock, &self.unsent)
+    }
+}
+
 impl std::fmt::Debug for Repaired {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Repaired({} sockets, kept: {})", self.socks.len(), self.kept)

@@ -132,7 +132,9 @@ pub fn leave_repair(sock: &OwnedFd) {
 }
 
 /// Rebuilds the connection on `sock` (a fresh TCP socket, options applied,
-/// not bound): `bind`/`connect` are the raw local and remote addresses.
+/// not bound): `bind`/`connect` are the raw local and remote addresses. The
+/// socket stays in repair mode (silent, and closing it sends nothing);
+/// returns the never-sent tail of the send queue for [`release`].
 pub fn restore(
     sock: &OwnedFd,
     t: &pb::TcpRepair,
@@ -140,7 +142,7 @@ pub fn restore(
     remote: &[u8],
     sendq: &[u8],
     recvq: &[u8],
-) -> Result<(), String> {
+) -> Result<Vec<u8>, String> {
     if sendq.len() != t.send_queue_len as usize || recvq.len() != t.recv_queue_len as usize {
         return Err("TCP_REPAIR: queue data in the image does not match its length".into());
     }
@@ -190,10 +192,16 @@ pub fn restore(
         w.extend_from_slice(&v.to_ne_bytes());
     }
     fd_socket::setsockopt(sock, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(e("set the window"))?;
-    // Off with a window probe: the peer answers at once.
+    Ok(later.to_vec())
+}
+
+/// Ends the restore of a connection [`restore`] left in repair mode: repair
+/// off with a window probe (the peer answers at once, and retransmits what
+/// it sent meanwhile), then the data that was never sent goes out normally.
+pub fn release(sock: &OwnedFd, unsent: &[u8]) -> Result<(), String> {
     fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF).map_err(e("leave repair mode"))?;
-    if !later.is_empty() {
-        send_all(sock, later).map_err(e("send the data that was never sent"))?;
+    if !unsent.is_empty() {
+        send_all(sock, unsent).map_err(e("send the data that was never sent"))?;
     }
     Ok(())
 }
