@@ -1,7 +1,7 @@
 //! Two network-namespace hosts, each with a floe-agent, for live-migration
 //! tests. Everything (agents, workloads, namespaces) is torn down on drop,
 //! also when a test panics.
-use crate::netns::{netns_inode_of_pid, Hosts};
+use crate::netns::{netns_inode_of_pid, Host, Hosts, Lan};
 use crate::{fixture_path, floe_bin, wait_for_file, wait_until};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,14 @@ pub fn agent_bin() -> PathBuf {
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Where the agents run: two hosts on a veth, or a LAN with a client host.
+pub enum Net {
+    Pair(Hosts),
+    Lan(Lan),
+}
+
 pub struct Cluster {
-    pub hosts: Hosts,
+    pub net: Net,
     pub dir: tempfile::TempDir,
     /// Agent names (also their certificate names).
     pub names: [String; 2],
@@ -48,13 +54,41 @@ impl Cluster {
     /// Hosts, a cluster CA, a certificate and a configuration per agent (not started).
     /// `extra_config` is appended to both agents' configuration.
     pub fn new(tag: &str, extra_config: &str) -> io::Result<Cluster> {
-        let hosts = Hosts::new(tag)?;
+        Self::with_net(tag, extra_config, Net::Pair(Hosts::new(tag)?))
+    }
+
+    /// Like [`Cluster::new`] on a [`Lan`]: agents on hosts a and b, a client host c.
+    pub fn new_lan(tag: &str, extra_config: &str) -> io::Result<Cluster> {
+        Self::with_net(tag, extra_config, Net::Lan(Lan::new(tag)?))
+    }
+
+    /// The pair of hosts (panics on a LAN cluster).
+    pub fn hosts(&self) -> &Hosts {
+        match &self.net {
+            Net::Pair(h) => h,
+            Net::Lan(_) => panic!("not a two-host cluster"),
+        }
+    }
+
+    /// The LAN (panics on a two-host cluster).
+    pub fn lan(&self) -> &Lan {
+        match &self.net {
+            Net::Lan(l) => l,
+            Net::Pair(_) => panic!("not a LAN cluster"),
+        }
+    }
+
+    fn with_net(tag: &str, extra_config: &str, net: Net) -> io::Result<Cluster> {
+        let (ha, hb) = match &net {
+            Net::Pair(h) => (h.a.clone(), h.b.clone()),
+            Net::Lan(l) => (l.a.clone(), l.b.clone()),
+        };
         let dir = tempfile::Builder::new().prefix("floe-cluster-").tempdir()?;
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let names = [0, 1].map(|i| format!("{tag}{}-{n}-{}", std::process::id(), ["a", "b"][i]));
         let pki = dir.path().join("pki");
         run(Command::new(floe_bin()).args(["certs", "init", "--dir"]).arg(&pki), "floe certs init")?;
-        let ips = [hosts.a.ip, hosts.b.ip];
+        let ips = [ha.ip, hb.ip];
         for (i, name) in names.iter().enumerate() {
             run(
                 Command::new(floe_bin())
@@ -80,7 +114,7 @@ impl Cluster {
             );
             std::fs::write(d.join(format!("agent{i}.toml")), cfg)?;
         }
-        Ok(Cluster { hosts, dir, names, agents: [None, None] })
+        Ok(Cluster { net, dir, names, agents: [None, None] })
     }
 
     pub fn config(&self, i: usize) -> PathBuf {
@@ -99,11 +133,14 @@ impl Cluster {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
     }
 
-    fn host(&self, i: usize) -> &crate::netns::Host {
-        if i == 0 {
-            &self.hosts.a
-        } else {
-            &self.hosts.b
+    /// Host `i` (0: a, 1: b, 2: the LAN's client c).
+    pub fn host(&self, i: usize) -> &Host {
+        match (&self.net, i) {
+            (Net::Pair(h), 0) => &h.a,
+            (Net::Pair(h), _) => &h.b,
+            (Net::Lan(l), 0) => &l.a,
+            (Net::Lan(l), 1) => &l.b,
+            (Net::Lan(l), _) => &l.c,
         }
     }
 

@@ -552,12 +552,17 @@ pub const LAN_SERVICE_LAST_OCTET: u8 = 100;
 /// namespaces).
 ///
 /// Neighbour caches: a client that talked to the service address keeps the
-/// old server's MAC for it (REACHABLE, then STALE) after the address moved;
-/// frames sent there are dropped by the old server (it no longer owns the
-/// address and does not forward), until the entry fails its unicast probes
-/// and is re-resolved by broadcast, which takes several seconds. A
-/// gratuitous ARP from the new owner ([`Lan::announce`]) updates the entry
-/// at once (Linux accepts it for an existing entry even with arp_accept=0).
+/// old server's MAC for it after the address moved, and the old server
+/// drops what arrives (it no longer owns the address and does not
+/// forward). Observed without an announcement: the entry stays REACHABLE
+/// for the rest of its reachable time (random 15 to 45 s), then goes
+/// STALE, DELAY (5 s), PROBE (3 unicast probes, 1 s apart), FAILED, and
+/// only the next packet re-resolves it by broadcast: about 40 s without
+/// connectivity. A gratuitous ARP from the new owner ([`Lan::announce`],
+/// done by [`Lan::add_address`] when `arping` is installed) re-points the
+/// existing entry at once (Linux accepts it for an existing entry even with
+/// arp_accept=0; the entry becomes STALE with the new MAC and is used right
+/// away); so does [`Lan::flush_neighbour`] on the client.
 ///
 /// Dropping it (also while unwinding from a panic) SIGKILLs every process
 /// in the four namespaces, deletes the veths, the bridge and the namespaces.
@@ -709,7 +714,9 @@ impl Lan {
 
     /// `ip addr add IP/24 dev <ifname>` in `host`'s namespace, then
     /// [`Lan::announce`] (a gratuitous ARP, silently skipped when `arping`
-    /// is not installed). Fails if the address is there already.
+    /// is not installed; when it is, this returns about 1 s later, as
+    /// arping waits that long for replies after sending). Fails if the
+    /// address is there already.
     pub fn add_address(&self, host: &Host, addr: Ipv4Addr) -> io::Result<()> {
         self.switch_port(host)?;
         ip(&["-n", &host.name, "addr", "add", &format!("{addr}/24"), "dev", &host.ifname])?;
@@ -727,7 +734,9 @@ impl Lan {
     /// Sends one gratuitous ARP request for `addr` from `host`'s interface
     /// (`arping -U -c1 -I <ifname> <addr>`, iputils syntax; package
     /// `iputils-arping`), so the other hosts' neighbour entries for `addr`
-    /// point at `host`'s MAC. Returns Ok(false) without doing anything when
+    /// point at `host`'s MAC. The request goes out at once, but arping then
+    /// waits 1 s for replies (it takes whole seconds only), so this returns
+    /// after about 1 s. Returns Ok(false) without doing anything when
     /// `arping` is not installed; errors when it fails.
     pub fn announce(&self, host: &Host, addr: Ipv4Addr) -> io::Result<bool> {
         let Some(arping) = find_tool("arping") else {

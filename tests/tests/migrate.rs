@@ -151,13 +151,13 @@ fn network_cut_mid_transfer() {
     let t = std::thread::scope(|s| {
         let h = s.spawn(|| c.migrate(0, pid, &[]));
         std::thread::sleep(Duration::from_millis(400));
-        c.hosts.cut().unwrap();
+        c.hosts().cut().unwrap();
         h.join().unwrap()
     });
     assert!(!t.status.success(), "migration over a cut network succeeded");
     let err = error_of(&t);
     assert!(err.contains("connection") || err.contains("timed out"), "unexpected error: {err}");
-    c.hosts.heal().unwrap();
+    c.hosts().heal().unwrap();
     assert_source_intact(&c, &w, "network cut");
 }
 

@@ -148,9 +148,11 @@ pub fn restore(
     }
     let unsent = (t.unsent as usize).min(sendq.len());
     let (sent, later) = sendq.split_at(sendq.len() - unsent);
+    // Repair mode also lets the socket bind its port next to the restored
+    // listener it came from (the kernel forces address reuse; a later
+    // SO_REUSEADDR would undo that).
     fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_ON)
         .map_err(e("enter repair mode (needs CAP_NET_ADMIN)"))?;
-    fd_socket::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(e("set SO_REUSEADDR"))?;
     // The queues start where their restored contents begin; the unsent tail
     // is not part of the send queue yet.
     let starts = [

@@ -1,0 +1,256 @@
+//! Live migration of a server with an established TCP connection (issue 6):
+//! hosts a and b run agents, host c runs a client that sends a numbered
+//! request every 5 ms over one connection to a service address. The server
+//! moves from a to b with `--tcp-established --move-address`: the client
+//! sees no reset and no lost, duplicated or reordered byte, only a pause
+//! (measured). A failed migration leaves the server running on a with the
+//! address and the connection intact. No nftables table of floe's is left.
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use floe_tests::cluster::Cluster;
+use floe_tests::*;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: live migration tests need root");
+            return;
+        }
+    };
+}
+
+const PORT: u16 = 7000;
+const CONFIG: &str = "[tuning]\nidle_timeout_ms = 2000\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 10\n";
+
+fn stats(dir: &Path, pid: i32) -> std::collections::HashMap<String, String> {
+    let f = dir.join("stats");
+    let _ = std::fs::remove_file(&f);
+    send_signal(pid, libc::SIGUSR1).unwrap();
+    assert!(wait_for_file(&f, Duration::from_secs(10)), "no stats from the client");
+    std::fs::read_to_string(&f)
+        .unwrap()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+fn pids_named_in(c: &Cluster, i: usize, comm: &str) -> Vec<i32> {
+    let want = c.host(i).netns_inode().unwrap();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if name.trim() == comm
+            && proc_state(pid) != Some('Z')
+            && floe_tests::netns::netns_inode_of_pid(pid).ok() == Some(want)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn floe_tables(c: &Cluster, i: usize) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &c.host(i).name, "nft", "list", "tables"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("floe_")).collect::<Vec<_>>().join("\n")
+}
+
+/// Server (tcpecho) in host a on the service address, client in host c.
+fn setup(c: &Cluster) -> (i32, i32, std::path::PathBuf) {
+    let lan = c.lan();
+    lan.add_address(&lan.a, lan.service_ip).unwrap();
+    let sdir = c.dir.path().join("server");
+    let cdir = c.dir.path().join("client");
+    std::fs::create_dir_all(&sdir).unwrap();
+    std::fs::create_dir_all(&cdir).unwrap();
+    let spawn = |host: usize, args: Vec<String>, dir: &Path, name: &str| {
+        let mut cmd = c.host(host).command_setns(fixture_path(name)).unwrap();
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("err")).unwrap());
+        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        assert!(wait_for_file(&dir.join("ready"), Duration::from_secs(20)), "{name} did not start");
+        let pid = child.id() as i32;
+        std::mem::forget(child);
+        pid
+    };
+    let server = spawn(0, vec![sdir.display().to_string(), PORT.to_string()], &sdir, "tcpecho");
+    let client = spawn(
+        2,
+        vec![lan.service_ip.to_string(), PORT.to_string(), cdir.display().to_string(), "5".into()],
+        &cdir,
+        "tcpclient",
+    );
+    (server, client, cdir)
+}
+
+#[test]
+fn server_with_open_connection_migrates_and_client_never_notices() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcpm", CONFIG).unwrap();
+    c.start().unwrap();
+    let (server, client, cdir) = setup(&c);
+    std::thread::sleep(Duration::from_millis(500));
+    let before = stats(&cdir, client);
+    assert_eq!(before["errors"], "0", "client before: {before:?}");
+    let cidr = format!("{}/24", c.lan().service_ip);
+    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &cidr]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 0, "tcpecho").is_empty()), "server left on a");
+    assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
+    // The client carries on over the same connection.
+    let n0: u64 = before["count"].parse().unwrap();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let s = stats(&cdir, client);
+        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
+    });
+    let after = stats(&cdir, client);
+    eprintln!("client after the migration: {after:?}");
+    assert!(ok, "the client stalled: {after:?}");
+    assert_eq!(after["errors"], "0", "client saw an error: {after:?}");
+    assert_eq!(after["mismatches"], "0", "client saw a corrupted stream: {after:?}");
+    assert_eq!(floe_tables(&c, 0), "", "a floe table is left on a");
+    assert_eq!(floe_tables(&c, 1), "", "a floe table is left on b");
+}
+
+#[test]
+fn failed_tcp_migration_leaves_server_and_connection_on_source() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcpf", CONFIG).unwrap();
+    c.start_agent(0, &[]).unwrap();
+    c.start_agent(1, &[("FLOE_TEST_HOOK", "exit-at=ready")]).unwrap();
+    let (server, client, cdir) = setup(&c);
+    std::thread::sleep(Duration::from_millis(300));
+    let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
+    let cidr = format!("{}/24", c.lan().service_ip);
+    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &cidr]);
+    assert!(!out.status.success(), "migration with the target dying before ready succeeded");
+    assert_eq!(pids_named_in(&c, 0, "tcpecho"), vec![server], "the server does not run on a any more");
+    assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 1, "tcpecho").is_empty()), "a copy is left on b");
+    let ok = wait_until(Duration::from_secs(10), || {
+        let s = stats(&cdir, client);
+        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
+    });
+    let after = stats(&cdir, client);
+    assert!(ok, "the client stalled after the failed migration: {after:?}");
+    assert_eq!(after["errors"], "0", "client saw an error: {after:?}");
+    assert_eq!(floe_tables(&c, 0), "", "a floe table is left on a");
+}
+
+/// `redis-server` holding about 200 MB, with a client running SET/GET over
+/// one connection, migrates from a to b: every reply is right and the
+/// connection never drops.
+#[test]
+fn redis_with_a_busy_client_migrates() {
+    require_root!();
+    let Ok(redis_server) = which("redis-server") else {
+        eprintln!("SKIPPED: redis-server is not installed");
+        return;
+    };
+    let mut c = Cluster::new_lan("tcpr", CONFIG).unwrap();
+    c.start().unwrap();
+    let lan = c.lan();
+    lan.add_address(&lan.a, lan.service_ip).unwrap();
+    let rdir = c.dir.path().join("redis");
+    let cdir = c.dir.path().join("rclient");
+    std::fs::create_dir_all(&rdir).unwrap();
+    std::fs::create_dir_all(&cdir).unwrap();
+    let mut cmd = c.host(0).command_setns(&redis_server).unwrap();
+    cmd.args(["--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no", "--dir"])
+        .arg(&rdir)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(rdir.join("log")).unwrap())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let redis = cmd.spawn().unwrap();
+    let rpid = redis.id() as i32;
+    std::mem::forget(redis);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redisclient.py");
+    let ip = lan.service_ip.to_string();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &c.host(2).name, "bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/6379")])
+                .status()
+                .is_ok_and(|s| s.success())
+        }),
+        "redis does not answer"
+    );
+    let mut cl = c.host(2).command_setns("python3").unwrap();
+    cl.arg(&script).args([&ip, "6379"]).arg(&cdir).arg("200").stdin(Stdio::null()).stdout(Stdio::null());
+    cl.stderr(std::fs::File::create(cdir.join("err")).unwrap());
+    let client = cl.spawn().unwrap();
+    let cpid = client.id() as i32;
+    std::mem::forget(client);
+    assert!(
+        wait_for_file(&cdir.join("ready"), Duration::from_secs(120)),
+        "the client did not load its data: {}",
+        std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let before = stats(&cdir, cpid);
+    let cidr = format!("{ip}/24");
+    let out = c.migrate(0, rpid, &["--tcp-established", "--move-address", &cidr]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    let report = Cluster::events(&out).into_iter().find(|e| e["event"] == "report").unwrap();
+    eprintln!(
+        "redis migration: downtime {} ms, {} MiB of memory",
+        report["downtime"]["total_ms"],
+        report["memory_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    assert_eq!(pids_named_in(&c, 1, "redis-server").len(), 1, "redis does not run on b");
+    assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 0, "redis-server").is_empty()), "redis left on a");
+    let n0: u64 = before["count"].parse().unwrap();
+    let ok = wait_until(Duration::from_secs(15), || {
+        let s = stats(&cdir, cpid);
+        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 1000
+    });
+    let after = stats(&cdir, cpid);
+    eprintln!("redis client after the migration: {after:?}");
+    assert!(ok, "the redis client stalled: {after:?}");
+    assert_eq!(after["errors"], "0", "client error: {after:?}");
+    assert_eq!(after["wrong"], "0", "wrong replies: {after:?}");
+    assert_eq!(floe_tables(&c, 0), "");
+    assert_eq!(floe_tables(&c, 1), "");
+}
+
+fn which(prog: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(prog)).find(|p| p.is_file()))
+        .ok_or(())
+}
