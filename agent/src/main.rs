@@ -74,6 +74,13 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
         tuning,
         run_dir,
     });
+    // Network locks of migrations an earlier run of this agent left behind
+    // (its connections are gone or still in repair mode: silent either way).
+    match floe_netfilter::remove_stale("floe_mig_") {
+        Ok(gone) if !gone.is_empty() => tracing::warn!(tables = ?gone, "removed network locks left by an earlier run"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot look for stale network locks"),
+    }
     floe_agent::source::resolve_after_restart(agent.clone());
     tracing::info!(name = %cfg.name, listen = %cfg.listen, control = %cfg.control_socket.display(), "floe-agent ready");
     let a = agent.clone();

@@ -269,8 +269,11 @@ async fn run(
 
     // Pre-flight: nothing is stopped until the target says it can take the tree.
     ev.phase("preflight", "checking the target before anything stops").await;
-    let (pid, new_pidns) = (req.pid, req.new_pidns);
-    let facts = tokio::task::spawn_blocking(move || floe_engine::migrate::preflight::gather(pid, new_pidns))
+    let (pid, new_pidns, moving) = (req.pid, req.new_pidns, req.move_address.clone());
+    for m in &moving {
+        crate::netaddr::parse(m).map_err(|e| MigrateError::Refused(e.to_string()))?;
+    }
+    let facts = tokio::task::spawn_blocking(move || floe_engine::migrate::preflight::gather(pid, new_pidns, &moving))
         .await
         .map_err(|e| MigrateError::Engine(e.to_string()))?
         .map_err(|e| MigrateError::Refused(chain(&e)))?;

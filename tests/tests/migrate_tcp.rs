@@ -135,6 +135,21 @@ fn server_with_open_connection_migrates_and_client_never_notices() {
 }
 
 #[test]
+fn address_missing_on_target_is_refused_before_freezing() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcpa", CONFIG).unwrap();
+    c.start().unwrap();
+    let (server, client, cdir) = setup(&c);
+    let out = c.migrate(0, server, &["--tcp-established"]);
+    assert!(!out.status.success(), "a migration whose socket address cannot exist on the target went ahead");
+    let err = stderr_text(&out);
+    assert_mentions(&err, &["does not have", "--move-address", "nothing was stopped"], "missing address refusal");
+    assert_eq!(pids_named_in(&c, 0, "tcpecho"), vec![server]);
+    let s = stats(&cdir, client);
+    assert_eq!(s["errors"], "0", "client: {s:?}");
+}
+
+#[test]
 fn failed_tcp_migration_leaves_server_and_connection_on_source() {
     require_root!();
     let mut c = Cluster::new_lan("tcpf", CONFIG).unwrap();

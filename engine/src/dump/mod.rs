@@ -73,6 +73,10 @@ pub struct DumpTimings {
     pub scan_ms: f64,
     /// Adding the tree's TCP connections to the network lock (part of collect_ms).
     pub lock_ms: f64,
+    /// Reading established TCP connections with TCP_REPAIR (part of collect_ms).
+    pub tcp_repair_ms: f64,
+    /// Removing the network lock after a --leave-running dump (part of release_ms).
+    pub unlock_ms: f64,
     /// Resuming the processes, or killing them (and the kernel freeing
     /// their memory) after a dump without --leave-running.
     pub release_ms: f64,
@@ -313,7 +317,7 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         frozen.resume()?;
         timings.frozen_ms = ms(t_freeze.elapsed());
         if let Some(l) = lock.take() {
-            l.unlock()?;
+            timings.unlock_ms = ms(l.unlock()?);
         }
     } else {
         // Connections stay in repair mode: they close without FIN or RST,
@@ -588,6 +592,7 @@ pub(crate) fn dump_frozen(
     }
     files.check_pipes()?;
     timings.collect_ms = ms(t_collect.elapsed());
+    timings.tcp_repair_ms = files.repaired.ms;
 
     let t_mem = Instant::now();
     let mut sink = out.sink()?;

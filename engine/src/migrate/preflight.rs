@@ -68,12 +68,12 @@ fn status_kb(pid: i32, key: &str) -> u64 {
 }
 
 /// Everything the target must check, read from /proc while the tree runs.
-pub fn gather(root: i32, new_pidns: bool) -> Result<pp::Preflight, DumpError> {
+pub fn gather(root: i32, new_pidns: bool, moving: &[String]) -> Result<pp::Preflight, DumpError> {
     if !std::path::Path::new(&format!("/proc/{root}")).exists() {
         return Err(DumpError::NoProcess { pid: root });
     }
     let tree = crate::dump::freeze::walk(root);
-    let mut out = pp::Preflight { root_pid: root, new_pidns, ..Default::default() };
+    let mut out = pp::Preflight { root_pid: root, new_pidns, moving_addresses: moving.to_vec(), ..Default::default() };
     // path -> (why, directory, hash content)
     let mut files: BTreeMap<String, (String, bool, bool)> = BTreeMap::new();
     for &(pid, _) in &tree {
@@ -87,6 +87,12 @@ pub fn gather(root: i32, new_pidns: bool) -> Result<pp::Preflight, DumpError> {
             }
         }
         out.memory_bytes += (status_kb(pid, "VmRSS:") + status_kb(pid, "VmSwap:")) * 1024;
+        for ip in crate::fdkinds::socket::bound_addresses(pid) {
+            let s = ip.to_string();
+            if !out.socket_addresses.contains(&s) {
+                out.socket_addresses.push(s);
+            }
+        }
         let Ok(maps) = procfs::maps(pid, false) else { continue }; // a zombie
         if let Ok(exe) = std::fs::read_link(procfs::path(pid, "exe")) {
             files.entry(exe.to_string_lossy().into_owned()).or_insert((format!("executable of {pid}"), false, true));
@@ -188,6 +194,15 @@ pub fn check(f: &pp::Preflight) -> Vec<String> {
         }
         Err(e) => problems.push(e.to_string()),
     }
+    // Every address a socket is bound to must be here, or arrive with the migration.
+    for a in &f.socket_addresses {
+        let moving = f.moving_addresses.iter().any(|m| m.split('/').next() == Some(a.as_str()));
+        if !moving && !address_is_local(a) {
+            problems.push(format!(
+                "a socket of the tree is bound to {a}, which this host does not have; add it here or pass --move-address {a}/PREFIX"
+            ));
+        }
+    }
     let flags = cpu_flags();
     let missing: Vec<&String> = f.cpu_flags.iter().filter(|x| !flags.contains(x)).collect();
     if !missing.is_empty() {
@@ -202,4 +217,10 @@ pub fn check(f: &pp::Preflight) -> Vec<String> {
         ));
     }
     problems
+}
+
+/// Whether `addr` is assigned to this host (a socket can bind to it).
+fn address_is_local(addr: &str) -> bool {
+    let Ok(ip) = addr.parse::<std::net::IpAddr>() else { return false };
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
 }

@@ -254,7 +254,9 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
                 s.remote_scope_id = p.scope_id;
                 s.remote_flowinfo = p.flowinfo;
                 let dup = sock.try_clone().map_err(|e| format!("cannot keep the socket ({e})"))?;
+                let t0 = std::time::Instant::now();
                 let t = tcp_repair::dump(sock, ctx.blobs).map_err(|e| format!("{} -> {remote}: {e}", show(&local)))?;
+                ctx.repaired.ms += t0.elapsed().as_secs_f64() * 1000.0;
                 // From here the socket is in repair mode until the dump's end.
                 ctx.repaired.push(dup);
                 s.tcp = Some(t);
@@ -438,6 +440,33 @@ pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)>
                 if !out.contains(&(l, r)) {
                     out.push((l, r));
                 }
+            }
+        }
+    }
+    out
+}
+
+/// The specific local addresses (not the wildcard) `pid`'s inet sockets are
+/// bound to: they must exist wherever the process is restored.
+pub fn bound_addresses(pid: i32) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let Ok(pidfd) = crate::sys::task::pidfd_open(pid) else { return out };
+    let Ok(rd) = std::fs::read_dir(crate::procfs::path(pid, "fd")) else { return out };
+    for ent in rd.flatten() {
+        let is_socket = std::fs::read_link(ent.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        let Ok(sock) = crate::sys::task::pidfd_getfd(&pidfd, fd) else { continue };
+        let family = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
+        if !(family == libc::AF_INET || family == libc::AF_INET6) {
+            continue;
+        }
+        let local = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r));
+        if let Some(ip) = local.as_ref().and_then(to_std).map(|a| a.ip()) {
+            if !ip.is_unspecified() && !ip.is_loopback() && !out.contains(&ip) {
+                out.push(ip);
             }
         }
     }

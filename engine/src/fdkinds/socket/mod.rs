@@ -22,7 +22,7 @@ mod inet;
 mod tcp_repair;
 mod unix;
 
-pub use inet::tcp_tuples;
+pub use inet::{bound_addresses, tcp_tuples};
 
 /// Sockets a dump put in TCP repair mode (dups of the process's). Dropped
 /// armed (the dump failed, or the process runs on) they leave repair mode
@@ -32,6 +32,8 @@ pub use inet::tcp_tuples;
 pub struct Repaired {
     socks: Vec<OwnedFd>,
     kept: bool,
+    /// Time spent reading connections with TCP_REPAIR (ms).
+    pub ms: f64,
 }
 
 impl Repaired {
