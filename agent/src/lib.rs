@@ -11,6 +11,7 @@ pub mod journal;
 pub mod netaddr;
 pub mod source;
 pub mod state;
+pub mod sys;
 pub mod target;
 pub mod tls;
 pub mod wire;

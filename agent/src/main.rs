@@ -50,7 +50,7 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
     // Final images in transit: memory-backed when /dev/shm is (they are
     // small and short-lived), per agent (several may share a machine).
     let shm = PathBuf::from("/dev/shm");
-    let base = if is_tmpfs(&shm) { shm.join("floe") } else { PathBuf::from("/run/floe") };
+    let base = if floe_agent::sys::is_tmpfs(&shm) { shm.join("floe") } else { PathBuf::from("/run/floe") };
     let run_dir = base.join(&cfg.name);
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     // Scratch left by an earlier run of this agent (final images in transit).
@@ -106,15 +106,4 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&cfg.control_socket);
     Ok(())
-}
-
-/// Whether `path` is on a tmpfs (statfs magic).
-fn is_tmpfs(path: &std::path::Path) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: statfs is plain old data; all-zero is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a NUL-terminated path and `st` a writable statfs for the call.
-    let r = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    r == 0 && st.f_type as i64 == TMPFS_MAGIC
 }

@@ -139,10 +139,10 @@ enum Cmd {
         #[arg(long)]
         to: String,
         /// Freeze once the expected downtime is at most this many milliseconds.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
         max_downtime: u32,
         /// Most pre-copy passes before giving up on convergence.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..))]
         max_iterations: u32,
         /// When pre-copy does not converge: freeze anyway (with a warning) or abort (the process keeps running here).
         #[arg(long, default_value = "freeze", value_parser = ["freeze", "abort"])]

@@ -23,7 +23,6 @@ use clap::{Args, Parser, Subcommand};
 use floe_agent::tls::{self, Identity, Tuning};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -275,36 +274,18 @@ async fn quic_client(addr: SocketAddr, server_name: &str, args: &TlsArgs, bytes:
 
 /// Asks for `size`-byte receive and send buffers on a socket, bypassing `net.core.rmem_max` /
 /// `wmem_max` as root (the FORCE options), else within them.
-fn set_socket_buffers(fd: &impl AsRawFd, size: usize) -> Result<()> {
+fn set_socket_buffers(fd: &impl std::os::fd::AsFd, size: usize) -> Result<()> {
     let value = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX).min(libc::c_int::MAX / 2);
     for (force, plain, what) in
         [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "SO_RCVBUF"), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "SO_SNDBUF")]
     {
-        if set_int_option(fd, force, value).is_err() {
-            set_int_option(fd, plain, value).with_context(|| format!("setsockopt({what}, {value})"))?;
+        let fd = std::os::fd::AsFd::as_fd(fd);
+        if floe_agent::sys::set_int_option(fd, libc::SOL_SOCKET, force, value).is_err() {
+            floe_agent::sys::set_int_option(fd, libc::SOL_SOCKET, plain, value)
+                .with_context(|| format!("setsockopt({what}, {value})"))?;
         }
     }
     Ok(())
-}
-
-/// `setsockopt(fd, SOL_SOCKET, name, value)`.
-fn set_int_option(fd: &impl AsRawFd, name: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: `fd` is an open socket borrowed for the duration of the call; the option value
-    // points to a live c_int and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            name,
-            std::ptr::from_ref(&value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 fn tcp_server(listen: SocketAddr, common: &ServerArgs) -> Result<()> {
