@@ -148,6 +148,14 @@ pub struct AgentConfig {
     /// Overrides of the transport tuning.
     #[serde(default)]
     pub tuning: TuningOverrides,
+    /// A program run instead of `ip addr del/add` + gratuitous ARP when a
+    /// migration moves a service address (routed or anycast setups):
+    /// `PROGRAM release IP/PREFIX` on the source after the freeze (and
+    /// `acquire` there again if the migration fails), `PROGRAM acquire
+    /// IP/PREFIX` on the target before the connections are restored. A
+    /// non-zero exit fails the migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address_hook: Option<PathBuf>,
 }
 
 /// Resource limits (`[limits]`).
@@ -221,6 +229,7 @@ impl AgentConfig {
             peers: BTreeMap::new(),
             limits: Limits::default(),
             tuning: TuningOverrides::default(),
+            address_hook: None,
         }
     }
 

@@ -7,6 +7,8 @@ use std::process::Command;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddrError {
+    #[error("cannot run the address hook")]
+    Hook(#[source] std::io::Error),
     #[error("{0:?} is not an address with a prefix length (IP/PREFIX)")]
     Bad(String),
     #[error("cannot run `ip` (install iproute2)")]
@@ -48,8 +50,25 @@ fn device_of(addr: IpAddr) -> Result<Option<String>, AddrError> {
     Ok(out.split_whitespace().nth(1).map(|d| d.trim_end_matches(':').to_string()))
 }
 
-/// Removes `cidr` from this host. Returns the interface it was on.
-pub fn remove(cidr: &str) -> Result<String, AddrError> {
+/// Runs the configured address hook: `hook VERB CIDR`.
+fn run_hook(hook: &std::path::Path, verb: &str, cidr: &str) -> Result<String, AddrError> {
+    let out = Command::new(hook).args([verb, cidr]).output().map_err(AddrError::Hook)?;
+    if !out.status.success() {
+        return Err(AddrError::Failed {
+            args: format!("(address hook {}) {verb} {cidr}", hook.display()),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::new())
+}
+
+/// Removes `cidr` from this host (or has `hook` release it). Returns the
+/// interface it was on (empty with a hook).
+pub fn remove(cidr: &str, hook: Option<&std::path::Path>) -> Result<String, AddrError> {
+    if let Some(h) = hook {
+        parse(cidr)?;
+        return run_hook(h, "release", cidr);
+    }
     let (addr, _) = parse(cidr)?;
     let dev = device_of(addr)?.ok_or_else(|| AddrError::NotHere(cidr.to_string()))?;
     ip(&["addr", "del", cidr, "dev", &dev])?;
@@ -61,7 +80,11 @@ pub fn remove(cidr: &str) -> Result<String, AddrError> {
 /// otherwise the first packet the restored connections send makes the
 /// kernel ARP from the address, which refreshes the peers' caches).
 /// Returns the interface.
-pub fn add(cidr: &str, dev: Option<&str>) -> Result<String, AddrError> {
+pub fn add(cidr: &str, dev: Option<&str>, hook: Option<&std::path::Path>) -> Result<String, AddrError> {
+    if let Some(h) = hook {
+        parse(cidr)?;
+        return run_hook(h, "acquire", cidr);
+    }
     let (addr, _) = parse(cidr)?;
     let dev = match dev {
         Some(d) => d.to_string(),

@@ -347,7 +347,11 @@ async fn run(
             let _ = s.send.finish();
             for (cidr, dev) in std::mem::take(&mut s.moved) {
                 let c = cidr.clone();
-                match tokio::task::spawn_blocking(move || crate::netaddr::add(&c, Some(&dev))).await {
+                let hook = agent.cfg.address_hook.clone();
+                let dev = (!dev.is_empty()).then_some(dev);
+                match tokio::task::spawn_blocking(move || crate::netaddr::add(&c, dev.as_deref(), hook.as_deref()))
+                    .await
+                {
                     Ok(Ok(_)) => {}
                     _ => ev.warning(&format!("could not put {cidr} back on this host; add it by hand")).await,
                 }
@@ -518,7 +522,8 @@ async fn precopy_and_handover(
     // Service addresses leave this host now (the connections are read and locked).
     for cidr in &req.move_address {
         let c = cidr.clone();
-        let dev = tokio::task::spawn_blocking(move || crate::netaddr::remove(&c))
+        let hook = s.agent.cfg.address_hook.clone();
+        let dev = tokio::task::spawn_blocking(move || crate::netaddr::remove(&c, hook.as_deref()))
             .await
             .map_err(|e| MigrateError::Engine(e.to_string()))?
             .map_err(|e| MigrateError::Refused(e.to_string()))?;

@@ -286,12 +286,17 @@ struct NetState {
     /// Service addresses added (address, interface).
     added: Vec<(String, String)>,
     lock: Option<floe_netfilter::Lock>,
+    /// The configured address hook, if any.
+    hook: Option<std::path::PathBuf>,
 }
 
 impl Drop for NetState {
     fn drop(&mut self) {
         for (cidr, dev) in &self.added {
-            let out = std::process::Command::new("ip").args(["addr", "del", cidr, "dev", dev]).output();
+            let out = match &self.hook {
+                Some(h) => std::process::Command::new(h).args(["release", cidr]).output(),
+                None => std::process::Command::new("ip").args(["addr", "del", cidr, "dev", dev]).output(),
+            };
             if !matches!(out, Ok(ref o) if o.status.success()) {
                 tracing::error!(address = %cidr, "cannot remove the service address after a failed migration");
             }
@@ -310,7 +315,7 @@ async fn apply_stream(
     vtx: &std::sync::mpsc::SyncSender<Verify>,
     new_pidns: bool,
 ) -> Result<i32, TargetError> {
-    let mut net = NetState::default();
+    let mut net = NetState { added: Vec::new(), lock: None, hook: agent.cfg.address_hook.clone() };
     let mut pass_t = Instant::now();
     // Frame buffers come back from the engine thread once written: no fresh
     // 16 MiB allocation (and its page faults) per batch.
@@ -366,7 +371,8 @@ async fn apply_stream(
                 // Service addresses and the connections' lock, before they are restored.
                 for cidr in &fi.addresses {
                     let c = cidr.clone();
-                    let dev = tokio::task::spawn_blocking(move || crate::netaddr::add(&c, None))
+                    let hook = agent.cfg.address_hook.clone();
+                    let dev = tokio::task::spawn_blocking(move || crate::netaddr::add(&c, None, hook.as_deref()))
                         .await
                         .map_err(failed)?
                         .map_err(|e| failed(format!("cannot add the service address here: {e}")))?;

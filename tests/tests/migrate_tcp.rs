@@ -269,3 +269,43 @@ fn which(prog: &str) -> Result<std::path::PathBuf, ()> {
         .and_then(|p| std::env::split_paths(&p).map(|d| d.join(prog)).find(|p| p.is_file()))
         .ok_or(())
 }
+
+/// With `address_hook` in the agents' configuration, the hook moves the
+/// service address (`release` on the source, `acquire` on the target)
+/// instead of floe's own `ip addr` calls.
+#[test]
+fn address_hook_moves_the_service_address() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let hook = td.path().join("hook.sh");
+    let log = td.path().join("hook.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$1 $2\" >> {log}\nip=${{2%/*}}\ncase $1 in\n\
+             release) dev=$(ip -o addr show to \"$ip\" | awk '{{print $2}}'); exec ip addr del \"$2\" dev \"$dev\";;\n\
+             acquire) dev=$(ip -o route get \"$ip\" | sed -n 's/.* dev \\([^ ]*\\).*/\\1/p'); ip addr add \"$2\" dev \"$dev\" || exit 1\n\
+             (arping -U -c1 -w1 -I \"$dev\" \"$ip\" >/dev/null 2>&1 &) ;;\nesac\n",
+            log = log.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Before the [tables] of CONFIG: a top-level key.
+    let config = format!("address_hook = \"{}\"\n{CONFIG}", hook.display());
+    let mut c = Cluster::new_lan("tcph", &config).unwrap();
+    c.start().unwrap();
+    let (server, client, cdir) = setup(&c);
+    let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
+    let cidr = format!("{}/24", c.lan().service_ip);
+    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &cidr]);
+    assert!(out.status.success(), "migrate failed: {}\n{}", stderr_text(&out), c.agent_log(1));
+    let calls = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(calls, format!("release {cidr}\nacquire {cidr}\n"), "hook calls");
+    let ok = wait_until(Duration::from_secs(10), || {
+        let s = stats(&cdir, client);
+        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
+    });
+    let after = stats(&cdir, client);
+    assert!(ok && after["errors"] == "0", "client after the hook-moved migration: {after:?}");
+}
