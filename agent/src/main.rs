@@ -105,5 +105,7 @@ async fn run(cfg: AgentConfig, id: tls::Identity) -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("terminated; stopping"),
     }
     let _ = std::fs::remove_file(&cfg.control_socket);
+    // Scratch of this agent (empty unless a migration was cut short).
+    let _ = std::fs::remove_dir_all(&agent.run_dir);
     Ok(())
 }

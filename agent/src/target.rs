@@ -125,7 +125,10 @@ async fn stream(
         phase: "preflight".into(),
         pass: 0,
         bytes_sent: 0,
-        started_unix_ms: 0,
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
     });
     let mut entry = Entry {
         id: id.clone(),

@@ -281,6 +281,12 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill_agent(0);
         self.kill_agent(1);
+        // The agents' scratch directories (named after them).
+        for name in &self.names {
+            for base in ["/dev/shm/floe", "/run/floe"] {
+                let _ = std::fs::remove_dir_all(std::path::Path::new(base).join(name));
+            }
+        }
         // Hosts' drop kills what still runs in the namespaces.
     }
 }
