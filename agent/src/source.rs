@@ -171,19 +171,7 @@ pub async fn migrate(agent: Arc<Agent>, req: MigrateRequest, ev: Events) -> Resu
             "{busy} migrations already in flight on this agent (limits.max_concurrent_migrations); retry later"
         )));
     }
-    agent.begin(InFlight {
-        id: id.clone(),
-        role: "source",
-        pid: req.pid,
-        peer: name.clone(),
-        phase: "connect".into(),
-        pass: 0,
-        bytes_sent: 0,
-        started_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    });
+    agent.begin(InFlight::new(&id, "source", req.pid, &name, "connect"));
     let mut entry = Entry {
         id: id.to_string(),
         role: "source".into(),

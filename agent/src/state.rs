@@ -20,6 +20,26 @@ pub struct InFlight {
     pub started_unix_ms: u64,
 }
 
+impl InFlight {
+    /// A migration starting now.
+    pub fn new(id: &str, role: &'static str, pid: i32, peer: &str, phase: &str) -> Self {
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        InFlight {
+            id: id.to_string(),
+            role,
+            pid,
+            peer: peer.to_string(),
+            phase: phase.to_string(),
+            pass: 0,
+            bytes_sent: 0,
+            started_unix_ms,
+        }
+    }
+}
+
 /// Test hooks, read from `FLOE_TEST_HOOK` at start (tests only; see docs/protocol.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hooks {

@@ -117,19 +117,7 @@ async fn stream(
     }
     st.send(reply(String::new())).await?;
     let id = hello.migration_id.clone();
-    agent.begin(InFlight {
-        id: id.clone(),
-        role: "target",
-        pid: 0,
-        peer: peer_name.clone(),
-        phase: "preflight".into(),
-        pass: 0,
-        bytes_sent: 0,
-        started_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-    });
+    agent.begin(InFlight::new(&id, "target", 0, &peer_name, "preflight"));
     let mut entry = Entry {
         id: id.clone(),
         role: "target".into(),

@@ -37,6 +37,16 @@ fn stats(dir: &Path, pid: i32) -> std::collections::HashMap<String, String> {
         .collect()
 }
 
+/// Waits until the client's count passes `n0 + more` or it reports an
+/// error; returns whether it did and its last stats.
+fn progress(dir: &Path, pid: i32, n0: u64, more: u64, secs: u64) -> (bool, std::collections::HashMap<String, String>) {
+    let ok = wait_until(Duration::from_secs(secs), || {
+        let s = stats(dir, pid);
+        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + more
+    });
+    (ok, stats(dir, pid))
+}
+
 fn pids_named_in(c: &Cluster, i: usize, comm: &str) -> Vec<i32> {
     let want = c.host(i).netns_inode().unwrap();
     let mut out = Vec::new();
@@ -121,11 +131,7 @@ fn server_with_open_connection_migrates_and_client_never_notices() {
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     // The client carries on over the same connection.
     let n0: u64 = before["count"].parse().unwrap();
-    let ok = wait_until(Duration::from_secs(10), || {
-        let s = stats(&cdir, client);
-        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
-    });
-    let after = stats(&cdir, client);
+    let (ok, after) = progress(&cdir, client, n0, 300, 10);
     eprintln!("client after the migration: {after:?}");
     assert!(ok, "the client stalled: {after:?}");
     assert_eq!(after["errors"], "0", "client saw an error: {after:?}");
@@ -163,11 +169,7 @@ fn failed_tcp_migration_leaves_server_and_connection_on_source() {
     assert!(!out.status.success(), "migration with the target dying before ready succeeded");
     assert_eq!(pids_named_in(&c, 0, "tcpecho"), vec![server], "the server does not run on a any more");
     assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 1, "tcpecho").is_empty()), "a copy is left on b");
-    let ok = wait_until(Duration::from_secs(10), || {
-        let s = stats(&cdir, client);
-        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
-    });
-    let after = stats(&cdir, client);
+    let (ok, after) = progress(&cdir, client, n0, 300, 10);
     assert!(ok, "the client stalled after the failed migration: {after:?}");
     assert_eq!(after["errors"], "0", "client saw an error: {after:?}");
     assert_eq!(floe_tables(&c, 0), "", "a floe table is left on a");
@@ -251,11 +253,7 @@ fn redis_with_a_busy_client_migrates() {
     assert_eq!(pids_named_in(&c, 1, "redis-server").len(), 1, "redis does not run on b");
     assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 0, "redis-server").is_empty()), "redis left on a");
     let n0: u64 = before["count"].parse().unwrap();
-    let ok = wait_until(Duration::from_secs(15), || {
-        let s = stats(&cdir, cpid);
-        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 1000
-    });
-    let after = stats(&cdir, cpid);
+    let (ok, after) = progress(&cdir, cpid, n0, 1000, 15);
     eprintln!("redis client after the migration: {after:?}");
     assert!(ok, "the redis client stalled: {after:?}");
     assert_eq!(after["errors"], "0", "client error: {after:?}");
@@ -302,10 +300,6 @@ fn address_hook_moves_the_service_address() {
     assert!(out.status.success(), "migrate failed: {}\n{}", stderr_text(&out), c.agent_log(1));
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(calls, format!("release {cidr}\nacquire {cidr}\n"), "hook calls");
-    let ok = wait_until(Duration::from_secs(10), || {
-        let s = stats(&cdir, client);
-        s["errors"] != "0" || s["count"].parse::<u64>().unwrap() > n0 + 300
-    });
-    let after = stats(&cdir, client);
+    let (ok, after) = progress(&cdir, client, n0, 300, 10);
     assert!(ok && after["errors"] == "0", "client after the hook-moved migration: {after:?}");
 }

@@ -28,6 +28,23 @@ fn ferr(path: &str, what: String) -> RestoreError {
     RestoreError::File { path: path.to_string(), what }
 }
 
+/// Opens description `f` of a kind the fdkinds modules handle.
+#[allow(clippy::too_many_arguments)]
+fn restore_kind(
+    kind: pb::FdKind,
+    f: &pb::FileDesc,
+    img: &ImageReader,
+    opened: &[Option<OwnedFd>],
+    stash: &mut HashMap<String, OwnedFd>,
+    shm: &HashMap<u64, OwnedFd>,
+    pre: &Preflight,
+    held: &mut Vec<crate::fdkinds::socket::HeldConn>,
+) -> Result<OwnedFd, RestoreError> {
+    let mut ctx =
+        crate::fdkinds::RestoreCtx { img, opened, stash, shm, tcp_close: pre.tcp_close, tcp_hold: pre.tcp_hold, held };
+    crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))
+}
+
 struct PipePair {
     read: Option<OwnedFd>,
     write: Option<OwnedFd>,
@@ -145,34 +162,14 @@ impl OpenFiles {
                         what: format!("{}: this kind of descriptor cannot be restored", f.path),
                     })
                 }
-                other => {
-                    let mut ctx = crate::fdkinds::RestoreCtx {
-                        img,
-                        opened: &fds,
-                        stash: &mut stash,
-                        shm,
-                        tcp_close: pre.tcp_close,
-                        tcp_hold: pre.tcp_hold,
-                        held: &mut held,
-                    };
-                    crate::fdkinds::restore(other, f, &mut ctx).map_err(|what| ferr(&f.path, what))?
-                }
+                other => restore_kind(other, f, img, &fds, &mut stash, shm, pre, &mut held)?,
             };
             fds.push(Some(fd));
         }
         for idx in later {
             let f = &img.manifest.files[idx];
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
-            let mut ctx = crate::fdkinds::RestoreCtx {
-                img,
-                opened: &fds,
-                stash: &mut stash,
-                shm,
-                tcp_close: pre.tcp_close,
-                tcp_hold: pre.tcp_hold,
-                held: &mut held,
-            };
-            let fd = crate::fdkinds::restore(kind, f, &mut ctx).map_err(|what| ferr(&f.path, what))?;
+            let fd = restore_kind(kind, f, img, &fds, &mut stash, shm, pre, &mut held)?;
             fds[idx] = Some(fd);
         }
         // Signal-driven I/O: owner and signal, then O_ASYNC itself.

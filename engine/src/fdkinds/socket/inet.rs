@@ -412,9 +412,8 @@ fn restore_socket(
     Ok((sock, None))
 }
 
-/// The established TCP connections among `pid`'s descriptors, as
-/// (local, remote) addresses (what a network lock must hold still).
-pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+/// `pid`'s inet sockets (dups taken with pidfd_getfd) and their families.
+fn inet_sockets(pid: i32) -> Vec<(OwnedFd, i32)> {
     let mut out = Vec::new();
     let Ok(pidfd) = crate::sys::task::pidfd_open(pid) else { return out };
     let Ok(rd) = std::fs::read_dir(crate::procfs::path(pid, "fd")) else { return out };
@@ -426,20 +425,27 @@ pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)>
         }
         let Ok(sock) = crate::sys::task::pidfd_getfd(&pidfd, fd) else { continue };
         let family = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
+        if family == libc::AF_INET || family == libc::AF_INET6 {
+            out.push((sock, family));
+        }
+    }
+    out
+}
+
+/// The established TCP connections among `pid`'s descriptors, as
+/// (local, remote) addresses (what a network lock must hold still).
+pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)> {
+    let mut out = Vec::new();
+    for (sock, family) in inet_sockets(pid) {
         let proto = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
-        if !(family == libc::AF_INET || family == libc::AF_INET6) || proto != libc::IPPROTO_TCP {
+        if proto != libc::IPPROTO_TCP || fd_socket::tcp_state(&sock).map(|st| st.state).ok() != Some(TCP_ESTABLISHED) {
             continue;
         }
-        if fd_socket::tcp_state(&sock).map(|st| st.state).ok() != Some(TCP_ESTABLISHED) {
-            continue;
-        }
-        let l = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r));
-        let r = fd_socket::getpeername(&sock).ok().and_then(|r| parse_addr(family, &r));
+        let l = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r)).and_then(|a| to_std(&a));
+        let r = fd_socket::getpeername(&sock).ok().and_then(|r| parse_addr(family, &r)).and_then(|a| to_std(&a));
         if let (Some(l), Some(r)) = (l, r) {
-            if let (Some(l), Some(r)) = (to_std(&l), to_std(&r)) {
-                if !out.contains(&(l, r)) {
-                    out.push((l, r));
-                }
+            if !out.contains(&(l, r)) {
+                out.push((l, r));
             }
         }
     }
@@ -450,19 +456,7 @@ pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)>
 /// bound to: they must exist wherever the process is restored.
 pub fn bound_addresses(pid: i32) -> Vec<std::net::IpAddr> {
     let mut out = Vec::new();
-    let Ok(pidfd) = crate::sys::task::pidfd_open(pid) else { return out };
-    let Ok(rd) = std::fs::read_dir(crate::procfs::path(pid, "fd")) else { return out };
-    for ent in rd.flatten() {
-        let is_socket = std::fs::read_link(ent.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
-        let Some(fd) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-        if !is_socket {
-            continue;
-        }
-        let Ok(sock) = crate::sys::task::pidfd_getfd(&pidfd, fd) else { continue };
-        let family = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_DOMAIN).unwrap_or(0);
-        if !(family == libc::AF_INET || family == libc::AF_INET6) {
-            continue;
-        }
+    for (sock, family) in inet_sockets(pid) {
         let local = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r));
         if let Some(ip) = local.as_ref().and_then(to_std).map(|a| a.ip()) {
             if !ip.is_unspecified() && !ip.is_loopback() && !out.contains(&ip) {
