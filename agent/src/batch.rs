@@ -1,17 +1,11 @@
 //! Page batches on the wire: zero pages as a bitmap, optional zstd, and a
-//! 16-byte blake3 per page that the target checks before writing anything.
+//! blake3 of the page data that the target checks before writing anything
+//! (one hash per batch: blake3 runs several times faster over 16 MiB at
+//! once than over 4 KiB pages one by one).
 use floe_engine::dump::PageChunk;
 use floe_proto::peer::{Compression, PageBatch, Run};
 
 const PAGE: usize = 4096;
-
-/// 16-byte blake3 prefix of a zero page.
-pub fn zero_hash() -> [u8; 16] {
-    let h = blake3::hash(&[0u8; PAGE]);
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&h.as_bytes()[..16]);
-    out
-}
 
 /// A batch ready to send: the frame prefix (header + description) and the data.
 pub struct Encoded {
@@ -24,10 +18,9 @@ pub struct Encoded {
 
 /// Builds the wire form of a stream chunk. `compress`: zstd level 1 when it
 /// saves at least 10%. `corrupt`: test hook, flips a byte after hashing.
-pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool, zero: &[u8; 16]) -> (Encoded, Vec<u8>) {
+pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool) -> (Encoded, Vec<u8>) {
     let pages: usize = c.runs.iter().map(|r| r.nr_pages as usize).sum();
     let mut bitmap = vec![0u8; pages.div_ceil(8)];
-    let mut hashes = Vec::with_capacity(pages * 16);
     let mut runs = Vec::with_capacity(c.runs.len());
     // Non-zero pages are packed to the front of the buffer, in order.
     let mut kept = 0usize;
@@ -35,21 +28,20 @@ pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool, zero: 
     for r in &c.runs {
         runs.push(Run { vaddr: r.vaddr, nr_pages: r.nr_pages as u32 });
         for k in 0..r.nr_pages as usize {
-            let h = r.page_hashes.get(k * 16..k * 16 + 16).unwrap_or(&[]);
             let src = r.file_offset as usize + k * PAGE;
-            if h == zero && c.data.get(src..src + PAGE).is_some_and(|p| p.iter().all(|b| *b == 0)) {
+            if c.data.get(src..src + PAGE).is_some_and(floe_engine::dump::is_zero) {
                 bitmap[i / 8] |= 1 << (i % 8);
             } else {
                 if src != kept * PAGE {
                     c.data.copy_within(src..src + PAGE, kept * PAGE);
                 }
-                hashes.extend_from_slice(h);
                 kept += 1;
             }
             i += 1;
         }
     }
     let raw_len = kept * PAGE;
+    let hash = blake3::hash(&c.data[..raw_len]).as_bytes().to_vec();
     let mut data = c.data;
     let mut compression = Compression::None;
     let mut out = Vec::new();
@@ -80,7 +72,7 @@ pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool, zero: 
         zero: bitmap,
         compression: compression as i32,
         raw_len: raw_len as u64,
-        page_hashes: hashes,
+        blake3: hash,
         corrupted: corrupt,
     };
     let prefix = floe_proto::frame::pages_prefix(&batch, out.len());
@@ -113,8 +105,8 @@ pub struct Decoded {
 pub enum BatchError {
     #[error("page batch for pid {pid} is malformed: {what}")]
     Malformed { pid: i32, what: String },
-    #[error("page batch for pid {pid} (pass {pass}) failed its checksum at page {addr:#x}: corrupted in transit")]
-    Checksum { pid: i32, pass: u32, addr: u64 },
+    #[error("page batch for pid {pid} (pass {pass}, {pages} pages from {addr:#x}) failed its checksum: corrupted in transit")]
+    Checksum { pid: i32, pass: u32, addr: u64, pages: u64 },
 }
 
 /// Decompresses and verifies the batch in `frame` (a pages frame's payload,
@@ -133,8 +125,8 @@ pub fn decode(b: &PageBatch, frame: Vec<u8>, data_at: usize, max_raw: u64) -> Re
     }
     let is_zero = |i: u64| b.zero[(i / 8) as usize] & (1 << (i % 8)) != 0;
     let nonzero = (0..pages).filter(|i| !is_zero(*i)).count() as u64;
-    if b.raw_len != nonzero * PAGE as u64 || b.page_hashes.len() as u64 != nonzero * 16 {
-        return Err(bad("page count, data length and checksums disagree".into()));
+    if b.raw_len != nonzero * PAGE as u64 || b.blake3.len() != 32 {
+        return Err(bad("page count and data length disagree, or no checksum".into()));
     }
     let (buf, at) = match Compression::try_from(b.compression) {
         Ok(Compression::None) => {
@@ -152,10 +144,13 @@ pub fn decode(b: &PageBatch, frame: Vec<u8>, data_at: usize, max_raw: u64) -> Re
     if data.len() as u64 != b.raw_len {
         return Err(bad(format!("{} bytes of page data, expected {}", data.len(), b.raw_len)));
     }
+    if blake3::hash(data).as_bytes()[..] != b.blake3[..] {
+        let addr = b.runs.first().map(|r| r.vaddr).unwrap_or(0);
+        return Err(BatchError::Checksum { pid: b.pid, pass: b.pass, addr, pages });
+    }
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut zero: Vec<(u64, u64)> = Vec::new();
     let mut i = 0u64;
-    let mut k = 0usize;
     for r in &b.runs {
         if r.vaddr % PAGE as u64 != 0 || r.vaddr.checked_add(r.nr_pages as u64 * PAGE as u64).is_none() {
             return Err(bad(format!("run at {:#x} is misaligned", r.vaddr)));
@@ -166,13 +161,6 @@ pub fn decode(b: &PageBatch, frame: Vec<u8>, data_at: usize, max_raw: u64) -> Re
             match list.last_mut() {
                 Some(l) if l.0 + l.1 == addr => l.1 += PAGE as u64,
                 _ => list.push((addr, PAGE as u64)),
-            }
-            if !is_zero(i) {
-                let page = &data[k * PAGE..(k + 1) * PAGE];
-                if blake3::hash(page).as_bytes()[..16] != b.page_hashes[k * 16..k * 16 + 16] {
-                    return Err(BatchError::Checksum { pid: b.pid, pass: b.pass, addr });
-                }
-                k += 1;
             }
             i += 1;
         }

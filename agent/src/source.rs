@@ -578,7 +578,6 @@ async fn run_pass(
     let c2 = counters.clone();
     let bn = batch_no.clone();
     let corrupt_at = s.agent.hooks.corrupt_batch;
-    let zero = batch::zero_hash();
     let consumer: floe_engine::dump::ChunkConsumer = Box::new(move |item: StreamItem| {
         let out: Out = match item {
             StreamItem::State(m) => {
@@ -591,7 +590,7 @@ async fn run_pass(
                 let n = bn.fetch_add(1, Ordering::Relaxed) + 1;
                 let recycle = chunk.recycle.clone();
                 let t = Instant::now();
-                let (enc, spare) = batch::encode(pass, chunk, compress, corrupt_at == Some(n), &zero);
+                let (enc, spare) = batch::encode(pass, chunk, compress, corrupt_at == Some(n));
                 if compress {
                     c2.compress_ns.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
                     c2.compress_in.fetch_add(enc.raw_bytes, Ordering::Relaxed);

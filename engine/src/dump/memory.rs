@@ -318,7 +318,7 @@ enum Chunk {
 }
 
 /// Page data of one batch, in stream mode (live migration): `runs` are
-/// this image's runs (`image` 0, with `page_hashes`) whose `file_offset`s
+/// this image's runs (`image` 0; `page_hashes` only when the sink hashes pages) whose `file_offset`s
 /// count from the start of `data[..len]`.
 pub struct PageChunk {
     pub pid: i32,
@@ -402,6 +402,11 @@ pub struct PageSink {
     /// Identical pages stored once (off in stream mode: the consumer cannot
     /// point back at data it already passed on).
     content_dedup: bool,
+    /// Hash every page (off in stream mode when nothing compares pages: the
+    /// stream's consumer checksums whole batches, which is several times
+    /// cheaper than 4 KiB at a time). Without it, `page_hashes` hold
+    /// [`ZERO_MARK`] for zero pages and 0xff.. for the others.
+    hash_pages: bool,
 }
 
 /// A stored run's physical frames, file offset, checksum and process.
@@ -457,6 +462,18 @@ fn split_clean(s: u64, e: u64, dirty: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
         }
     }
     out
+}
+
+/// `page_hashes` entry of a zero page when pages are not hashed.
+pub const ZERO_MARK: [u8; 16] = [0; 16];
+
+/// Whether every byte of `page` is zero (an OR over 8-byte words, which
+/// the compiler vectorizes).
+pub fn is_zero(page: &[u8]) -> bool {
+    let words = page.chunks_exact(8);
+    let rest = words.remainder();
+    let or = words.fold(0u64, |acc, w| acc | u64::from_ne_bytes(w.try_into().unwrap_or([0xff; 8])));
+    or == 0 && rest.iter().all(|b| *b == 0)
 }
 
 pub fn hash16(page: &[u8]) -> [u8; 16] {
@@ -592,6 +609,7 @@ impl PageSink {
             stored: std::collections::HashMap::new(),
             stream,
             content_dedup: true,
+            hash_pages: true,
         }
     }
 
@@ -618,6 +636,13 @@ impl PageSink {
             }));
         }
         Ok(())
+    }
+
+    /// Stream mode: stops hashing each page (see `hash_pages`).
+    pub fn skip_page_hashes(&mut self) {
+        if self.stream {
+            self.hash_pages = false;
+        }
     }
 
     /// Turns content deduplication off or on (incremental mode).
@@ -802,11 +827,20 @@ impl PageSink {
                 let mut o = 0usize;
                 let first_run = out_runs.len();
                 let dedup = self.content_dedup;
+                let hash_pages = self.hash_pages;
                 for r in &runs[i..j] {
                     for k in 0..(r.len / PAGE) {
                         let vaddr = r.vaddr + k * PAGE;
                         let at = o + (k * PAGE) as usize;
-                        let h = hash16(&buf[at..at + PAGE as usize]);
+                        // Without per-page hashes (a stream whose consumer checks whole
+                        // batches), only zero pages get a recognizable marker.
+                        let h = if hash_pages {
+                            hash16(&buf[at..at + PAGE as usize])
+                        } else if is_zero(&buf[at..at + PAGE as usize]) {
+                            ZERO_MARK
+                        } else {
+                            [0xff; 16]
+                        };
                         let known = inc
                             .by_addr
                             .get(&(pid, vaddr))

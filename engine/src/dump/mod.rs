@@ -13,7 +13,7 @@ pub(crate) mod memory;
 mod parasite;
 
 pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX};
-pub use memory::{is_vdso_part, ChunkConsumer, PageChunk, Recycler, StreamItem, BATCH as STREAM_BATCH_BYTES};
+pub use memory::{is_vdso_part, is_zero, ChunkConsumer, PageChunk, Recycler, StreamItem, BATCH as STREAM_BATCH_BYTES};
 
 use crate::image::{ImageError, ImageWriter};
 use crate::inject::{InjectError, Injector};
@@ -417,6 +417,10 @@ pub(crate) fn pre_dump_frozen(
     let mut sink = out.sink()?;
     sink.incremental(index.unwrap_or_default());
     sink.tolerate_races(true);
+    if tracker != crate::track::Tracker::Hash {
+        // Nothing compares pages: a stream checksums whole batches instead.
+        sink.skip_page_hashes();
+    }
     let mut processes = Vec::with_capacity(scans.len());
     let mut shmem = memory::ShmemCoverage::new();
     for (pid, ppid, dirty) in &scans {
@@ -599,6 +603,9 @@ pub(crate) fn dump_frozen(
     sink.share_cow(processes.len() > 1);
     if parent.is_some() || opts.track_mem || opts.pre_dump {
         sink.incremental(index.unwrap_or_default());
+    }
+    if tracker != crate::track::Tracker::Hash {
+        sink.skip_page_hashes();
     }
     if parent.is_some_and(|p| p.link.is_none()) {
         // A migration's base: pages "in the parent" are on the target already.
