@@ -496,15 +496,20 @@ EOF
 		cat "$1/stats" 2>/dev/null || echo "count=nan max_gap_ms=nan errors=nan wrong=nan last_error=no-stats"
 	}
 	# client_tcp -> "RETRANS RTO_MS" of the client's connection to the service (ss -ti: total
-	# retransmitted segments so far, current retransmission timeout); "nan nan" if not found
+	# retransmitted segments so far, which ss omits while it is 0; current retransmission
+	# timeout); "nan nan" if the connection is not found
 	client_tcp() {
 		local line r t
 		line=$({ nsenter --net="/run/netns/$LAN_C" ss -tinH state established dst "$SIP:$REDIS_PORT" 2>/dev/null || true; } | tr '\n' ' ')
 		printf '%s\n' "$line" >>"$RUN_B_DIR/ss.txt"
+		if [[ $line != *rto:* ]]; then
+			echo "nan nan"
+			return 0
+		fi
 		r=$(grep -o 'retrans:[0-9]*/[0-9]*' <<<"$line" | head -n1 || true)
 		t=$(grep -o ' rto:[0-9.]*' <<<"$line" | head -n1 || true)
 		r=${r##*/} t=${t##*:}
-		echo "${r:-nan} ${t:-nan}"
+		echo "${r:-0} ${t:-nan}"
 	}
 	redis_answers() { # from host c, through the service address
 		nsenter --net="/run/netns/$LAN_C" timeout 2 bash -c \
@@ -727,6 +732,15 @@ if b_done:
     print()
     print(f"downtime {mr(dts, '.1f')} ms; client's longest gap {mr(gaps, '.1f')} ms "
           f"(before the migration: {mr([f(r['gap_before_ms']) for r in rows], '.1f')} ms)")
+    rel = []
+    for r in ok:
+        ga, dt, rb, ra = f(r["gap_after_ms"]), f(r["downtime_ms"]), f(r["retrans_before"]), f(r["retrans_after"])
+        if ga is None or dt is None:
+            continue
+        why = "?" if rb is None or ra is None else ("client retransmitted" if ra > rb else "no retransmission")
+        rel.append(f"run {r['rep']} {ga - dt:+.1f} ms ({why})")
+    if rel:
+        print("client's longest gap minus downtime: " + ", ".join(rel))
     g = med(gaps)
     clean = bool(rows) and len(ok) == len(rows) and all(r["errors"] == "0" and r["wrong"] == "0" for r in rows)
     if g is None or not ok:

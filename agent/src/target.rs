@@ -413,8 +413,10 @@ async fn apply_stream(
                 record(agent, entry, "releasing");
                 // The source copy never runs again: let the connections' packets through here.
                 if let Some(l) = net.lock.take() {
-                    if let Err(e) = l.unlock() {
-                        tracing::error!(error = %e, "cannot remove the network lock");
+                    match l.unlock_deferred() {
+                        // Closing the netlink socket is slow: not in the downtime.
+                        Ok((_, sock)) => drop(std::thread::spawn(move || drop(sock))),
+                        Err(e) => tracing::error!(error = %e, "cannot remove the network lock"),
                     }
                 }
                 net.added.clear();

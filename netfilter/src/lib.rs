@@ -340,6 +340,22 @@ impl Lock {
         Ok(took)
     }
 
+    /// Like [`Lock::unlock`], but the netlink socket is closed only when the
+    /// returned [`Unlocked`] is dropped: closing it can take the kernel ~10
+    /// ms, which a caller with the connections' peers waiting does elsewhere
+    /// (e.g. on another thread).
+    pub fn unlock_deferred(mut self) -> Result<(Duration, Unlocked), NetfilterError> {
+        let start = Instant::now();
+        self.armed = false;
+        {
+            let mut sock = lock_socket(&self.sock);
+            delete_table(&mut sock, &self.table)?;
+        }
+        let took = start.elapsed();
+        tracing::debug!(table = %self.table, ?took, "network lock released");
+        Ok((took, Unlocked(self)))
+    }
+
     /// Leaves the table in place and returns its name: the connections stay
     /// locked after this `Lock` is gone (e.g. from dump until restore, in
     /// another process). Remove it later with [`remove_table`] or
@@ -349,6 +365,9 @@ impl Lock {
         std::mem::take(&mut self.table)
     }
 }
+
+/// An unlocked [`Lock`] whose netlink socket is still open; dropping it closes it.
+pub struct Unlocked(#[allow(dead_code)] Lock);
 
 impl Drop for Lock {
     fn drop(&mut self) {
