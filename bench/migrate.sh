@@ -55,6 +55,8 @@ VERIFY_TIMEOUT_S=120  # the moved workload checking its memory
 GONE_TIMEOUT_S=15     # a killed process disappearing from /proc
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 log() { printf '%s\n' "$*" >&2; }
 die() {
@@ -263,29 +265,7 @@ ip -n "$NSB" link set lo up
 ip -n "$NSA" link set "$VETHA" mtu 9000 up
 ip -n "$NSB" link set "$VETHB" mtu 9000 up
 
-"$FLOE" certs init --dir "$WORK/pki" >/dev/null || die "floe certs init failed"
-"$FLOE" certs issue "$HOSTA" --san "$IPA" --dir "$WORK/pki" >/dev/null || die "floe certs issue $HOSTA failed"
-"$FLOE" certs issue "$HOSTB" --san "$IPB" --dir "$WORK/pki" >/dev/null || die "floe certs issue $HOSTB failed"
-for h in a b; do
-	if [[ $h == a ]]; then
-		name=$HOSTA ip=$IPA peer=$HOSTB peerip=$IPB
-	else
-		name=$HOSTB ip=$IPB peer=$HOSTA peerip=$IPA
-	fi
-	cat >"$WORK/$h.toml" <<EOT
-name = "$name"
-listen = "$ip:7420"
-control_socket = "$WORK/$h.sock"
-data_dir = "$WORK/data-$h"
-ca = "$WORK/pki/ca.pem"
-cert = "$WORK/pki/$name.pem"
-key = "$WORK/pki/$name.key"
-allowed_peers = ["$peer"]
-log = "info"
-[peers]
-"$peer" = "$peerip:7420"
-EOT
-done
+agent_configs "$WORK" "$FLOE" "$HOSTA" "$IPA" "$HOSTB" "$IPB"
 # (nsenter directly, not through in_ns, so that $! is the agent: nsenter execs it)
 nsenter --net="/run/netns/$NSA" "$AGENT" -c "$WORK/a.toml" >"$WORK/agent-a.log" 2>&1 &
 AGENT_A=$!

@@ -63,6 +63,8 @@ GONE_TIMEOUT_S=15     # a killed process disappearing from /proc
 REDIS_PORT=6379
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 log() { printf '%s\n' "$*" >&2; }
 die() {
@@ -419,29 +421,7 @@ if ((RUN_B)) && [[ -z $B_SKIP ]]; then
 	fi
 
 	# ---- agents in a and b
-	"$FLOE" certs init --dir "$WORK/pki" >/dev/null || die "floe certs init failed"
-	"$FLOE" certs issue "$HOSTA" --san "$IP_A" --dir "$WORK/pki" >/dev/null || die "floe certs issue $HOSTA failed"
-	"$FLOE" certs issue "$HOSTB" --san "$IP_B" --dir "$WORK/pki" >/dev/null || die "floe certs issue $HOSTB failed"
-	for h in a b; do
-		if [[ $h == a ]]; then
-			name=$HOSTA addr=$IP_A peer=$HOSTB peerip=$IP_B
-		else
-			name=$HOSTB addr=$IP_B peer=$HOSTA peerip=$IP_A
-		fi
-		cat >"$WORK/$h.toml" <<EOT
-name = "$name"
-listen = "$addr:7420"
-control_socket = "$WORK/$h.sock"
-data_dir = "$WORK/data-$h"
-ca = "$WORK/pki/ca.pem"
-cert = "$WORK/pki/$name.pem"
-key = "$WORK/pki/$name.key"
-allowed_peers = ["$peer"]
-log = "info"
-[peers]
-"$peer" = "$peerip:7420"
-EOT
-	done
+	agent_configs "$WORK" "$FLOE" "$HOSTA" "$IP_A" "$HOSTB" "$IP_B"
 	spawn "$LAN_A" "$WORK/agent-a.log" "$AGENT" -c "$WORK/a.toml"
 	AGENT_A=$SPAWNED
 	PIDS+=("$AGENT_A")
