@@ -218,7 +218,8 @@ impl TargetWorker {
                             let res = match (failed.clone(), staged.take()) {
                                 (Some(m), _) => Err(m),
                                 (None, None) => Err("no process state received".into()),
-                                (None, Some(s)) => s.finish(&dir, &present).map_err(|e| chain(&e)),
+                                // receive_final checked pages.img against the source's blake3.
+                                (None, Some(s)) => s.finish(&dir, &present, true).map_err(|e| chain(&e)),
                             };
                             let _ = r.send(res.map(|f| {
                                 let pids = (f.root_pid(), f.host_pid());

@@ -1,6 +1,6 @@
 //! The target side of a live migration: a restore built while the source runs.
 use crate::image::{ImageChain, ImageReader};
-use crate::restore::{load_pages, Preflight, RestoreError, RestoreOptions, Tree};
+use crate::restore::{load_pages, load_pages_preverified, Preflight, RestoreError, RestoreOptions, Tree};
 use crate::sys::memory::Range;
 use floe_proto::image as pb;
 use std::collections::HashMap;
@@ -104,10 +104,13 @@ impl Staged {
     /// Applies the final image (state, last pages) with the tree stopped:
     /// `present` lists per pid every page range the process had at the
     /// freeze; pages written earlier outside them are dropped.
+    /// `pages_verified`: the caller checked pages.img as a whole already,
+    /// so the runs' own checksums are not computed again.
     pub fn finish(
         mut self,
         dir: &std::path::Path,
         present: &HashMap<i32, Vec<(u64, u64)>>,
+        pages_verified: bool,
     ) -> Result<Finished, RestoreError> {
         let t0 = std::time::Instant::now();
         let chain = ImageChain::open(dir)?;
@@ -145,7 +148,11 @@ impl Staged {
             }
         }
         let t_drop = t0.elapsed();
-        let bytes = load_pages(&chain, &mut self.tree)?;
+        let bytes = if pages_verified {
+            load_pages_preverified(&chain, &mut self.tree)?
+        } else {
+            load_pages(&chain, &mut self.tree)?
+        };
         self.pages_written += bytes / 4096;
         let t_pages = t0.elapsed();
         self.tree.finish_stopped(img, &self.pre)?;

@@ -22,7 +22,7 @@ pub mod preflight;
 mod stub;
 mod sysv;
 
-pub use pages::{load_pages, load_pages_where};
+pub use pages::{load_pages, load_pages_preverified, load_pages_where};
 pub use preflight::Preflight;
 pub use stub::Stub;
 
