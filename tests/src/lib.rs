@@ -526,6 +526,7 @@ pub struct Spawn {
     stdout: Option<Stdio>,
     setsid: bool,
     ready: Option<PathBuf>,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Spawn {
@@ -545,7 +546,14 @@ impl Spawn {
             stdout: None,
             setsid: true,
             ready: None,
+            env: Vec::new(),
         }
+    }
+
+    /// An environment variable for the program.
+    pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
+        self.env.push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self
     }
 
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
@@ -587,6 +595,7 @@ impl Spawn {
         let logf = fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir)
             .stdin(self.stdin.unwrap_or_else(Stdio::null))
             .stdout(self.stdout.unwrap_or_else(|| Stdio::from(logf.try_clone().unwrap())))

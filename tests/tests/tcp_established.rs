@@ -33,8 +33,18 @@ fn echo(c: &mut TcpStream, msg: &str) -> String {
 }
 
 fn start_server(td: &tempfile::TempDir) -> (Fixture, TcpStream) {
-    let fx = Spawn::fixture("tcpecho", td.path()).arg(td.path()).ready_file(td.path().join("ready")).spawn();
-    let mut c = TcpStream::connect(("127.0.0.1", port_of(td.path()))).unwrap();
+    start_server_on(td, false)
+}
+
+/// The echo server over IPv4 (127.0.0.1) or IPv6 (::1), and a client connected to it.
+fn start_server_on(td: &tempfile::TempDir, v6: bool) -> (Fixture, TcpStream) {
+    let fx = Spawn::fixture("tcpecho", td.path())
+        .arg(td.path())
+        .env("TCPECHO_V6", if v6 { "1" } else { "0" })
+        .ready_file(td.path().join("ready"))
+        .spawn();
+    let host = if v6 { "::1" } else { "127.0.0.1" };
+    let mut c = TcpStream::connect((host, port_of(td.path()))).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(echo(&mut c, "hello"), "HELLO");
     (fx, c)
@@ -76,6 +86,20 @@ fn established_connection_survives_dump_and_restore() {
     assert!(wait_pid_gone(fx.pid, Duration::from_secs(5)));
     assert_ok(&restore_detached(&img2, &["--tcp-established"], std::process::Stdio::null()), "second restore");
     assert_eq!(echo(&mut c, "again"), "AGAIN");
+}
+
+#[test]
+fn ipv6_connection_survives_dump_and_restore() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let (mut fx, mut c) = start_server_on(&td, true);
+    assert!(c.peer_addr().unwrap().is_ipv6());
+    let img = td.path().join("img");
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of an IPv6 connection");
+    fx.reap(Duration::from_secs(5));
+    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
+    fx.adopt_restored();
+    assert_eq!(echo(&mut c, "over six"), "OVER SIX");
 }
 
 #[test]
