@@ -43,7 +43,9 @@ impl InFlight {
 /// Test hooks, read from `FLOE_TEST_HOOK` at start (tests only; see docs/protocol.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Hooks {
-    /// Target: exit the agent when pass 1 starts / the final image arrives / before "ready".
+    /// Target: exit the agent when pass 1 starts / the final image arrives /
+    /// before "ready" / after journalling "releasing" (tree still stopped) /
+    /// after "released" (tree running, before "done").
     pub exit_at: Option<String>,
     /// Source: corrupt the n-th page batch (from 1).
     pub corrupt_batch: Option<u64>,

@@ -411,6 +411,7 @@ async fn apply_stream(
                     }
                 }
                 record(agent, entry, "releasing");
+                agent.hooks.maybe_exit("releasing");
                 // The source copy never runs again: let the connections' packets through here.
                 if let Some(l) = net.lock.take() {
                     match l.unlock_deferred() {
@@ -426,6 +427,7 @@ async fn apply_stream(
                     rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
                 entry.host_pid = host_pid;
                 record(agent, entry, "released");
+                agent.hooks.maybe_exit("released");
                 reap(wait_pid);
                 tracing::info!(id, pid = root, host_pid, "migrated process runs here");
                 st.send(Msg::Done(pp::Done { pid: root })).await?;

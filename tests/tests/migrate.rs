@@ -242,3 +242,59 @@ fn file_missing_on_target_is_refused_before_freezing() {
     );
     assert_source_intact(&c, &w, "file missing on target");
 }
+
+/// The commit's in-doubt window. The target agent dies after releasing the
+/// tree (it runs there) but before saying "done": the source keeps its copy
+/// frozen, and once the target agent is back and answers "released", kills
+/// it. Exactly one copy runs, and the log has no gap and no duplicate.
+#[test]
+fn in_doubt_after_release_resolves_to_the_target() {
+    require_root!();
+    let cfg = "[tuning]\nidle_timeout_ms = 1500\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 3\n";
+    let mut c = Cluster::new("idr", cfg).unwrap();
+    c.start_agent(0, &[]).unwrap();
+    c.start_agent(1, &[("FLOE_TEST_HOOK", "exit-at=released")]).unwrap();
+    let w = c.workload(0, 64, 2).unwrap();
+    let out = c.migrate(0, w.pid, &["--max-downtime", "1000"]);
+    assert!(!out.status.success(), "no \"done\" came, yet migrate reported success");
+    assert_mentions(&error_of(&out), &["in doubt"], "in-doubt error");
+    assert_eq!(c.wait_agent(1, Duration::from_secs(10)), Some(99));
+    // The target copy runs; the source copy is frozen (never both running).
+    assert_eq!(c.copies_in(1).len(), 1, "no copy runs on b");
+    let st = proc_state(w.pid);
+    assert!(matches!(st, Some('t') | Some('T')), "source copy should be stopped, is {st:?}");
+    // The target agent comes back: the source learns "released" and kills its copy.
+    c.start_agent(1, &[]).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || c.copies_in(0).is_empty()), "the source copy was not killed");
+    assert_eq!(c.copies_in(1).len(), 1);
+    let before = last_seq(&w);
+    assert!(wait_until(Duration::from_secs(5), || last_seq(&w) > before + 50), "the migrated process stopped");
+    let (_, moves) = check_log(&w.log()).unwrap();
+    assert_eq!(moves.len(), 1, "the log moved namespaces {moves:?}");
+}
+
+/// The target agent dies after journalling "releasing" but before the tree
+/// was let go: the kernel kills the stopped tree (EXITKILL), the target's
+/// journal says "releasing" with no live process, so the source resumes
+/// its own copy.
+#[test]
+fn in_doubt_before_release_resolves_to_the_source() {
+    require_root!();
+    let cfg = "[tuning]\nidle_timeout_ms = 1500\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 3\n";
+    let mut c = Cluster::new("idb", cfg).unwrap();
+    c.start_agent(0, &[]).unwrap();
+    c.start_agent(1, &[("FLOE_TEST_HOOK", "exit-at=releasing")]).unwrap();
+    let w = c.workload(0, 64, 2).unwrap();
+    let out = c.migrate(0, w.pid, &["--max-downtime", "1000"]);
+    assert!(!out.status.success());
+    assert_eq!(c.wait_agent(1, Duration::from_secs(10)), Some(99));
+    assert!(wait_until(Duration::from_secs(10), || c.copies_in(1).is_empty()), "a copy runs on b");
+    c.start_agent(1, &[]).unwrap();
+    // The source agent keeps asking; the answer ("discarded") resumes its copy.
+    assert!(
+        wait_until(Duration::from_secs(20), || matches!(proc_state(w.pid), Some('S') | Some('R'))),
+        "the source copy was not resumed: {:?}",
+        proc_state(w.pid)
+    );
+    assert_source_intact(&c, &w, "in doubt before release");
+}
