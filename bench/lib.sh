@@ -1,5 +1,26 @@
 # Shell functions shared by the benchmarks (sourced, not run).
 
+# wait_gone PID [SECONDS] -> 0 once /proc/PID is gone, 1 after the timeout
+# (default: $GONE_TIMEOUT_S of the sourcing script)
+wait_gone() {
+	local pid=$1 limit=${2:-$GONE_TIMEOUT_S} i
+	for ((i = 0; i < limit * 50; i++)); do
+		[[ -e /proc/$pid ]] || return 0
+		sleep 0.02
+	done
+	return 1
+}
+
+# wait_file FILE SECONDS -> 0 once FILE exists
+wait_file() {
+	local i
+	for ((i = 0; i < $2 * 50; i++)); do
+		[[ -e $1 ]] && return 0
+		sleep 0.02
+	done
+	return 1
+}
+
 # agent_configs WORK FLOE HOSTA IPA HOSTB IPB
 # A throwaway cluster CA and a certificate per agent in WORK/pki, and the
 # agents' configurations WORK/a.toml and WORK/b.toml (each lists the other

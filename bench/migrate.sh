@@ -120,26 +120,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# wait_gone PID [SECONDS] -> 0 once /proc/PID is gone, 1 after the timeout
-wait_gone() {
-	local pid=$1 limit=${2:-$GONE_TIMEOUT_S} i
-	for ((i = 0; i < limit * 50; i++)); do
-		[[ -e /proc/$pid ]] || return 0
-		sleep 0.02
-	done
-	return 1
-}
-
-# wait_file FILE SECONDS -> 0 once FILE exists
-wait_file() {
-	local i
-	for ((i = 0; i < $2 * 20; i++)); do
-		[[ -e $1 ]] && return 0
-		sleep 0.05
-	done
-	return 1
-}
-
 # in_ns NS CMD... : run CMD in host NS's network namespace only (it shares the mount
 # namespace with us, the agents and the workload; `ip netns exec` would make a new one)
 in_ns() {

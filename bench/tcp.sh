@@ -126,26 +126,6 @@ WORK=""
 PIDS=()     # agents and other processes we started
 MY_NS=()    # namespaces we created
 
-# wait_gone PID [SECONDS] -> 0 once /proc/PID is gone, 1 after the timeout
-wait_gone() {
-	local pid=$1 limit=${2:-$GONE_TIMEOUT_S} i
-	for ((i = 0; i < limit * 50; i++)); do
-		[[ -e /proc/$pid ]] || return 0
-		sleep 0.02
-	done
-	return 1
-}
-
-# wait_file FILE SECONDS -> 0 once FILE exists
-wait_file() {
-	local i
-	for ((i = 0; i < $2 * 50; i++)); do
-		[[ -e $1 ]] && return 0
-		sleep 0.02
-	done
-	return 1
-}
-
 # floe_tables NS -> names of floe_ nftables tables in NS (family and name per line)
 floe_tables() {
 	((HAVE_NFT)) || return 0
