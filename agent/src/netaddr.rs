@@ -76,9 +76,11 @@ pub fn remove(cidr: &str, hook: Option<&std::path::Path>) -> Result<String, Addr
 }
 
 /// Adds `cidr` on `dev`, or on the interface this host reaches its subnet
-/// through, and announces it (gratuitous ARP when `arping` is installed;
-/// otherwise the first packet the restored connections send makes the
-/// kernel ARP from the address, which refreshes the peers' caches).
+/// through, and announces it: IPv4 with a gratuitous ARP when `arping` is
+/// installed (otherwise the first packet the restored connections send makes
+/// the kernel ARP from the address, which refreshes the peers' caches); IPv6
+/// without duplicate address detection and with an unsolicited neighbour
+/// advertisement (`ndisc_notify`).
 /// Returns the interface.
 pub fn add(cidr: &str, dev: Option<&str>, hook: Option<&std::path::Path>) -> Result<String, AddrError> {
     if let Some(h) = hook {
@@ -102,7 +104,18 @@ pub fn add(cidr: &str, dev: Option<&str>, hook: Option<&std::path::Path>) -> Res
             dev.ok_or_else(|| AddrError::Failed { args: format!("route get {s}"), stderr: "no device".into() })?
         }
     };
-    ip(&["addr", "add", cidr, "dev", &dev])?;
+    if addr.is_ipv6() {
+        // Usable at once (no duplicate address detection: the address just
+        // left the source), and announced with an unsolicited neighbour
+        // advertisement, which updates the peers' caches.
+        let knob = format!("/proc/sys/net/ipv6/conf/{dev}/ndisc_notify");
+        if let Err(e) = std::fs::write(&knob, "1") {
+            tracing::warn!(path = %knob, error = %e, "cannot turn on neighbour advertisements");
+        }
+        ip(&["addr", "add", cidr, "dev", &dev, "nodad"])?;
+    } else {
+        ip(&["addr", "add", cidr, "dev", &dev])?;
+    }
     if addr.is_ipv4() {
         // Best effort, in the background: the migration does not wait for it.
         let _ = Command::new("arping")

@@ -303,3 +303,77 @@ fn address_hook_moves_the_service_address() {
     let (ok, after) = progress(&cdir, client, n0, 300, 10);
     assert!(ok && after["errors"] == "0", "client after the hook-moved migration: {after:?}");
 }
+
+/// The same over IPv6: the service address is an IPv6 one (added without
+/// duplicate address detection and announced by neighbour advertisement on
+/// the target), the connection an IPv6 one.
+#[test]
+fn ipv6_server_with_open_connection_migrates() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcp6", CONFIG).unwrap();
+    let lan = c.lan();
+    let v4 = lan.service_ip.octets();
+    let prefix = format!("fd00:{:x}:{:x}", v4[1], v4[2]);
+    let six = |n: u32| format!("{prefix}::{n:x}");
+    for (i, host) in lan.hosts().iter().enumerate() {
+        let st = std::process::Command::new("ip")
+            .args(["-n", &host.name, "-6", "addr", "add", &format!("{}/64", six(i as u32 + 1)), "dev", &host.ifname])
+            .arg("nodad")
+            .status()
+            .unwrap();
+        assert!(st.success(), "cannot add an IPv6 address on {}", host.name);
+    }
+    let service = six(0x100);
+    let st = std::process::Command::new("ip")
+        .args(["-n", &lan.a.name, "-6", "addr", "add", &format!("{service}/64"), "dev", &lan.a.ifname, "nodad"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    c.start().unwrap();
+    let sdir = c.dir.path().join("server6");
+    let cdir = c.dir.path().join("client6");
+    std::fs::create_dir_all(&sdir).unwrap();
+    std::fs::create_dir_all(&cdir).unwrap();
+    let spawn = |host: usize, args: Vec<String>, dir: &Path, name: &str, env: &[(&str, &str)]| {
+        let mut cmd = c.host(host).command_setns(fixture_path(name)).unwrap();
+        cmd.args(&args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
+        cmd.stderr(std::fs::File::create(dir.join("err")).unwrap());
+        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        assert!(wait_for_file(&dir.join("ready"), Duration::from_secs(20)), "{name} did not start");
+        let pid = child.id() as i32;
+        std::mem::forget(child);
+        pid
+    };
+    let server = spawn(0, vec![sdir.display().to_string(), PORT.to_string()], &sdir, "tcpecho", &[("TCPECHO_V6", "1")]);
+    let client = spawn(
+        2,
+        vec![service.clone(), PORT.to_string(), cdir.display().to_string(), "5".into()],
+        &cdir,
+        "tcpclient",
+        &[],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
+    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &format!("{service}/64")]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
+    let (ok, after) = progress(&cdir, client, n0, 300, 15);
+    eprintln!("IPv6 client after the migration: {after:?}");
+    assert!(ok && after["errors"] == "0" && after["mismatches"] == "0", "client: {after:?}");
+    assert_eq!(floe_tables(&c, 0), "");
+    assert_eq!(floe_tables(&c, 1), "");
+}

@@ -196,7 +196,12 @@ pub fn check(f: &pp::Preflight) -> Vec<String> {
     }
     // Every address a socket is bound to must be here, or arrive with the migration.
     for a in &f.socket_addresses {
-        let moving = f.moving_addresses.iter().any(|m| m.split('/').next() == Some(a.as_str()));
+        // Compared as addresses: "fd00:74:0::100" and "fd00:74::100" are one.
+        let ip = a.parse::<std::net::IpAddr>().ok();
+        let moving = f
+            .moving_addresses
+            .iter()
+            .any(|m| m.split('/').next().and_then(|s| s.parse::<std::net::IpAddr>().ok()) == ip && ip.is_some());
         if !moving && !address_is_local(a) {
             problems.push(format!(
                 "a socket of the tree is bound to {a}, which this host does not have; add it here or pass --move-address {a}/PREFIX"
