@@ -377,6 +377,46 @@ impl Host {
 
 /// Two hosts `a` and `b` joined by a veth pair; see the module docs.
 /// Dropping it kills everything inside and removes the namespaces.
+/// Validated tag, unique suffix and subnet of a new set of hosts (shared by
+/// [`Hosts::new`] and [`Lan::new`]), after stale namespaces of the tag are gone.
+struct HostNames {
+    tag: String,
+    uniq: String,
+    x: u8,
+    y: u8,
+}
+
+impl HostNames {
+    fn new(tag: &str) -> io::Result<HostNames> {
+        if tag.is_empty()
+            || tag.len() > MAX_TAG_LEN
+            || !tag.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("netns tag {tag:?} must be 1 to {MAX_TAG_LEN} characters of [a-z0-9]"),
+            ));
+        }
+        tool("ip")?;
+        tool("ping")?;
+        cleanup_stale(tag);
+        let pid = std::process::id();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // "f" + <= 5 (pid_max 2^22) + "-" + <= 7 + "a" <= 15 characters.
+        let uniq = format!("{}-{}", base36(u64::from(pid)), base36(u64::from(n)));
+        Ok(HostNames { tag: tag.to_string(), uniq, x: 100 + (pid % 128) as u8, y: (n % 256) as u8 })
+    }
+
+    /// Host `side` with address 10.X.Y.`last`.
+    fn host(&self, side: &str, last: u8) -> Host {
+        Host {
+            name: format!("floe-{}-{}-{side}", self.tag, self.uniq),
+            ip: Ipv4Addr::new(10, self.x, self.y, last),
+            ifname: format!("f{}{side}", self.uniq),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Hosts {
     pub a: Host,
@@ -392,29 +432,8 @@ impl Hosts {
     /// a can ping b. `tag`: 1 to 12 characters of `[a-z0-9]`.
     /// On any error, what was created so far is removed again.
     pub fn new(tag: &str) -> io::Result<Hosts> {
-        if tag.is_empty()
-            || tag.len() > MAX_TAG_LEN
-            || !tag.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("netns tag {tag:?} must be 1 to {MAX_TAG_LEN} characters of [a-z0-9]"),
-            ));
-        }
-        tool("ip")?;
-        tool("ping")?;
-        cleanup_stale(tag);
-
-        let pid = std::process::id();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        // "f" + <= 5 (pid_max 2^22) + "-" + <= 7 + "a" <= 15 characters.
-        let uniq = format!("{}-{}", base36(u64::from(pid)), base36(u64::from(n)));
-        let (x, y) = (100 + (pid % 128) as u8, (n % 256) as u8);
-        let host = |side: &str, last: u8| Host {
-            name: format!("floe-{tag}-{uniq}-{side}"),
-            ip: Ipv4Addr::new(10, x, y, last),
-            ifname: format!("f{uniq}{side}"),
-        };
+        let names = HostNames::new(tag)?;
+        let host = |side: &str, last: u8| names.host(side, last);
         // Built first so that Drop cleans up after a failure half-way.
         let hosts = Hosts { a: host("a", 1), b: host("b", 2), cut: AtomicBool::new(false) };
         hosts.setup()?;
@@ -603,29 +622,9 @@ impl Lan {
     /// characters of `[a-z0-9]`. On any error, what was created so far is
     /// removed again.
     pub fn new(tag: &str) -> io::Result<Lan> {
-        if tag.is_empty()
-            || tag.len() > MAX_TAG_LEN
-            || !tag.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("netns tag {tag:?} must be 1 to {MAX_TAG_LEN} characters of [a-z0-9]"),
-            ));
-        }
-        tool("ip")?;
-        tool("ping")?;
-        cleanup_stale(tag);
-
-        let pid = std::process::id();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        // "f" + <= 5 (pid_max 2^22) + "-" + <= 7 + "a" <= 15 characters.
-        let uniq = format!("{}-{}", base36(u64::from(pid)), base36(u64::from(n)));
-        let (x, y) = (100 + (pid % 128) as u8, (n % 256) as u8);
-        let host = |side: &str, last: u8| Host {
-            name: format!("floe-{tag}-{uniq}-{side}"),
-            ip: Ipv4Addr::new(10, x, y, last),
-            ifname: format!("f{uniq}{side}"),
-        };
+        let names = HostNames::new(tag)?;
+        let (uniq, x, y) = (names.uniq.clone(), names.x, names.y);
+        let host = |side: &str, last: u8| names.host(side, last);
         // Built first so that Drop cleans up after a failure half-way.
         let lan = Lan {
             a: host("a", 1),
