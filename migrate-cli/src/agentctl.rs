@@ -175,5 +175,22 @@ pub fn status(sock: &Path, json: bool) -> Result<i32> {
             mib(num(m, "bytes_sent"))
         );
     }
+    // The journal's latest outcomes (an in-doubt migration shows as "committing").
+    let mut recent: Vec<&serde_json::Value> =
+        v.get("recent").and_then(|l| l.as_array()).map(|a| a.iter().collect()).unwrap_or_default();
+    recent.sort_by_key(|e| std::cmp::Reverse(e.get("updated_unix_ms").and_then(|t| t.as_u64()).unwrap_or(0)));
+    if !recent.is_empty() {
+        println!("recent migrations (newest first):");
+    }
+    for e in recent.iter().take(10) {
+        println!(
+            "  {}  {:<6} pid {:<8} peer {:<16} {}",
+            e.get("id").and_then(|x| x.as_str()).unwrap_or(""),
+            e.get("role").and_then(|x| x.as_str()).unwrap_or(""),
+            num(e, "pid"),
+            e.get("peer").and_then(|x| x.as_str()).unwrap_or(""),
+            e.get("state").and_then(|x| x.as_str()).unwrap_or("")
+        );
+    }
     Ok(0)
 }
