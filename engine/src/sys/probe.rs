@@ -828,71 +828,27 @@ pub fn spawn_soft_dirty_child(mapping: &AnonMapping) -> Result<Child, SysError> 
 // ---------------------------------------------------------------------------
 // userfaultfd (write-protect, async) and PAGEMAP_SCAN
 
-/// `UFFD_USER_MODE_ONLY` flag of userfaultfd(2).
-pub const UFFD_USER_MODE_ONLY: i32 = 1;
-const UFFD_API: u64 = 0xaa;
-/// `UFFD_FEATURE_WP_UNPOPULATED`.
-pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-/// `UFFD_FEATURE_WP_ASYNC`.
-pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-
-/// `struct uffdio_api`.
-#[repr(C)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-const _: () = assert!(size_of::<UffdioApi>() == 24);
-
-/// `struct uffdio_register` (with its embedded `struct uffdio_range`).
-#[repr(C)]
-struct UffdioRegister {
-    start: u64,
-    len: u64,
-    mode: u64,
-    ioctls: u64,
-}
-const _: () = assert!(size_of::<UffdioRegister>() == 32);
-
-/// `_IOWR(type, nr, size)` of the asm-generic ioctl encoding.
-const fn iowr(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
-    (3 << 30) | ((size as libc::c_ulong) << 16) | ((ty as libc::c_ulong) << 8) | nr as libc::c_ulong
-}
-
-const UFFDIO_API: libc::c_ulong = iowr(0xaa, 0x3f, size_of::<UffdioApi>());
-const UFFDIO_REGISTER: libc::c_ulong = iowr(0xaa, 0x00, size_of::<UffdioRegister>());
-const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
-const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
-
 /// A userfaultfd created with `UFFD_USER_MODE_ONLY` whose API handshake enabled
 /// `WP_ASYNC | WP_UNPOPULATED`: write faults on registered ranges are resolved by
-/// the kernel itself, so no thread can ever block on this fd.
+/// the kernel itself, so no thread can ever block on this fd. The calls are the
+/// dirty tracker's own ([`super::track`]), so `floe check` tests exactly them.
 #[derive(Debug)]
 pub struct AsyncWpUffd {
     fd: OwnedFd,
     features: u64,
-    ioctls: u64,
 }
 
 impl AsyncWpUffd {
     /// userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY) + UFFDIO_API.
     pub fn open() -> Result<Self, SysError> {
-        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY;
-        // SAFETY: userfaultfd takes integer flags and returns a new fd.
-        let ret = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::c_long::from(flags)) };
-        let fd = owned_fd("userfaultfd", ret)?;
-        let wanted = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
-        let mut api = UffdioApi { api: UFFD_API, features: wanted, ioctls: 0 };
-        // SAFETY: UFFDIO_API reads and writes exactly one struct uffdio_api, which
-        // `api` is, valid for the call.
-        let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api as *mut UffdioApi) };
-        check("ioctl(UFFDIO_API)", ret.into())?;
-        if api.features & wanted != wanted {
+        let fd = super::track::userfaultfd().map_err(|source| SysError { op: "userfaultfd", source })?;
+        let wanted = super::track::UFFD_FEATURE_WP_ASYNC | super::track::UFFD_FEATURE_WP_UNPOPULATED;
+        let features = super::track::uffd_api(std::os::fd::AsFd::as_fd(&fd), wanted)
+            .map_err(|source| SysError { op: "ioctl(UFFDIO_API)", source })?;
+        if features & wanted != wanted {
             return Err(SysError::from_errno("ioctl(UFFDIO_API)", libc::EOPNOTSUPP));
         }
-        Ok(AsyncWpUffd { fd, features: api.features, ioctls: api.ioctls })
+        Ok(AsyncWpUffd { fd, features })
     }
 
     /// Features the kernel reported in UFFDIO_API.
@@ -900,25 +856,10 @@ impl AsyncWpUffd {
         self.features
     }
 
-    /// ioctl mask the kernel reported in UFFDIO_API.
-    pub fn api_ioctls(&self) -> u64 {
-        self.ioctls
-    }
-
-    /// UFFDIO_REGISTER with MODE_WP over the whole mapping; returns the ioctl mask.
-    pub fn register_wp(&self, mapping: &AnonMapping) -> Result<u64, SysError> {
-        let mut reg = UffdioRegister {
-            start: mapping.start(),
-            len: mapping.len() as u64,
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes exactly one struct uffdio_register,
-        // which `reg` is. The range is our own mapping, and WP_ASYNC (checked in open)
-        // makes write faults on it resolve without a handler.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) };
-        check("ioctl(UFFDIO_REGISTER)", ret.into())?;
-        Ok(reg.ioctls)
+    /// UFFDIO_REGISTER with MODE_WP over the whole mapping.
+    pub fn register_wp(&self, mapping: &AnonMapping) -> Result<(), SysError> {
+        super::track::uffd_register_wp(std::os::fd::AsFd::as_fd(&self.fd), mapping.start(), mapping.len() as u64)
+            .map_err(|source| SysError { op: "ioctl(UFFDIO_REGISTER)", source })
     }
 }
 
@@ -971,6 +912,11 @@ struct PmScanArg {
     return_mask: u64,
 }
 const _: () = assert!(size_of::<PmScanArg>() == 96);
+
+/// `_IOWR(type, nr, size)` of the asm-generic ioctl encoding.
+const fn iowr(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
+    (3 << 30) | ((size as libc::c_ulong) << 16) | ((ty as libc::c_ulong) << 8) | nr as libc::c_ulong
+}
 
 const PAGEMAP_SCAN: libc::c_ulong = iowr(b'f', 16, size_of::<PmScanArg>());
 const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
