@@ -537,15 +537,7 @@ fn with_unscanned(written: Ranges, scanned: &[(u64, u64)]) -> Ranges {
         cur = cur.max(e);
     }
     all.push((cur, u64::MAX));
-    all.sort_unstable();
-    let mut out: Ranges = Vec::with_capacity(all.len());
-    for (s, e) in all {
-        match out.last_mut() {
-            Some(l) if l.1 >= s => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
+    merge_ranges(all)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -611,17 +603,18 @@ pub(crate) fn dump_frozen(
         // A migration's base: pages "in the parent" are on the target already.
         sink.content_dedup(false);
     }
+    let sysv_ids: std::collections::BTreeSet<u64> =
+        processes.iter().flat_map(|p| &p.vmas).filter(|v| v.sysv).map(|v| v.shmem_id).collect();
+    let sysv_shm = memory::sysv_segments(&sysv_ids)?;
     if matches!(out, Output::Stream { .. }) {
         // Live migration's first pass: the target builds the tree from this.
-        let ids: std::collections::BTreeSet<u64> =
-            processes.iter().flat_map(|p| &p.vmas).filter(|v| v.sysv).map(|v| v.shmem_id).collect();
         let state = pb::Manifest {
             format_version: crate::image::FORMAT_VERSION,
             floe_version: env!("CARGO_PKG_VERSION").to_string(),
             root_pid: root,
             processes: processes.clone(),
             files: files.files.clone(),
-            sysv_shm: memory::sysv_segments(&ids)?,
+            sysv_shm: sysv_shm.clone(),
             image_id: out.id().to_vec(),
             pre_dump: true,
             dirty_tracker: tracker.name().to_string(),
@@ -656,9 +649,6 @@ pub(crate) fn dump_frozen(
     let nr_fds = processes.iter().map(|p| p.fds.len()).sum();
     let nr_vmas = processes.iter().map(|p| p.vmas.len()).sum();
     let nr_threads = processes.iter().map(|p| p.threads.len()).sum();
-    let sysv_ids: std::collections::BTreeSet<u64> =
-        processes.iter().flat_map(|p| &p.vmas).filter(|v| v.sysv).map(|v| v.shmem_id).collect();
-    let sysv_shm = memory::sysv_segments(&sysv_ids)?;
     let manifest = pb::Manifest {
         format_version: crate::image::FORMAT_VERSION,
         floe_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -715,8 +705,12 @@ pub(crate) fn dump_frozen(
 }
 
 /// Sorted, merged address ranges covered by `runs`.
-fn page_ranges(runs: &[pb::PageRun]) -> Ranges {
-    let mut v: Ranges = runs.iter().map(|r| (r.vaddr, r.vaddr + r.nr_pages * memory::PAGE)).collect();
+pub(crate) fn page_ranges(runs: &[pb::PageRun]) -> Ranges {
+    merge_ranges(runs.iter().map(|r| (r.vaddr, r.vaddr + r.nr_pages * memory::PAGE)).collect())
+}
+
+/// `v` sorted, with overlapping and touching ranges merged.
+pub(crate) fn merge_ranges(mut v: Ranges) -> Ranges {
     v.sort_unstable();
     let mut out: Ranges = Vec::with_capacity(v.len());
     for (s, e) in v {

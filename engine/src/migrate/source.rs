@@ -167,16 +167,7 @@ impl Source {
     fn learn(&mut self, processes: &[pb::Process]) {
         let hashed = self.tracker == Tracker::Hash;
         for p in processes.iter().filter(|p| !p.zombie) {
-            let mut ranges: Vec<(u64, u64)> =
-                p.page_runs.iter().map(|r| (r.vaddr, r.vaddr + r.nr_pages * PAGE)).collect();
-            ranges.sort_unstable();
-            let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-            for (s, e) in ranges {
-                match merged.last_mut() {
-                    Some(l) if l.1 >= s => l.1 = l.1.max(e),
-                    _ => merged.push((s, e)),
-                }
-            }
+            let merged = crate::dump::page_ranges(&p.page_runs);
             let k = self.known.entry(p.pid).or_default();
             if hashed {
                 let mut hashes = HashMap::with_capacity(k.hashes.len());

@@ -227,16 +227,8 @@ pub fn image_connections(m: &pb::Manifest) -> Vec<floe_netfilter::ConnTuple> {
         .collect()
 }
 
-fn merge(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
-    for (s, e) in v {
-        match out.last_mut() {
-            Some(l) if l.1 >= s => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    out
+fn merge(v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    crate::dump::merge_ranges(v)
 }
 
 /// Both sorted, merged.
