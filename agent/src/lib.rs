@@ -9,6 +9,7 @@ pub mod control;
 pub mod events;
 pub mod journal;
 pub mod netaddr;
+pub mod received;
 pub mod source;
 pub mod state;
 pub mod sys;

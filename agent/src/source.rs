@@ -496,15 +496,15 @@ async fn precopy_and_handover(
     s.agent.set_phase(&s.id, "final", pass, report.wire_bytes);
     let dir = s.agent.run_dir.join(format!("mig-{}", s.id));
     let t_freeze = Instant::now();
-    // The network lock is prepared before the freeze; its elements go in inside it.
-    let lock = if req.tcp_established {
+    // The network lock is prepared before the freeze; its elements go in
+    // inside it. What it drops on the way in is kept for the target.
+    let (lock, mut capture) = if req.tcp_established {
         let name = format!("floe_mig_{}", &s.id[..16]);
-        Some(
-            floe_netfilter::Lock::prepare(&name, floe_engine::dump::NET_LOCK_MARK)
-                .map_err(|e| MigrateError::Engine(chain(&e)))?,
-        )
+        let (l, c) = floe_netfilter::Lock::prepare_capturing(&name, floe_engine::dump::NET_LOCK_MARK)
+            .map_err(|e| MigrateError::Engine(chain(&e)))?;
+        (Some(l), Some(c))
     } else {
-        None
+        (None, None)
     };
     let fo = worker.freeze_final(dir.clone(), lock).await.map_err(MigrateError::Engine)?;
     // Service addresses leave this host now (the connections are read and locked).
@@ -544,7 +544,11 @@ async fn precopy_and_handover(
     record(s.agent, entry, "committing");
     s.ev.phase("commit", "target is ready; handing over").await;
     let t_commit = Instant::now();
-    s.send("commit", Msg::Commit(pp::Commit {})).await?;
+    // The service address lives on the target now: what reached this host
+    // meanwhile goes along.
+    let received = capture.as_mut().map(|c| crate::received::to_wire(&c.drain())).unwrap_or_default();
+    drop(capture);
+    s.send("commit", Msg::Commit(pp::Commit { received })).await?;
     let done = match s.recv("commit", Duration::from_secs(s.agent.cfg.limits.in_doubt_timeout_s)).await? {
         Msg::Done(d) => d,
         other => return Err(unexpected("commit", &s.peer, "done", other)),

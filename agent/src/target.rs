@@ -277,6 +277,8 @@ struct NetState {
     /// Service addresses added (address, interface).
     added: Vec<(String, String)>,
     lock: Option<floe_netfilter::Lock>,
+    /// What the lock drops on the way in, for the restored connections.
+    capture: Option<floe_netfilter::Capture>,
     /// The configured address hook, if any.
     hook: Option<std::path::PathBuf>,
 }
@@ -306,7 +308,7 @@ async fn apply_stream(
     vtx: &std::sync::mpsc::SyncSender<Verify>,
     new_pidns: bool,
 ) -> Result<i32, TargetError> {
-    let mut net = NetState { added: Vec::new(), lock: None, hook: agent.cfg.address_hook.clone() };
+    let mut net = NetState { added: Vec::new(), lock: None, capture: None, hook: agent.cfg.address_hook.clone() };
     let mut pass_t = Instant::now();
     // Frame buffers come back from the engine thread once written: no fresh
     // 16 MiB allocation (and its page faults) per batch.
@@ -359,16 +361,7 @@ async fn apply_stream(
                 agent.set_phase(id, "final", 0, 0);
                 let t = Instant::now();
                 let dir = receive_final(agent, st, id, &fi).await?;
-                // Service addresses and the connections' lock, before they are restored.
-                for cidr in &fi.addresses {
-                    let c = cidr.clone();
-                    let hook = agent.cfg.address_hook.clone();
-                    let dev = tokio::task::spawn_blocking(move || crate::netaddr::add(&c, None, hook.as_deref()))
-                        .await
-                        .map_err(failed)?
-                        .map_err(|e| failed(format!("cannot add the service address here: {e}")))?;
-                    net.added.push((cidr.clone(), dev));
-                }
+                // The connections' lock first, before they are restored here.
                 let d2 = dir.clone();
                 let conns = tokio::task::spawn_blocking(move || {
                     floe_engine::image::ImageReader::open(&d2)
@@ -379,10 +372,22 @@ async fn apply_stream(
                 .map_err(|e| failed(format!("the final image is unreadable: {e}")))?;
                 if !conns.is_empty() {
                     let name = format!("floe_mig_{}", &id[..16]);
-                    let lock = floe_netfilter::Lock::prepare(&name, floe_engine::dump::NET_LOCK_MARK)
+                    let (lock, cap) = floe_netfilter::Lock::prepare_capturing(&name, floe_engine::dump::NET_LOCK_MARK)
                         .map_err(|e| failed(chain(&e)))?;
                     lock.lock(&conns).map_err(|e| failed(chain(&e)))?;
                     net.lock = Some(lock);
+                    net.capture = Some(cap);
+                }
+                // Then the service addresses: a peer's packet that reached
+                // them before the lock would be answered with a reset.
+                for cidr in &fi.addresses {
+                    let c = cidr.clone();
+                    let hook = agent.cfg.address_hook.clone();
+                    let dev = tokio::task::spawn_blocking(move || crate::netaddr::add(&c, None, hook.as_deref()))
+                        .await
+                        .map_err(failed)?
+                        .map_err(|e| failed(format!("cannot add the service address here: {e}")))?;
+                    net.added.push((cidr.clone(), dev));
                 }
                 let present: HashMap<i32, Vec<(u64, u64)>> = fi
                     .present
@@ -402,14 +407,14 @@ async fn apply_stream(
                 st.send(Msg::Ready(pp::Ready { pid: root, restore_ms: t.elapsed().as_secs_f64() * 1000.0 })).await?;
                 // Nothing runs until the source commits; a lost connection or an abort discards the tree.
                 let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
-                match f.msg {
-                    Some(Msg::Commit(_)) => {}
+                let mut received = match f.msg {
+                    Some(Msg::Commit(c)) => crate::received::from_wire(c.received),
                     Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
                     other => {
                         let got = wire::frame_name(&pp::Frame { msg: other });
                         return Err(WireError::Unexpected { expected: "commit", got }.into());
                     }
-                }
+                };
                 record(agent, entry, "releasing");
                 agent.hooks.maybe_exit("releasing");
                 // The source copy never runs again: let the connections' packets through here.
@@ -425,6 +430,20 @@ async fn apply_stream(
                 worker.send_blocking(TgtCmd::Release(tx)).map_err(failed)?;
                 let (host_pid, wait_pid) =
                     rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                // The connections run here now: what the peers sent while
+                // they were locked (on the source, then here; all copied
+                // by the time the lock was deleted) arrives as if just sent.
+                if let Some(mut cap) = net.capture.take() {
+                    received.extend(cap.drain());
+                }
+                if !received.is_empty() {
+                    match floe_netfilter::reinject(&received, floe_engine::dump::NET_LOCK_MARK) {
+                        Ok(n) => tracing::info!(id, segments = n, "segments dropped during the freeze delivered"),
+                        Err(e) => {
+                            tracing::warn!(id, error = %chain(&e), "cannot deliver the segments dropped during the freeze; the peers will retransmit them")
+                        }
+                    }
+                }
                 entry.host_pid = host_pid;
                 record(agent, entry, "released");
                 agent.hooks.maybe_exit("released");

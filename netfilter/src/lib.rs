@@ -89,12 +89,14 @@
 //! Everything here needs `CAP_NET_ADMIN` in the user namespace owning the
 //! network namespace, and the `nf_tables` module.
 
+mod capture;
 mod error;
 mod msg;
 mod netlink;
 mod nft;
 mod sys;
 
+pub use capture::{reinject, Capture, Segment};
 pub use error::{Errno, NetfilterError};
 pub use nft::PRIORITY;
 
@@ -124,6 +126,13 @@ pub struct ConnTuple {
 impl ConnTuple {
     pub fn new(local: SocketAddr, remote: SocketAddr) -> Self {
         ConnTuple { local, remote }
+    }
+
+    /// The same connection with IPv4-mapped IPv6 addresses written as the
+    /// IPv4 addresses they carry on the wire (how packets show them).
+    pub fn on_the_wire(&self) -> ConnTuple {
+        let f = |a: SocketAddr| SocketAddr::new(unmap(a.ip()), a.port());
+        ConnTuple { local: f(self.local), remote: f(self.remote) }
     }
 }
 
@@ -256,6 +265,20 @@ impl Lock {
     /// Call it before the process is frozen; it takes a fraction of a
     /// millisecond, but has no reason to be inside the freeze.
     pub fn prepare(name: &str, mark: u32) -> Result<Lock, NetfilterError> {
+        Lock::prepare_with(name, mark, None)
+    }
+
+    /// Like [`Lock::prepare`], but every incoming packet the lock drops is
+    /// first copied to the returned [`Capture`] (see its module), so that
+    /// the data peers send meanwhile can be put back into the restored
+    /// connections instead of waiting for their retransmission.
+    pub fn prepare_capturing(name: &str, mark: u32) -> Result<(Lock, Capture), NetfilterError> {
+        let cap = Capture::open()?;
+        let lock = Lock::prepare_with(name, mark, Some(cap.group()))?;
+        Ok((lock, cap))
+    }
+
+    fn prepare_with(name: &str, mark: u32, log_group: Option<u16>) -> Result<Lock, NetfilterError> {
         check_table_name(name)?;
         if mark == 0 {
             return Err(NetfilterError::InvalidMark {
@@ -273,8 +296,9 @@ impl Lock {
         nft::add_set(&mut b, name, &nft::V6);
         for chain in [nft::INPUT, nft::OUTPUT] {
             nft::add_mark_rule(&mut b, name, chain, mark);
-            nft::add_conn_rule(&mut b, name, chain, &nft::V4);
-            nft::add_conn_rule(&mut b, name, chain, &nft::V6);
+            let log = if chain.name == nft::INPUT.name { log_group } else { None };
+            nft::add_conn_rule(&mut b, name, chain, &nft::V4, log);
+            nft::add_conn_rule(&mut b, name, chain, &nft::V6, log);
         }
         sock.transact(b)?;
         tracing::debug!(table = name, mark, "network lock prepared");

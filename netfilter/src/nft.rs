@@ -57,6 +57,9 @@ const NFTA_PAYLOAD_DREG: u16 = 1;
 const NFTA_PAYLOAD_BASE: u16 = 2;
 const NFTA_PAYLOAD_OFFSET: u16 = 3;
 const NFTA_PAYLOAD_LEN: u16 = 4;
+// enum nft_log_attributes
+const NFTA_LOG_GROUP: u16 = 1;
+const NFTA_LOG_QTHRESHOLD: u16 = 4;
 // enum nft_lookup_attributes
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
@@ -345,16 +348,25 @@ pub(crate) fn add_mark_rule(b: &mut Batch, table: &str, chain: Chain, mark: u32)
     });
 }
 
+fn log_to_group(w: &mut Writer, group: u16) {
+    expr(w, "log", |w| {
+        w.put(NFTA_LOG_GROUP, &group.to_be_bytes());
+        w.put(NFTA_LOG_QTHRESHOLD, &1u16.to_be_bytes());
+    });
+}
+
 /// Drops TCP packets of `family` whose 4-tuple is in the family's set. The
 /// key is always (remote address, remote port, local address, local port):
-/// source first on input, destination first on output.
-pub(crate) fn add_conn_rule(b: &mut Batch, table: &str, chain: Chain, family: &Family) {
+/// source first on input, destination first on output. With `log_group`,
+/// each dropped packet is first copied to that `nfnetlink_log` group.
+pub(crate) fn add_conn_rule(b: &mut Batch, table: &str, chain: Chain, family: &Family, log_group: Option<u16>) {
     let ip = family.nft_name;
     let remote_is_source = chain.inbound;
     let remote = endpoint(family, remote_is_source);
     let local = endpoint(family, !remote_is_source);
+    let log = log_group.map(|g| format!("log group {g} ")).unwrap_or_default();
     let text = format!(
-        "{ip} {} . tcp {} . {ip} {} . tcp {} @{} drop",
+        "{ip} {} . tcp {} . {ip} {} . tcp {} @{} {log}drop",
         remote.addr_name, remote.port_name, local.addr_name, local.port_name, family.set
     );
     add_rule(b, table, chain, &text, |w| {
@@ -372,6 +384,9 @@ pub(crate) fn add_conn_rule(b: &mut Batch, table: &str, chain: Chain, family: &F
             reg += PORT_SLOT / 4;
         }
         lookup(w, family.set, NFT_REG32_00);
+        if let Some(g) = log_group {
+            log_to_group(w, g);
+        }
         verdict(w, NF_DROP);
     });
 }

@@ -6,12 +6,14 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 // The kernel structures this module hands to the kernel by pointer.
 const _: () = assert!(size_of::<libc::sockaddr_nl>() == 12);
 const _: () = assert!(size_of::<libc::timeval>() == 2 * size_of::<libc::c_long>());
+const _: () = assert!(size_of::<libc::sockaddr_in>() == 16);
+const _: () = assert!(size_of::<libc::sockaddr_in6>() == 28);
 
 /// A netlink socket address naming the kernel (port 0, no groups).
 fn kernel_addr() -> libc::sockaddr_nl {
@@ -121,6 +123,15 @@ pub(crate) struct Received {
 /// `recvfrom(fd, buf, MSG_TRUNC)`: one datagram, blocking up to the
 /// socket's receive timeout (`EAGAIN`/`EWOULDBLOCK` when it expires).
 pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv_flags(fd, buf, 0)
+}
+
+/// Like [`recv`] but never waits: `EAGAIN`/`EWOULDBLOCK` when nothing is queued.
+pub(crate) fn recv_nowait(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    recv_flags(fd, buf, libc::MSG_DONTWAIT)
+}
+
+fn recv_flags(fd: BorrowedFd<'_>, buf: &mut [u8], flags: libc::c_int) -> io::Result<Received> {
     loop {
         // SAFETY: sockaddr_nl is plain old data; all-zero is a valid value.
         let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -132,7 +143,7 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
                 fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
-                libc::MSG_TRUNC,
+                libc::MSG_TRUNC | flags,
                 (&mut addr as *mut libc::sockaddr_nl).cast(),
                 &mut addr_len,
             )
@@ -140,6 +151,70 @@ pub(crate) fn recv(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
         if ret >= 0 {
             let full = ret as usize;
             return Ok(Received { len: full.min(buf.len()), truncated: full > buf.len(), sender: addr.nl_pid });
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// A raw socket that sends whole IP packets (`IPPROTO_RAW`, header
+/// included), IPv6 if `v6`.
+pub(crate) fn raw_socket(v6: bool) -> io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: socket() takes no pointers; the result is checked below.
+    let fd = unsafe { libc::socket(family, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_RAW) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a freshly created descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if v6 {
+        // Implied by IPPROTO_RAW since Linux 4.5; explicit for clarity.
+        set_int_opt(fd.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_HDRINCL, 1)?;
+    }
+    Ok(fd)
+}
+
+/// `sendto(fd, packet, 0, dst)`: one whole IP packet on a [`raw_socket`]
+/// (the address only routes it; port 0).
+pub(crate) fn send_raw(fd: BorrowedFd<'_>, packet: &[u8], dst: std::net::IpAddr) -> io::Result<()> {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match dst {
+        std::net::IpAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned
+            // for a sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.octets());
+            size_of::<libc::sockaddr_in>()
+        }
+        std::net::IpAddr::V6(v6) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned
+            // for a sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_addr.s6_addr = v6.octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    loop {
+        // SAFETY: packet is valid for packet.len() bytes; ss is a live
+        // sockaddr of `len` bytes.
+        let ret = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                packet.as_ptr().cast(),
+                packet.len(),
+                0,
+                (&ss as *const libc::sockaddr_storage).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if ret >= 0 {
+            return Ok(());
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

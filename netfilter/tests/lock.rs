@@ -256,6 +256,68 @@ fn lock_holds_ipv4_mapped_connection() {
     in_netns(|| locked_connection_stalls_then_resumes("[::]:0", Some("127.0.0.1"), "floe_t_mapped"));
 }
 
+/// With a capture, what the lock drops on the way in is copied to floe,
+/// and `reinject` delivers the copies. The lock stays in place, so only the
+/// reinjected packets (which carry the lock's mark) can reach the server:
+/// the client's own retransmissions are still dropped.
+fn capture_keeps_dropped_data(listen: &str, table: &'static str) {
+    let listener = TcpListener::bind(listen).unwrap();
+    let (mut client, mut server) = tcp_pair(&listener, listener.local_addr().unwrap());
+    client.write_all(b"hello").unwrap();
+    assert_eq!(read_exactly(&mut server, 5, Duration::from_secs(5)), b"hello");
+    let tuple = tuple_of(&server);
+    let (lock, mut cap) = Lock::prepare_capturing(table, MARK).unwrap();
+    if let Some(listing) = nft(&["list", "table", "inet", table]) {
+        assert!(listing.contains(&format!("log group {}", cap.group())), "no log rule in:\n{listing}");
+    }
+    lock.lock(&[tuple]).unwrap();
+    client.write_all(b"GET key-1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    client.write_all(b"GET key-2\r\n").unwrap();
+    assert_silent(&mut server, Duration::from_millis(300), "server");
+    let segs = cap.drain();
+    assert!(!segs.is_empty(), "nothing captured");
+    for s in &segs {
+        assert_eq!(s.tuple, tuple.on_the_wire(), "segment of another connection: {s:?}");
+    }
+    let mut data: Vec<(u32, Vec<u8>)> = segs.iter().map(|s| (s.seq, s.payload.clone())).collect();
+    data.sort();
+    data.dedup();
+    assert_eq!(data.concat_payloads(), b"GET key-1\r\nGET key-2\r\n");
+    let sent = floe_netfilter::reinject(&segs, MARK).unwrap();
+    assert_eq!(sent, segs.len());
+    assert_eq!(read_exactly(&mut server, 22, Duration::from_secs(5)), b"GET key-1\r\nGET key-2\r\n");
+    // The server's acknowledgements are still locked out: once they pass,
+    // the client's retransmissions are duplicates the server never sees.
+    lock.unlock().unwrap();
+    server.write_all(b"+OK").unwrap();
+    assert_eq!(read_exactly(&mut client, 3, Duration::from_secs(5)), b"+OK");
+    assert_silent(&mut server, Duration::from_millis(500), "server after unlock");
+}
+
+trait ConcatPayloads {
+    fn concat_payloads(&self) -> Vec<u8>;
+}
+
+impl ConcatPayloads for Vec<(u32, Vec<u8>)> {
+    /// Retransmissions repeat a (seq, payload) pair; the rest follow on.
+    fn concat_payloads(&self) -> Vec<u8> {
+        self.iter().flat_map(|(_, p)| p.iter().copied()).collect()
+    }
+}
+
+#[test]
+fn capture_keeps_what_the_lock_drops_ipv4() {
+    require_root!();
+    in_netns(|| capture_keeps_dropped_data("127.0.0.1:0", "floe_t_cap4"));
+}
+
+#[test]
+fn capture_keeps_what_the_lock_drops_ipv6() {
+    require_root!();
+    in_netns(|| capture_keeps_dropped_data("[::1]:0", "floe_t_cap6"));
+}
+
 /// Packets carrying the mark pass a locked 4-tuple; unmarked ones do not.
 ///
 /// Which packets carry the mark: a socket's `SO_MARK` marks the packets it

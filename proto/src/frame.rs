@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn control_round_trip() {
-        let f = peer::Frame { msg: Some(peer::frame::Msg::Commit(peer::Commit {})) };
+        let f = peer::Frame { msg: Some(peer::frame::Msg::Commit(peer::Commit::default())) };
         let bytes = control(&f);
         let h = Header::parse(bytes[..8].try_into().expect("8 bytes"), 1024).expect("header");
         assert_eq!(h.kind, KIND_CONTROL);
