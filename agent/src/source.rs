@@ -71,6 +71,24 @@ pub struct Downtime {
     pub restore_finish_ms: f64,
     pub resume_ms: f64,
     pub total_ms: f64,
+    /// Where the target's parts went, by its own clock.
+    pub target: TargetPhases,
+}
+
+/// The target's side of the downtime (ms): within restore_finish_ms, the
+/// final image's arrival, the network lock, the service addresses and the
+/// engine's finish; within resume_ms, unlocking, releasing the tree and
+/// delivering the segments dropped during the freeze.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TargetPhases {
+    pub receive_ms: f64,
+    pub lock_ms: f64,
+    pub address_ms: f64,
+    pub finish_ms: f64,
+    pub unlock_ms: f64,
+    pub release_ms: f64,
+    pub reinject_ms: f64,
+    pub reinjected: u32,
 }
 
 /// The final report of a migration.
@@ -523,7 +541,9 @@ async fn precopy_and_handover(
     report.downtime.final_scan_ms = t.collect_ms;
     report.downtime.final_dump_ms = t.memory_ms + t.commit_ms;
     let t_send = Instant::now();
-    let sent = send_final(s, &dir, &fo.report.present).await;
+    // The final image is compressed on the same terms as a pass.
+    let compress = compress_mode.unwrap_or(link_rate > 0.0 && compress_rate > link_rate * 1.1);
+    let sent = send_final(s, &dir, &fo.report.present, compress).await;
     let _ = std::fs::remove_dir_all(&dir);
     report.final_bytes = sent?;
     report.wire_bytes += report.final_bytes;
@@ -535,7 +555,9 @@ async fn precopy_and_handover(
         other => return Err(unexpected("final restore", &s.peer, "ready", other)),
     };
     report.downtime.restore_finish_ms = ms(t_wait.elapsed());
-    let _ = ready.restore_ms;
+    let tp = &mut report.downtime.target;
+    (tp.receive_ms, tp.lock_ms, tp.address_ms, tp.finish_ms) =
+        (ready.receive_ms, ready.lock_ms, ready.address_ms, ready.finish_ms);
 
     // Point of no return: from here the source copy never runs unless the
     // target says it discarded its own. Parked first, so that it stays
@@ -547,13 +569,19 @@ async fn precopy_and_handover(
     // The service address lives on the target now: what reached this host
     // meanwhile goes along.
     let received = capture.as_mut().map(|c| crate::received::to_wire(&c.drain())).unwrap_or_default();
-    drop(capture);
+    // Closing a netlink socket can take the kernel ~10 ms: not here.
+    if let Some(c) = capture.take() {
+        drop(std::thread::spawn(move || drop(c)));
+    }
     s.send("commit", Msg::Commit(pp::Commit { received })).await?;
     let done = match s.recv("commit", Duration::from_secs(s.agent.cfg.limits.in_doubt_timeout_s)).await? {
         Msg::Done(d) => d,
         other => return Err(unexpected("commit", &s.peer, "done", other)),
     };
     report.downtime.resume_ms = ms(t_commit.elapsed());
+    let tp = &mut report.downtime.target;
+    (tp.unlock_ms, tp.release_ms, tp.reinject_ms, tp.reinjected) =
+        (done.unlock_ms, done.release_ms, done.reinject_ms, done.reinjected);
     report.downtime.total_ms = ms(t_freeze.elapsed());
     report.target_pid = done.pid;
     if let Err(e) = worker.kill().await {
@@ -697,6 +725,7 @@ async fn send_final(
     s: &mut Session<'_>,
     dir: &std::path::Path,
     present: &[(i32, Vec<(u64, u64)>)],
+    compress: bool,
 ) -> Result<u64, MigrateError> {
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| MigrateError::Engine(format!("cannot read the final image: {e}")))
@@ -719,13 +748,24 @@ async fn send_final(
     )
     .await?;
     let chunk = (s.max_frame as usize / 2).max(4096);
+    let mut wire = 0u64;
     for (file, data) in [(0u32, &manifest), (1, &pages)] {
         for (i, part) in data.chunks(chunk).enumerate() {
-            let msg = Msg::FileChunk(pp::FileChunk { file, offset: (i * chunk) as u64, data: part.to_vec() });
+            // Kept only when it saves at least an eighth.
+            let z = compress
+                .then(|| zstd::bulk::compress(part, 1).ok())
+                .flatten()
+                .filter(|z| z.len() < part.len() - part.len() / 8);
+            let (data, zstd) = match z {
+                Some(z) => (z, true),
+                None => (part.to_vec(), false),
+            };
+            wire += data.len() as u64;
+            let msg = Msg::FileChunk(pp::FileChunk { file, offset: (i * chunk) as u64, data, zstd });
             s.send("final transfer", msg).await?;
         }
     }
-    Ok((manifest.len() + pages.len()) as u64)
+    Ok(wire)
 }
 
 /// Commit was sent but not confirmed. Asks the target (on new connections)

@@ -360,7 +360,10 @@ async fn apply_stream(
                 agent.hooks.maybe_exit("final");
                 agent.set_phase(id, "final", 0, 0);
                 let t = Instant::now();
+                let mut ready = pp::Ready::default();
                 let dir = receive_final(agent, st, id, &fi).await?;
+                ready.receive_ms = ms(t.elapsed());
+                let tl = Instant::now();
                 // The connections' lock first, before they are restored here.
                 let d2 = dir.clone();
                 let conns = tokio::task::spawn_blocking(move || {
@@ -378,6 +381,8 @@ async fn apply_stream(
                     net.lock = Some(lock);
                     net.capture = Some(cap);
                 }
+                ready.lock_ms = ms(tl.elapsed());
+                let ta = Instant::now();
                 // Then the service addresses: a peer's packet that reached
                 // them before the lock would be answered with a reset.
                 for cidr in &fi.addresses {
@@ -389,6 +394,8 @@ async fn apply_stream(
                         .map_err(|e| failed(format!("cannot add the service address here: {e}")))?;
                     net.added.push((cidr.clone(), dev));
                 }
+                ready.address_ms = ms(ta.elapsed());
+                let tf = Instant::now();
                 let present: HashMap<i32, Vec<(u64, u64)>> = fi
                     .present
                     .iter()
@@ -399,12 +406,23 @@ async fn apply_stream(
                 let res = rx.await.map_err(|_| failed("engine thread stopped"));
                 let _ = std::fs::remove_dir_all(&dir);
                 let (root, host_pid) = res?.map_err(TargetError::Failed)?;
+                ready.finish_ms = ms(tf.elapsed());
                 agent.hooks.maybe_exit("ready");
                 // Known before release, so an answer about "releasing" can check liveness.
                 entry.host_pid = host_pid;
                 entry.start_time = journal::start_time(host_pid).unwrap_or(0);
                 record(agent, entry, "ready");
-                st.send(Msg::Ready(pp::Ready { pid: root, restore_ms: t.elapsed().as_secs_f64() * 1000.0 })).await?;
+                ready.pid = root;
+                ready.restore_ms = ms(t.elapsed());
+                tracing::info!(
+                    id,
+                    receive_ms = ready.receive_ms,
+                    lock_ms = ready.lock_ms,
+                    address_ms = ready.address_ms,
+                    finish_ms = ready.finish_ms,
+                    "restored; ready"
+                );
+                st.send(Msg::Ready(ready)).await?;
                 // Nothing runs until the source commits; a lost connection or an abort discards the tree.
                 let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
                 let mut received = match f.msg {
@@ -417,6 +435,8 @@ async fn apply_stream(
                 };
                 record(agent, entry, "releasing");
                 agent.hooks.maybe_exit("releasing");
+                let mut done = pp::Done::default();
+                let tu = Instant::now();
                 // The source copy never runs again: let the connections' packets through here.
                 if let Some(l) = net.lock.take() {
                     match l.unlock_deferred() {
@@ -426,19 +446,28 @@ async fn apply_stream(
                     }
                 }
                 net.added.clear();
+                done.unlock_ms = ms(tu.elapsed());
+                let tr = Instant::now();
                 let (tx, rx) = oneshot::channel();
                 worker.send_blocking(TgtCmd::Release(tx)).map_err(failed)?;
                 let (host_pid, wait_pid) =
                     rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                done.release_ms = ms(tr.elapsed());
+                let ti = Instant::now();
                 // The connections run here now: what the peers sent while
                 // they were locked (on the source, then here; all copied
                 // by the time the lock was deleted) arrives as if just sent.
                 if let Some(mut cap) = net.capture.take() {
                     received.extend(cap.drain());
+                    // Closing a netlink socket can take the kernel ~10 ms.
+                    drop(std::thread::spawn(move || drop(cap)));
                 }
                 if !received.is_empty() {
                     match floe_netfilter::reinject(&received, floe_engine::dump::NET_LOCK_MARK) {
-                        Ok(n) => tracing::info!(id, segments = n, "segments dropped during the freeze delivered"),
+                        Ok(n) => {
+                            done.reinjected = n as u32;
+                            tracing::info!(id, segments = n, "segments dropped during the freeze delivered")
+                        }
                         Err(e) => {
                             tracing::warn!(id, error = %chain(&e), "cannot deliver the segments dropped during the freeze; the peers will retransmit them")
                         }
@@ -449,7 +478,16 @@ async fn apply_stream(
                 agent.hooks.maybe_exit("released");
                 reap(wait_pid);
                 tracing::info!(id, pid = root, host_pid, "migrated process runs here");
-                st.send(Msg::Done(pp::Done { pid: root })).await?;
+                done.reinject_ms = ms(ti.elapsed());
+                done.pid = root;
+                tracing::info!(
+                    id,
+                    unlock_ms = done.unlock_ms,
+                    release_ms = done.release_ms,
+                    reinject_ms = done.reinject_ms,
+                    "released"
+                );
+                st.send(Msg::Done(done)).await?;
                 let _ = st.send.finish();
                 return Ok(root);
             }
@@ -480,10 +518,21 @@ async fn receive_final(
         match f.msg {
             Some(Msg::FileChunk(c)) => {
                 let i = c.file as usize;
-                if i > 1 || c.offset != files[i].len() as u64 || files[i].len() as u64 + c.data.len() as u64 > want[i] {
-                    return Err(failed("final image chunk out of order or too long"));
+                if i > 1 || c.offset != files[i].len() as u64 {
+                    return Err(failed("final image chunk out of order"));
                 }
-                files[i].extend_from_slice(&c.data);
+                let room = (want[i] - files[i].len() as u64) as usize;
+                let data = if c.zstd {
+                    // Never more than the file still lacks.
+                    zstd::bulk::decompress(&c.data, room)
+                        .map_err(|e| failed(format!("final image chunk does not decompress: {e}")))?
+                } else {
+                    c.data
+                };
+                if data.len() > room {
+                    return Err(failed("final image chunk too long"));
+                }
+                files[i].extend_from_slice(&data);
             }
             Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
             other => {
@@ -504,6 +553,10 @@ async fn receive_final(
         std::fs::write(dir.join(name), data).map_err(|e| failed(format!("cannot write the final image: {e}")))?;
     }
     Ok(dir)
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Reaps a released tree's root when it exits (it is this agent's child).

@@ -140,6 +140,18 @@ fn print_report(v: &serde_json::Value) {
         num(&d, "restore_finish_ms"),
         num(&d, "resume_ms")
     );
+    let t = d.get("target").cloned().unwrap_or(serde_json::Value::Null);
+    println!(
+        "    on the target: receive {:.1}, lock {:.1}, addresses {:.1}, finish {:.1}; unlock {:.1}, release {:.1}, {} dropped segments delivered in {:.1}",
+        num(&t, "receive_ms"),
+        num(&t, "lock_ms"),
+        num(&t, "address_ms"),
+        num(&t, "finish_ms"),
+        num(&t, "unlock_ms"),
+        num(&t, "release_ms"),
+        num(&t, "reinjected"),
+        num(&t, "reinject_ms")
+    );
     println!(
         "  {} pre-copy passes ({}), {} of page data sent as {} on the wire for {} of memory; dirty tracker {}",
         num(v, "iterations"),

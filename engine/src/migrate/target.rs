@@ -28,7 +28,8 @@ impl Staged {
     /// tree with every mapping (restore stage a).
     pub fn create(m0: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
         let pre = Preflight::check_manifest(m0, opts)?;
-        let tree = Tree::create(m0, &pre)?;
+        let mut tree = Tree::create(m0, &pre)?;
+        tree.park_installers(m0)?;
         let layout = m0
             .processes
             .iter()

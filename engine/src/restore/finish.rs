@@ -140,6 +140,10 @@ impl Stub {
     ) -> Result<(), RestoreError> {
         let pid = self.pid;
         let sc = self.scratch;
+        let t0 = std::time::Instant::now();
+        let calls0 = self.threads.iter().map(|t| t.count).sum::<u64>();
+        let mut marks: Vec<(&str, f64)> = Vec::new();
+        let mut mark = |what: &'static str| marks.push((what, t0.elapsed().as_secs_f64() * 1000.0));
         // Room for high descriptor numbers while installing; the image's limits come after.
         if let Ok((_, hard)) = task::get_rlimit(pid, libc::RLIMIT_NOFILE) {
             let _ = task::set_rlimit(pid, libc::RLIMIT_NOFILE, hard, hard);
@@ -150,7 +154,9 @@ impl Stub {
             source,
         })?;
         self.set_mm(p)?;
+        mark("mm");
         files::install(self, &p.fds, files, sock)?;
+        mark("files");
         for r in &p.fds {
             // flock and OFD locks belong to the description: taken once, by its first holder.
             let desc_locks = descs.get(r.file as usize).map(|d| d.locks.as_slice()).unwrap_or(&[]);
@@ -200,12 +206,14 @@ impl Stub {
                 source,
             })?;
         }
+        mark("locks_rlimits");
         // Protections: data was written through temporarily writable mappings.
         for v in &p.vmas {
             if v.kind != pb::VmaKind::FileShared as i32 {
                 self.leader().call(libc::SYS_mprotect, [v.start, v.end - v.start, v.prot as u64, 0, 0, 0])?;
             }
         }
+        mark("mprotect");
         // Signal dispositions: every signal, so nothing of floe's leaks through.
         for sig in 1..=64u32 {
             if sig == libc::SIGKILL as u32 || sig == libc::SIGSTOP as u32 {
@@ -220,6 +228,7 @@ impl Stub {
             self.leader().write_mem(sc, &le(&[act.handler, act.flags, act.restorer, act.mask]))?;
             self.leader().call(libc::SYS_rt_sigaction, [sig as u64, sc, 0, 8, 0, 0])?;
         }
+        mark("sigactions");
         for t in &p.itimers {
             let v =
                 [t.interval_us / 1_000_000, t.interval_us % 1_000_000, t.value_us / 1_000_000, t.value_us % 1_000_000];
@@ -245,6 +254,7 @@ impl Stub {
             let root = self.put_str(0, &p.root)?;
             self.leader().call(libc::SYS_chroot, [root, 0, 0, 0, 0, 0])?;
         }
+        mark("process");
         // Per-thread state, each set by the thread itself.
         for (i, th) in p.threads.iter().enumerate() {
             let comm = th.comm.chars().take(15).collect::<String>();
@@ -268,6 +278,7 @@ impl Stub {
             }
             inj.call(libc::SYS_set_tid_address, [th.clear_child_tid, 0, 0, 0, 0, 0])?;
         }
+        mark("threads");
         self.restore_posix_timers(p)?;
         // Pending signals stay blocked until the masks are restored below.
         for s in &p.shared_pending {
@@ -293,6 +304,7 @@ impl Stub {
         for i in 0..self.threads.len() {
             restore_caps(&mut self.threads[i], p, needs_creds, sc)?;
         }
+        mark("creds");
         let vmas = p.vmas.clone();
         for (i, th) in p.threads.iter().enumerate() {
             let tid = self.threads[i].pid();
@@ -310,6 +322,9 @@ impl Stub {
             ptrace::set_sigmask(tid, th.sigmask).map_err(pterr(tid, "setsigmask"))?;
             ptrace::set_regs(tid, &regs).map_err(pterr(tid, "setregs"))?;
         }
+        mark("registers");
+        let calls = self.threads.iter().map(|t| t.count).sum::<u64>() - calls0;
+        tracing::debug!(pid, vmas = p.vmas.len(), threads = p.threads.len(), calls, steps_ms = ?marks, "process state restored");
         Ok(())
     }
 

@@ -278,6 +278,21 @@ impl Tree {
     }
 }
 
+impl Tree {
+    /// Creates each process's descriptor-passing socket now, above every
+    /// descriptor number it has in `m`. Growing the descriptor table of a
+    /// multi-threaded process waits for an RCU grace period (10-20 ms):
+    /// live migration's staging can afford that, its final restore cannot.
+    pub fn park_installers(&mut self, m: &floe_proto::image::Manifest) -> Result<(), RestoreError> {
+        for p in m.processes.iter().filter(|p| !p.zombie) {
+            let Some(i) = self.index_of(p.pid) else { continue };
+            let fds: Vec<i32> = p.fds.iter().map(|r| r.fd).collect();
+            self.procs[i].installer(&fds)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Tree {
     fn drop(&mut self) {
         if !self.finished {

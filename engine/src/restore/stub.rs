@@ -42,8 +42,6 @@ pub struct Stub {
     pub(super) vdso_at: u64,
 }
 
-/// Where the stub-side descriptor-passing socket is parked.
-const INST_SOCK_FD: u64 = 1000;
 /// msghdr and buffers for recvmsg inside scratch.
 const MSG_OFF: u64 = 4096;
 
@@ -350,9 +348,10 @@ impl Stub {
                 s
             }
         };
-        // Park it high, above every number the process uses.
-        let top = avoid.iter().copied().max().unwrap_or(0).max(0) as u64 + 1;
-        let want = INST_SOCK_FD.max(top);
+        // Park it just above every number the process uses: not higher,
+        // since growing the descriptor table of a multi-threaded process
+        // waits for an RCU grace period (10-20 ms).
+        let want = avoid.iter().copied().max().unwrap_or(0).max(0) as u64 + 1;
         let s = if s != want && (s < want || avoid.contains(&(s as i32))) {
             let inj = self.leader();
             match inj.raw(libc::SYS_dup3, [s, want, libc::O_CLOEXEC as u64, 0, 0, 0])? {
