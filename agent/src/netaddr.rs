@@ -1,7 +1,10 @@
 //! Moving a service address between hosts (`floe migrate --move-address`):
 //! removed on the source after the freeze, added on the target before the
-//! connections are restored, and announced there. Uses iproute2's `ip`
-//! (outside the freeze-sensitive lock path: a few milliseconds per call).
+//! connections are restored, and announced there. The address itself moves
+//! over rtnetlink (`floe_netfilter::rtnl`: a fraction of a millisecond,
+//! where each `ip` run costs several inside the downtime); the announcement
+//! is `arping`'s, in the background.
+use floe_netfilter::rtnl;
 use std::net::IpAddr;
 use std::process::Command;
 
@@ -11,10 +14,15 @@ pub enum AddrError {
     Hook(#[source] std::io::Error),
     #[error("{0:?} is not an address with a prefix length (IP/PREFIX)")]
     Bad(String),
-    #[error("cannot run `ip` (install iproute2)")]
-    NoIp(#[source] std::io::Error),
-    #[error("`ip {args}` failed: {stderr}")]
-    Failed { args: String, stderr: String },
+    #[error("{what} {cidr}")]
+    Netlink {
+        what: &'static str,
+        cidr: String,
+        #[source]
+        source: floe_netfilter::NetfilterError,
+    },
+    #[error("(address hook {hook}) {verb} {cidr} failed: {stderr}")]
+    HookFailed { hook: String, verb: &'static str, cidr: String, stderr: String },
     #[error("{0} is not configured on this host; pass an address the process's host holds")]
     NotHere(String),
 }
@@ -32,34 +40,23 @@ pub fn parse(cidr: &str) -> Result<(IpAddr, u8), AddrError> {
     Ok((ip, len))
 }
 
-fn ip(args: &[&str]) -> Result<String, AddrError> {
-    let out = Command::new("ip").args(args).output().map_err(AddrError::NoIp)?;
-    if !out.status.success() {
-        return Err(AddrError::Failed {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The interface holding `addr` on this host.
-fn device_of(addr: IpAddr) -> Result<Option<String>, AddrError> {
-    let s = addr.to_string();
-    let out = ip(&["-o", "addr", "show", "to", &s])?;
-    Ok(out.split_whitespace().nth(1).map(|d| d.trim_end_matches(':').to_string()))
-}
-
 /// Runs the configured address hook: `hook VERB CIDR`.
-fn run_hook(hook: &std::path::Path, verb: &str, cidr: &str) -> Result<String, AddrError> {
+fn run_hook(hook: &std::path::Path, verb: &'static str, cidr: &str) -> Result<String, AddrError> {
     let out = Command::new(hook).args([verb, cidr]).output().map_err(AddrError::Hook)?;
     if !out.status.success() {
-        return Err(AddrError::Failed {
-            args: format!("(address hook {}) {verb} {cidr}", hook.display()),
+        return Err(AddrError::HookFailed {
+            hook: hook.display().to_string(),
+            verb,
+            cidr: cidr.to_string(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         });
     }
     Ok(String::new())
+}
+
+fn netlink(what: &'static str, cidr: &str) -> impl FnOnce(floe_netfilter::NetfilterError) -> AddrError {
+    let cidr = cidr.to_string();
+    move |source| AddrError::Netlink { what, cidr, source }
 }
 
 /// Removes `cidr` from this host (or has `hook` release it). Returns the
@@ -70,9 +67,11 @@ pub fn remove(cidr: &str, hook: Option<&std::path::Path>) -> Result<String, Addr
         return run_hook(h, "release", cidr);
     }
     let (addr, _) = parse(cidr)?;
-    let dev = device_of(addr)?.ok_or_else(|| AddrError::NotHere(cidr.to_string()))?;
-    ip(&["addr", "del", cidr, "dev", &dev])?;
-    Ok(dev)
+    let found = rtnl::find_address(addr)
+        .map_err(netlink("cannot look up", cidr))?
+        .ok_or_else(|| AddrError::NotHere(cidr.to_string()))?;
+    rtnl::delete_address(addr, found.prefix_len, found.ifindex).map_err(netlink("cannot remove", cidr))?;
+    Ok(found.ifname)
 }
 
 /// Adds `cidr` on `dev`, or on the interface this host reaches its subnet
@@ -87,35 +86,22 @@ pub fn add(cidr: &str, dev: Option<&str>, hook: Option<&std::path::Path>) -> Res
         parse(cidr)?;
         return run_hook(h, "acquire", cidr);
     }
-    let (addr, _) = parse(cidr)?;
-    let dev = match dev {
-        Some(d) => d.to_string(),
-        None => {
-            let s = addr.to_string();
-            let out = ip(&["-o", "route", "get", &s])?;
-            let mut words = out.split_whitespace();
-            let mut dev = None;
-            while let Some(w) = words.next() {
-                if w == "dev" {
-                    dev = words.next().map(str::to_string);
-                    break;
-                }
-            }
-            dev.ok_or_else(|| AddrError::Failed { args: format!("route get {s}"), stderr: "no device".into() })?
-        }
+    let (addr, len) = parse(cidr)?;
+    let ifindex = match dev {
+        Some(d) => rtnl::interface_index(d).map_err(netlink("cannot find the interface for", cidr))?,
+        None => rtnl::route_interface(addr).map_err(netlink("no route to the subnet of", cidr))?,
     };
+    let dev = rtnl::interface_name(ifindex).map_err(netlink("cannot find the interface for", cidr))?;
     if addr.is_ipv6() {
-        // Usable at once (no duplicate address detection: the address just
-        // left the source), and announced with an unsolicited neighbour
-        // advertisement, which updates the peers' caches.
+        // Announced with an unsolicited neighbour advertisement, which
+        // updates the peers' caches; usable at once (no duplicate address
+        // detection: the address just left the source).
         let knob = format!("/proc/sys/net/ipv6/conf/{dev}/ndisc_notify");
         if let Err(e) = std::fs::write(&knob, "1") {
             tracing::warn!(path = %knob, error = %e, "cannot turn on neighbour advertisements");
         }
-        ip(&["addr", "add", cidr, "dev", &dev, "nodad"])?;
-    } else {
-        ip(&["addr", "add", cidr, "dev", &dev])?;
     }
+    rtnl::add_address(addr, len, ifindex, true).map_err(netlink("cannot add", cidr))?;
     if addr.is_ipv4() {
         // Best effort, in the background: the migration does not wait for it.
         let _ = Command::new("arping")
@@ -125,6 +111,17 @@ pub fn add(cidr: &str, dev: Option<&str>, hook: Option<&std::path::Path>) -> Res
             .spawn();
     }
     Ok(dev)
+}
+
+/// Removes `cidr` from interface `dev` (undoing [`add`]); with a hook, has
+/// it release the address.
+pub fn undo_add(cidr: &str, dev: &str, hook: Option<&std::path::Path>) -> Result<(), AddrError> {
+    if let Some(h) = hook {
+        return run_hook(h, "release", cidr).map(|_| ());
+    }
+    let (addr, len) = parse(cidr)?;
+    let ifindex = rtnl::interface_index(dev).map_err(netlink("cannot find the interface for", cidr))?;
+    rtnl::delete_address(addr, len, ifindex).map_err(netlink("cannot remove", cidr))
 }
 
 #[cfg(test)]

@@ -286,12 +286,8 @@ struct NetState {
 impl Drop for NetState {
     fn drop(&mut self) {
         for (cidr, dev) in &self.added {
-            let out = match &self.hook {
-                Some(h) => std::process::Command::new(h).args(["release", cidr]).output(),
-                None => std::process::Command::new("ip").args(["addr", "del", cidr, "dev", dev]).output(),
-            };
-            if !matches!(out, Ok(ref o) if o.status.success()) {
-                tracing::error!(address = %cidr, "cannot remove the service address after a failed migration");
+            if let Err(e) = crate::netaddr::undo_add(cidr, dev, self.hook.as_deref()) {
+                tracing::error!(address = %cidr, error = %chain(&e), "cannot remove the service address after a failed migration");
             }
         }
         // The lock's own drop deletes its table.

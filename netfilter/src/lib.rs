@@ -94,6 +94,7 @@ mod error;
 mod msg;
 mod netlink;
 mod nft;
+pub mod rtnl;
 mod sys;
 
 pub use capture::{reinject, Capture, Segment};

@@ -64,14 +64,21 @@ impl Writer {
     /// Starts a message with its `nfgenmsg`; returns the offset to pass to
     /// [`Writer::end_msg`].
     pub(crate) fn begin_msg(&mut self, ty: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> usize {
+        let start = self.begin_raw_msg(ty, flags, seq, &[family, NFNETLINK_V0]);
+        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        start
+    }
+
+    /// Starts a message whose fixed header (e.g. rtnetlink's `ifaddrmsg`)
+    /// is `fixed` (a multiple of 4 bytes, or padded by what follows).
+    pub(crate) fn begin_raw_msg(&mut self, ty: u16, flags: u16, seq: u32, fixed: &[u8]) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, set by end_msg
         self.buf.extend_from_slice(&ty.to_ne_bytes());
         self.buf.extend_from_slice(&flags.to_ne_bytes());
         self.buf.extend_from_slice(&seq.to_ne_bytes());
         self.buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
-        self.buf.extend_from_slice(&[family, NFNETLINK_V0]);
-        self.buf.extend_from_slice(&res_id.to_be_bytes());
+        self.buf.extend_from_slice(fixed);
         start
     }
 

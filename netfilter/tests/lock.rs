@@ -631,3 +631,36 @@ fn lock_many_connections_in_one_batch() {
         lock.unlock().unwrap();
     });
 }
+
+/// Service addresses over rtnetlink: added, found, routed, refused twice,
+/// deleted, on `lo` of a private namespace.
+#[test]
+fn service_addresses_move_over_rtnetlink() {
+    use floe_netfilter::rtnl;
+    require_root!();
+    in_netns(|| {
+        let lo = rtnl::interface_index("lo").unwrap();
+        assert_eq!(rtnl::interface_name(lo).unwrap(), "lo");
+        assert!(rtnl::interface_index("no-such-if0").is_err());
+        for (ip, len) in [("10.99.0.1", 24u8), ("2001:db8:99::1", 64)] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(rtnl::find_address(ip).unwrap(), None);
+            rtnl::add_address(ip, len, lo, true).unwrap();
+            let found = rtnl::find_address(ip).unwrap().expect("address not found after adding it");
+            assert_eq!((found.ifindex, found.ifname.as_str(), found.prefix_len), (lo, "lo", len));
+            let e = rtnl::add_address(ip, len, lo, true).unwrap_err();
+            assert_eq!(e.errno(), Some(libc::EEXIST), "{e}");
+            // A neighbour on the new subnet is reached through lo.
+            let neighbour: std::net::IpAddr =
+                if ip.is_ipv4() { "10.99.0.7" } else { "2001:db8:99::7" }.parse().unwrap();
+            assert_eq!(rtnl::route_interface(neighbour).unwrap(), lo);
+            if let Some(listing) = Command::new("ip").args(["-o", "addr", "show", "dev", "lo"]).output().ok() {
+                assert!(String::from_utf8_lossy(&listing.stdout).contains(&format!("{ip}/{len}")));
+            }
+            rtnl::delete_address(ip, len, lo).unwrap();
+            assert_eq!(rtnl::find_address(ip).unwrap(), None);
+            let e = rtnl::delete_address(ip, len, lo).unwrap_err();
+            assert!(e.to_string().starts_with(&format!("deleting address {ip}/{len}")), "{e}");
+        }
+    });
+}
