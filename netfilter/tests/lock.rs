@@ -654,7 +654,7 @@ fn service_addresses_move_over_rtnetlink() {
             let neighbour: std::net::IpAddr =
                 if ip.is_ipv4() { "10.99.0.7" } else { "2001:db8:99::7" }.parse().unwrap();
             assert_eq!(rtnl::route_interface(neighbour).unwrap(), lo);
-            if let Some(listing) = Command::new("ip").args(["-o", "addr", "show", "dev", "lo"]).output().ok() {
+            if let Ok(listing) = Command::new("ip").args(["-o", "addr", "show", "dev", "lo"]).output() {
                 assert!(String::from_utf8_lossy(&listing.stdout).contains(&format!("{ip}/{len}")));
             }
             rtnl::delete_address(ip, len, lo).unwrap();
