@@ -480,7 +480,13 @@ async fn precopy_and_handover(
         // Pass 0's estimate is a guess (it moved everything): compare from pass 1 on.
         let shrinking = pass < 2 || prev.as_ref().is_none_or(|p| st.est_downtime_ms < p.est_downtime_ms * 0.95);
         pass += 1;
-        if pass >= 2 && st.est_downtime_ms <= max_downtime {
+        // Within --max-downtime, one more pass still pays while the pages
+        // left take more than a couple of milliseconds to move and the
+        // last pass at least halved them: it costs no downtime.
+        let transfer_ms = st.remaining_bytes as f64 / rate * 1000.0;
+        let halving = prev.as_ref().is_none_or(|p| st.remaining_bytes * 2 <= p.remaining_bytes);
+        let worth_another = transfer_ms > 2.0 && halving && pass < max_iter;
+        if pass >= 2 && st.est_downtime_ms <= max_downtime && !worth_another {
             converged = true;
             break;
         }
@@ -524,7 +530,19 @@ async fn precopy_and_handover(
     } else {
         (None, None)
     };
-    let fo = worker.freeze_final(dir.clone(), lock).await.map_err(MigrateError::Engine)?;
+    // The final pass: the last pages stream like a pass's (and are written
+    // on the target as they arrive) while the rest of the state goes to `dir`.
+    let compress = compress_mode.unwrap_or(link_rate > 0.0 && compress_rate > link_rate * 1.1);
+    let d2 = dir.clone();
+    let (fst, (fo, engine_done)) = stream_pass(s, pass, compress, &batch_no, move |c| async move {
+        let r = worker.freeze_final(d2, lock, c).await;
+        r.map(|fo| (fo, Instant::now()))
+    })
+    .await?;
+    // Downtime counts from the freeze itself (the lock was prepared before it).
+    let frozen_for = Duration::from_secs_f64(fo.report.timings.frozen_ms.max(0.0) / 1000.0);
+    let t_freeze = engine_done.checked_sub(frozen_for).unwrap_or(t_freeze);
+    let streamed_at = Instant::now();
     // Service addresses leave this host now (the connections are read and locked).
     for cidr in &req.move_address {
         let c = cidr.clone();
@@ -541,13 +559,14 @@ async fn precopy_and_handover(
     report.downtime.final_scan_ms = t.collect_ms;
     report.downtime.final_dump_ms = t.memory_ms + t.commit_ms;
     let t_send = Instant::now();
-    // The final image is compressed on the same terms as a pass.
-    let compress = compress_mode.unwrap_or(link_rate > 0.0 && compress_rate > link_rate * 1.1);
     let sent = send_final(s, &dir, &fo.report.present, compress).await;
     let _ = std::fs::remove_dir_all(&dir);
-    report.final_bytes = sent?;
+    report.final_bytes = sent? + fst.wire_bytes;
+    report.page_bytes_sent += fst.page_bytes;
     report.wire_bytes += report.final_bytes;
-    report.downtime.final_transfer_ms = ms(t_send.elapsed());
+    // The pages' tail in flight after the engine was done, the target's
+    // acknowledgement of them, then the state.
+    report.downtime.final_transfer_ms = ms(streamed_at.duration_since(engine_done)) + ms(t_send.elapsed());
     s.agent.set_phase(&s.id, "restore", pass, report.wire_bytes);
     let t_wait = Instant::now();
     let ready = match s.recv("final restore", Duration::from_secs(120)).await? {
@@ -602,6 +621,26 @@ async fn run_pass(
     compress: bool,
     batch_no: &Arc<AtomicU64>,
 ) -> Result<PassStats, MigrateError> {
+    let (st, rep) = stream_pass(s, pass, compress, batch_no, |c| worker.pass(c)).await?;
+    Ok(PassStats { frozen_ms: rep.frozen_ms, scan_ms: rep.scan_ms, ..st })
+}
+
+/// Streams one pass's pages to the target: `engine` is given the consumer
+/// that encodes them into batches, which go out as they come; then
+/// PassEnd, and the target's PassAck once it has written them all.
+/// Returns the pass's figures (frozen_ms and scan_ms left 0) and what
+/// `engine` returned.
+async fn stream_pass<T, F, Fut>(
+    s: &mut Session<'_>,
+    pass: u32,
+    compress: bool,
+    batch_no: &Arc<AtomicU64>,
+    engine: F,
+) -> Result<(PassStats, T), MigrateError>
+where
+    F: FnOnce(floe_engine::dump::ChunkConsumer) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
     let t0 = Instant::now();
     // Frames to write, in order, and where to give a page buffer back once written.
     type Out = (Vec<Vec<u8>>, Option<floe_engine::dump::Recycler>);
@@ -660,7 +699,7 @@ async fn run_pass(
     let recv = &mut s.recv;
     // The target says nothing during a pass unless it gives up: watch for that.
     let watch = async { wire::read_control::<_, pp::Frame>(recv, max).await };
-    let both = async { tokio::join!(worker.pass(consumer), drain) };
+    let both = async { tokio::join!(engine(consumer), drain) };
     let (rep, drained) = tokio::select! {
         r = both => r,
         w = watch => {
@@ -695,7 +734,7 @@ async fn run_pass(
     }
     let duration_ms = ms(t0.elapsed());
     let page_bytes = c.page_bytes.load(Ordering::Relaxed);
-    Ok(PassStats {
+    let st = PassStats {
         event: "pass",
         pass,
         pages: c.pages.load(Ordering::Relaxed),
@@ -711,13 +750,14 @@ async fn run_pass(
                 c.compress_in.load(Ordering::Relaxed) as f64 / (1 << 20) as f64 / (ns as f64 / 1e9)
             }
         },
-        frozen_ms: rep.frozen_ms,
-        scan_ms: rep.scan_ms,
+        frozen_ms: 0.0,
+        scan_ms: 0.0,
         duration_ms,
         rate_mib_s: page_bytes as f64 / (1 << 20) as f64 / (duration_ms / 1000.0).max(1e-6),
         remaining_bytes: 0,
         est_downtime_ms: 0.0,
-    })
+    };
+    Ok((st, rep))
 }
 
 /// Sends the final image's files. Returns the bytes sent.

@@ -32,7 +32,7 @@ pub struct FinalOut {
 
 enum SrcCmd {
     Pass(ChunkConsumer, oneshot::Sender<Result<PassReport, String>>),
-    Final(PathBuf, Option<floe_netfilter::Lock>, oneshot::Sender<Result<FinalOut, String>>),
+    Final(PathBuf, Option<floe_netfilter::Lock>, ChunkConsumer, oneshot::Sender<Result<FinalOut, String>>),
     Kill(oneshot::Sender<Result<(), String>>),
     Resume(oneshot::Sender<Result<(), String>>),
     Park(oneshot::Sender<Result<(), String>>),
@@ -72,8 +72,8 @@ impl SourceWorker {
                         SrcCmd::Pass(c, r) => {
                             let _ = r.send(src.pass(c).map(|(_, rep)| rep).map_err(|e| chain(&e)));
                         }
-                        SrcCmd::Final(dir, lock, r) => {
-                            let res = src.freeze_final(&dir, lock).map(|report| FinalOut { report });
+                        SrcCmd::Final(dir, lock, pages, r) => {
+                            let res = src.freeze_final(&dir, lock, Some(pages)).map(|report| FinalOut { report });
                             let _ = r.send(res.map_err(|e| chain(&e)));
                         }
                         SrcCmd::Kill(r) => {
@@ -109,8 +109,15 @@ impl SourceWorker {
         self.send(|r| SrcCmd::Pass(c, r)).await.unwrap_or_else(|_| gone())
     }
 
-    pub async fn freeze_final(&self, dir: PathBuf, lock: Option<floe_netfilter::Lock>) -> Result<FinalOut, String> {
-        self.send(|r| SrcCmd::Final(dir, lock, r)).await.unwrap_or_else(|_| gone())
+    /// The final freeze: pages go to `pages` as the tree's state is
+    /// written to `dir`.
+    pub async fn freeze_final(
+        &self,
+        dir: PathBuf,
+        lock: Option<floe_netfilter::Lock>,
+        pages: ChunkConsumer,
+    ) -> Result<FinalOut, String> {
+        self.send(|r| SrcCmd::Final(dir, lock, pages, r)).await.unwrap_or_else(|_| gone())
     }
 
     pub async fn kill(&self) -> Result<(), String> {

@@ -956,26 +956,33 @@ impl PageSink {
     /// Waits for the writer, then appends the blobs.
     pub fn finish(mut self, blobs: &[Vec<u8>]) -> Result<PagesOut, DumpError> {
         let file = self.join_writer(0)?;
-        let mut offset = self.offset;
-        let mut out_blobs = Vec::new();
         let Some(file) = file else {
-            return Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file: None });
+            return Ok(PagesOut { blobs: Vec::new(), file_size: self.offset, page_bytes: self.page_bytes, file: None });
         };
-        for b in blobs {
-            file.write_all_at(b, offset).map_err(|source| DumpError::Io {
-                pid: 0,
-                what: format!("cannot write {}", self.path.display()),
-                source,
-            })?;
-            out_blobs.push(pb::Blob {
-                file_offset: offset,
-                len: b.len() as u64,
-                blake3: blake3::hash(b).as_bytes().to_vec(),
-            });
-            offset += b.len() as u64;
-        }
-        Ok(PagesOut { blobs: out_blobs, file_size: offset, page_bytes: self.page_bytes, file: Some(file) })
+        let (out_blobs, file_size) = write_blobs(&file, &self.path, self.offset, blobs)?;
+        Ok(PagesOut { blobs: out_blobs, file_size, page_bytes: self.page_bytes, file: Some(file) })
     }
+}
+
+/// Appends `blobs` (saved file contents, socket queues) to a pages file at
+/// `offset`; returns their index entries and the file's new size.
+pub(crate) fn write_blobs(
+    file: &File,
+    path: &Path,
+    mut offset: u64,
+    blobs: &[Vec<u8>],
+) -> Result<(Vec<pb::Blob>, u64), DumpError> {
+    let mut out = Vec::with_capacity(blobs.len());
+    for b in blobs {
+        file.write_all_at(b, offset).map_err(|source| DumpError::Io {
+            pid: 0,
+            what: format!("cannot write {}", path.display()),
+            source,
+        })?;
+        out.push(pb::Blob { file_offset: offset, len: b.len() as u64, blake3: blake3::hash(b).as_bytes().to_vec() });
+        offset += b.len() as u64;
+    }
+    Ok((out, offset))
 }
 
 fn read_batch(pid: i32, mem_file: &File, runs: &[RunPlan], buf: &mut [u8]) -> Result<(), DumpError> {

@@ -631,18 +631,25 @@ pub(crate) fn dump_frozen(
         sink.tolerate_races(true);
     }
     let mut present = Vec::new();
+    let announce_layout = matches!(out, Output::ImageStreamedPages(..));
     for ((p, vmas), d) in processes.iter_mut().zip(&plans).zip(&dirty) {
         if !p.zombie {
+            if announce_layout {
+                // The target brings the mappings up to date before the pages.
+                let layout = pb::Process { pid: p.pid, ppid: p.ppid, vmas: p.vmas.clone(), ..Default::default() };
+                sink.announce(memory::StreamItem::Layout(layout))?;
+            }
             p.page_runs = sink.dump_process(p.pid, p.ppid, vmas, d.as_deref())?;
             if parent.is_some_and(|p| p.link.is_none()) {
-                // Migration: every page the process has, then only those the target lacks.
+                // Migration: every page the process has, then only those the
+                // target lacks (none in the image if they went with the stream).
                 present.push((p.pid, page_ranges(&p.page_runs)));
-                p.page_runs.retain(|r| r.image == 0);
+                p.page_runs.retain(|r| r.image == 0 && !out.pages_streamed());
             }
         }
     }
     let reused_pages = sink.reused_pages();
-    let pages = sink.finish(&blobs)?;
+    let pages = out.finish_pages(sink, &blobs)?;
     timings.memory_ms = ms(t_mem.elapsed());
 
     let t_commit = Instant::now();
@@ -729,21 +736,41 @@ pub(crate) enum Output<'a> {
     /// Live migration: page batches go to a consumer as they are read and
     /// the manifest is returned in the report; nothing is written.
     Stream { id: [u8; 16], consumer: Option<memory::ChunkConsumer> },
+    /// Live migration's final freeze: page batches go to a consumer, the
+    /// rest (manifest, saved file contents) to an image directory whose
+    /// page runs are left empty (the pages went with the stream).
+    ImageStreamedPages(&'a ImageWriter, Option<memory::ChunkConsumer>),
 }
 
 impl Output<'_> {
     /// The id of the image (or pass) being produced.
     fn id(&self) -> [u8; 16] {
         match self {
-            Output::Image(w) => w.image_id,
+            Output::Image(w) | Output::ImageStreamedPages(w, _) => w.image_id,
             Output::Stream { id, .. } => *id,
         }
+    }
+
+    /// The pages went to a consumer, not into the image.
+    fn pages_streamed(&self) -> bool {
+        !matches!(self, Output::Image(_))
+    }
+
+    /// Finishes `sink`; an image whose pages were streamed gets a pages file
+    /// holding only the saved file contents.
+    fn finish_pages(&self, sink: memory::PageSink, blobs: &[Vec<u8>]) -> Result<memory::PagesOut, DumpError> {
+        let out = sink.finish(blobs)?;
+        let Output::ImageStreamedPages(w, _) = self else { return Ok(out) };
+        let file = w.open_pages()?;
+        let (blobs, file_size) =
+            memory::write_blobs(&file, w.pages_tmp_path(), crate::image::PAGES_DATA_OFFSET, blobs)?;
+        Ok(memory::PagesOut { blobs, file_size, page_bytes: out.page_bytes, file: Some(file) })
     }
 
     fn sink(&mut self) -> Result<memory::PageSink, DumpError> {
         match self {
             Output::Image(w) => memory::PageSink::start(w.open_pages()?, w.pages_tmp_path()),
-            Output::Stream { consumer, .. } => {
+            Output::Stream { consumer, .. } | Output::ImageStreamedPages(_, consumer) => {
                 let c = consumer.take().ok_or_else(|| DumpError::Refused {
                     pid: 0,
                     what: "page stream already used by this pass".into(),
@@ -761,8 +788,8 @@ impl Output<'_> {
         pages: Option<std::fs::File>,
     ) -> Result<(u64, Option<pb::Manifest>), DumpError> {
         match (self, pages) {
-            (Output::Image(w), Some(f)) => Ok((w.commit(&manifest, f)?, None)),
-            (Output::Image(_), None) => {
+            (Output::Image(w) | Output::ImageStreamedPages(w, _), Some(f)) => Ok((w.commit(&manifest, f)?, None)),
+            (Output::Image(_) | Output::ImageStreamedPages(..), None) => {
                 Err(DumpError::Refused { pid: manifest.root_pid, what: "pages file missing at commit".into() })
             }
             (Output::Stream { .. }, _) => {

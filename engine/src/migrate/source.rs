@@ -238,7 +238,15 @@ impl Source {
     /// the process has (the target drops what it holds outside them).
     /// `lock` (prepared by the caller) gets the tree's established TCP
     /// connections right after the freeze, before they are read.
-    pub fn freeze_final(&mut self, dir: &Path, lock: Option<floe_netfilter::Lock>) -> Result<DumpReport, DumpError> {
+    ///
+    /// With `pages`, the pages go to that consumer (like a pass's, the
+    /// mappings announced first) and the image holds everything else.
+    pub fn freeze_final(
+        &mut self,
+        dir: &Path,
+        lock: Option<floe_netfilter::Lock>,
+        pages: Option<ChunkConsumer>,
+    ) -> Result<DumpReport, DumpError> {
         if self.passes == 0 {
             return Err(DumpError::Refused {
                 pid: self.opts.pid,
@@ -250,13 +258,17 @@ impl Source {
         let t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
+
         if let Some(l) = &lock {
             let conns = crate::dump::tree_connections(&frozen);
             timings.lock_ms = ms_of(l.lock(&conns)?);
         }
         // Read once by the agent, then deleted: no fsync in the downtime.
         let writer = ImageWriter::scratch(dir)?;
-        let mut out = Output::Image(&writer);
+        let mut out = match pages {
+            Some(c) => Output::ImageStreamedPages(&writer, Some(c)),
+            None => Output::Image(&writer),
+        };
         let (base, index) = self.base_and_index();
         let opts = DumpOptions { dir: dir.to_path_buf(), ..self.opts.clone() };
         let r = dump_frozen(

@@ -54,7 +54,11 @@ impl Tree {
         let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
         let t0 = std::time::Instant::now();
         let mut files = OpenFiles::open(img, pre, &self.shm.objects, &host_pid)?;
-        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1000.0, files = img.manifest.files.len(), "descriptions opened");
+        tracing::debug!(
+            ms = t0.elapsed().as_secs_f64() * 1000.0,
+            files = img.manifest.files.len(),
+            "descriptions opened"
+        );
         self.held.append(&mut files.held);
         let procs = &img.manifest.processes;
         let mut locked = std::collections::HashSet::new();

@@ -147,12 +147,18 @@ fn load_pages_checked(
                 i = j;
             }
         });
+        let (mut wait, mut write, mut t) = (0f64, 0f64, std::time::Instant::now());
         for msg in rx {
             let b = msg?;
+            wait += t.elapsed().as_secs_f64() * 1000.0;
+            t = std::time::Instant::now();
             tree.write_pages(b.pid, &b.buf[..b.len], &b.ranges)?;
+            write += t.elapsed().as_secs_f64() * 1000.0;
             written += b.len as u64;
             let _ = ret_tx.send(b.buf);
+            t = std::time::Instant::now();
         }
+        tracing::debug!(wait_ms = wait, write_ms = write, bytes = written, "pages loaded");
         Ok(())
     })?;
     Ok(written)
