@@ -156,6 +156,28 @@ fn parse_map_header(line: &str) -> Option<MapEntry> {
     })
 }
 
+/// Same mapping as far as /proc/PID/maps tells (everything but VmFlags).
+fn same_mapping(a: &MapEntry, b: &MapEntry) -> bool {
+    (a.start, a.end, a.read, a.write, a.exec, a.shared, a.offset, a.dev_major, a.dev_minor, a.inode, &a.path)
+        == (b.start, b.end, b.read, b.write, b.exec, b.shared, b.offset, b.dev_major, b.dev_minor, b.inode, &b.path)
+}
+
+/// /proc/PID/maps with the VmFlags of `earlier` (an smaps read of the same
+/// process), if every mapping is still exactly as `earlier` has it; `None`
+/// otherwise. maps does not walk the page tables (smaps does: ~15 ms per
+/// GiB); whether a flag changed without changing the mapping is for the
+/// caller to know (see `sys::syscall_watch`).
+pub fn maps_with_flags_of(pid: i32, earlier: &[MapEntry]) -> io::Result<Option<Vec<MapEntry>>> {
+    let mut now = maps(pid, false)?;
+    if now.len() != earlier.len() || !now.iter().zip(earlier).all(|(a, b)| same_mapping(a, b)) {
+        return Ok(None);
+    }
+    for (n, e) in now.iter_mut().zip(earlier) {
+        n.vmflags = e.vmflags.clone();
+    }
+    Ok(Some(now))
+}
+
 /// Parses /proc/PID/smaps (for VmFlags) or /proc/PID/maps.
 pub fn maps(pid: i32, with_flags: bool) -> io::Result<Vec<MapEntry>> {
     let text = fs::read_to_string(path(pid, if with_flags { "smaps" } else { "maps" }))?;
@@ -299,4 +321,30 @@ pub fn limits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
     }
     out.truncate(16);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn flags_of_an_earlier_smaps_read_are_reused_while_mappings_stay() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        // Let exec finish: the mappings are the new image's afterwards.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let smaps = maps(pid, true).unwrap();
+        let reused = maps_with_flags_of(pid, &smaps).unwrap();
+        let mut moved = smaps.clone();
+        moved[0].end += 4096;
+        let moved = maps_with_flags_of(pid, &moved).unwrap();
+        let fewer = maps_with_flags_of(pid, &smaps[1..]).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(smaps.iter().all(|m| !m.vmflags.is_empty()), "smaps has VmFlags for every mapping");
+        let reused = reused.expect("mappings unchanged");
+        assert!(reused.iter().zip(&smaps).all(|(a, b)| a.vmflags == b.vmflags && a.start == b.start));
+        assert!(moved.is_none() && fewer.is_none());
+    }
 }

@@ -312,6 +312,7 @@ fn run(cli: Cli) -> Result<i32> {
                 dirty_tracker: inc.dirty_tracker,
                 tcp_established: false,
                 net_lock: String::new(),
+                vma_flags_from: None,
             };
             let defer = sys::DeferTermination::new();
             let report =
@@ -369,6 +370,7 @@ fn run(cli: Cli) -> Result<i32> {
                 dirty_tracker: inc.dirty_tracker,
                 tcp_established,
                 net_lock: String::new(),
+                vma_flags_from: None,
             };
             let defer = sys::DeferTermination::new();
             let report = dump::dump(&opts).with_context(|| format!("dump of pid {pid} into {} failed", dir.display()));

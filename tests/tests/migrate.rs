@@ -298,3 +298,39 @@ fn in_doubt_before_release_resolves_to_the_source() {
     );
     assert_source_intact(&c, &w, "in doubt before release");
 }
+
+/// A process that keeps changing the advice of a whole mapping (which
+/// /proc/PID/maps does not show) migrates with the flags it had at the
+/// freeze: its own check after the restore finds what it last asked for.
+#[test]
+fn vm_flags_changed_during_precopy_are_exact_after_migration() {
+    require_root!();
+    let mut c = Cluster::new("mvf", "").unwrap();
+    c.start().unwrap();
+    let w = c.workload_at(0, 1, 0, &fixture_path("advise")).unwrap();
+    let stats = |w: &floe_tests::cluster::Workload| -> (u64, u64) {
+        let f = w.dir.join("stats");
+        let _ = std::fs::remove_file(&f);
+        send_signal(w.pid, libc::SIGUSR1).unwrap();
+        assert!(wait_for_file(&f, Duration::from_secs(10)), "no stats from the workload");
+        let text = std::fs::read_to_string(&f).unwrap();
+        let get = |k: &str| {
+            text.split_whitespace().find_map(|kv| kv.strip_prefix(k)).and_then(|v| v.parse().ok()).unwrap_or(u64::MAX)
+        };
+        (get("checks="), get("mismatches="))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stats(&w).1, 0, "the workload sees wrong flags before any migration");
+    let out = c.migrate(0, w.pid, &[]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        error_of(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    let (n0, _) = stats(&w);
+    assert!(wait_until(Duration::from_secs(10), || stats(&w).0 > n0 + 50), "the migrated workload does not run");
+    let (n, bad) = stats(&w);
+    assert_eq!(bad, 0, "after {n} checks the migrated workload found flags it had not set");
+}

@@ -53,6 +53,12 @@ pub struct DumpOptions {
     /// "auto", "uffd", "soft-dirty" or "hash".
     pub dirty_tracker: String,
     pub force: bool,
+    /// Live migration's final freeze: per pid, the mappings (with VmFlags)
+    /// the last pass read from smaps, when nothing can have changed a flag
+    /// since (see `sys::syscall_watch`). A process whose /proc/PID/maps
+    /// still shows exactly those mappings takes their flags, sparing the
+    /// page-table walk of smaps inside the freeze.
+    pub vma_flags_from: Option<std::sync::Arc<std::collections::HashMap<i32, Vec<procfs::MapEntry>>>>,
 }
 
 /// Per-phase timings of a dump, in milliseconds.
@@ -111,6 +117,9 @@ pub struct DumpReport {
     /// process runs on); `keep()` leaves them in it (the process dies).
     #[serde(skip)]
     pub repaired: crate::fdkinds::socket::Repaired,
+    /// The mappings (with VmFlags) the dump read, per process.
+    #[serde(skip)]
+    pub maps: Vec<(i32, Vec<procfs::MapEntry>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -423,6 +432,7 @@ pub(crate) fn pre_dump_frozen(
     }
     let mut processes = Vec::with_capacity(scans.len());
     let mut shmem = memory::ShmemCoverage::new();
+    let mut layouts = Vec::new();
     for (pid, ppid, dirty) in &scans {
         // Read while running: a process that exited meanwhile is skipped. A
         // migration's target rebuilds mappings from these: they must carry
@@ -430,6 +440,7 @@ pub(crate) fn pre_dump_frozen(
         let maps = if matches!(out, Output::Stream { .. }) { procfs::maps(*pid, true) } else { pre_dump_maps(*pid) };
         let Ok(maps) = maps else { continue };
         let plans = memory::classify(*pid, &maps, &mut shmem)?;
+        layouts.push((*pid, maps));
         let vmas: Vec<pb::Vma> = plans.iter().map(|v| v.pb.clone()).collect();
         sink.announce(memory::StreamItem::Layout(pb::Process {
             pid: *pid,
@@ -489,6 +500,7 @@ pub(crate) fn pre_dump_frozen(
         manifest,
         present: Vec::new(),
         repaired: Default::default(),
+        maps: layouts,
     })
 }
 
@@ -568,8 +580,12 @@ pub(crate) fn dump_frozen(
     let use_uffd = tracker == crate::track::Tracker::Uffd && incremental;
     let mut tracked: Vec<Tracked> = Vec::new();
     let mut dirty: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
+    let mut layouts = Vec::new();
     for i in 0..frozen.procs.len() {
-        let (proc_pb, vmas) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
+        let (proc_pb, vmas, maps) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
+        if !proc_pb.zombie {
+            layouts.push((proc_pb.pid, maps));
+        }
         let mut d = None;
         if use_uffd && !proc_pb.zombie {
             let t_scan = Instant::now();
@@ -708,6 +724,7 @@ pub(crate) fn dump_frozen(
         manifest,
         present,
         repaired: std::mem::take(&mut files.repaired),
+        maps: layouts,
     })
 }
 
@@ -1018,7 +1035,7 @@ fn collect_process(
     files: &mut files::FileTable,
     blobs: &mut Vec<Vec<u8>>,
     shmem: &mut memory::ShmemCoverage,
-) -> Result<(pb::Process, Vec<memory::VmaPlan>), DumpError> {
+) -> Result<(pb::Process, Vec<memory::VmaPlan>, Vec<procfs::MapEntry>), DumpError> {
     let fp = &frozen.procs[idx];
     let pid = fp.pid;
     let ppid = fp.ppid;
@@ -1037,7 +1054,7 @@ fn collect_process(
                 .to_string(),
             ..Default::default()
         };
-        return Ok((p, Vec::new()));
+        return Ok((p, Vec::new(), Vec::new()));
     }
     let tids: Vec<i32> = fp.threads.iter().map(|t| t.tid).collect();
     let regs: Vec<UserRegs> = fp.threads.iter().map(|t| t.regs).collect();
@@ -1049,7 +1066,16 @@ fn collect_process(
             source,
         })?);
     }
-    let maps = procfs::maps(pid, true).map_err(proc_err(pid, "smaps"))?;
+    let earlier = opts.vma_flags_from.as_ref().and_then(|m| m.get(&pid));
+    let reused = match earlier {
+        Some(e) => procfs::maps_with_flags_of(pid, e).map_err(proc_err(pid, "maps"))?,
+        None => None,
+    };
+    tracing::debug!(pid, flags_reused = reused.is_some(), "mappings read");
+    let maps = match reused {
+        Some(m) => m,
+        None => procfs::maps(pid, true).map_err(proc_err(pid, "smaps"))?,
+    };
     let vdso = memory::vdso_block(pid, &maps)?;
     let gadget = Injector::find_gadget(pid, vdso.vdso_start, vdso.vdso_end)?;
     let mut injs: Vec<Injector> = tids.iter().zip(&regs).map(|(t, r)| Injector::new(*t, *r, gadget)).collect();
@@ -1134,7 +1160,7 @@ fn collect_process(
     p.fds = fds;
     p.vdso = Some(vdso.pb);
     p.posix_timers = timers;
-    Ok((p, vmas))
+    Ok((p, vmas, maps))
 }
 
 /// POSIX timers listed in /proc/PID/timers (values are filled in by the parasite).

@@ -64,6 +64,11 @@ pub struct Source {
     /// repair mode: both end with the tree (kill) or before it runs again.
     lock: Option<floe_netfilter::Lock>,
     repaired: crate::fdkinds::socket::Repaired,
+    /// Counts the tree's syscalls that can change a mapping's VmFlags
+    /// without changing /proc/PID/maps (None: eBPF unavailable).
+    watch: Option<crate::sys::syscall_watch::SyscallWatch>,
+    /// The mappings, with VmFlags, the last pass read (after its stop).
+    last_maps: HashMap<i32, Vec<crate::procfs::MapEntry>>,
     passes: u32,
 }
 
@@ -83,6 +88,12 @@ fn ms(t: Instant) -> f64 {
 fn ms_of(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
+
+/// Syscalls (x86-64) after which a mapping's VmFlags may differ while
+/// /proc/PID/maps shows it unchanged: madvise, mlock, munlock, mlockall,
+/// munlockall, prctl (PR_SET_MEMORY_MERGE, PR_SET_THP_DISABLE),
+/// mlock2, process_madvise and mseal.
+const FLAG_SYSCALLS: [u32; 9] = [28, 149, 150, 151, 152, 157, 325, 440, 462];
 
 impl Source {
     /// Checks that the tree can be migrated at all (nothing is stopped).
@@ -109,6 +120,8 @@ impl Source {
             parked: false,
             lock: None,
             repaired: Default::default(),
+            watch: None,
+            last_maps: HashMap::new(),
             passes: 0,
         })
     }
@@ -163,6 +176,43 @@ impl Source {
         (Some(Base { link: None, epoch: epoch.to_vec() }), inc)
     }
 
+    /// With the tree stopped at a pass: counts from now on the syscalls that
+    /// can change VmFlags behind /proc/PID/maps (started at the first pass,
+    /// reset at every later one). Anything in flight when the tree stopped
+    /// has finished or will start again, so a count of zero at the final
+    /// freeze means the flags the pass reads after this point still hold.
+    fn watch_flag_syscalls(&mut self) {
+        match &self.watch {
+            Some(w) => {
+                for &pid in &self.pids {
+                    if let Err(e) = w.reset(pid) {
+                        tracing::debug!(pid, error = %e, "cannot reset the syscall watch");
+                        self.watch = None;
+                        return;
+                    }
+                }
+            }
+            None if self.passes == 0 => {
+                match crate::sys::syscall_watch::SyscallWatch::start(&self.pids, &FLAG_SYSCALLS) {
+                    Ok(w) => self.watch = Some(w),
+                    Err(e) => {
+                        tracing::info!(error = %e, "no eBPF syscall watch: the final freeze reads smaps (about 15 ms per GiB)")
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// At the final freeze: the last pass's mappings if no watched syscall
+    /// ran since (see [`Source::watch_flag_syscalls`]).
+    fn flags_still_valid(&self) -> Option<HashMap<i32, Vec<crate::procfs::MapEntry>>> {
+        let w = self.watch.as_ref()?;
+        let quiet = self.pids.iter().all(|&pid| w.count(pid).is_ok_and(|n| n == 0));
+        tracing::debug!(quiet, "VmFlags of the last pass");
+        quiet.then(|| self.last_maps.clone())
+    }
+
     /// Records what a pass (or the final dump) left on the target.
     fn learn(&mut self, processes: &[pb::Process]) {
         let hashed = self.tracker == Tracker::Hash;
@@ -201,6 +251,7 @@ impl Source {
         let t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
+        self.watch_flag_syscalls();
         let id = random_id();
         let mut out = Output::Stream { id, consumer: Some(consumer) };
         let (base, index) = self.base_and_index();
@@ -211,8 +262,9 @@ impl Source {
             pre_dump_frozen(&opts, &mut out, &mut frozen, &mut timings, t0, base.as_ref(), Some(index), self.tracker)
         };
         // An error resumes the tree (FrozenTree's drop); a pass leaves it running.
-        let report = r?;
+        let mut report = r?;
         drop(frozen);
+        self.last_maps = std::mem::take(&mut report.maps).into_iter().collect();
         let manifest = report.manifest.ok_or_else(|| DumpError::Refused {
             pid: self.opts.pid,
             what: "pre-copy pass produced no manifest".into(),
@@ -270,7 +322,11 @@ impl Source {
             None => Output::Image(&writer),
         };
         let (base, index) = self.base_and_index();
-        let opts = DumpOptions { dir: dir.to_path_buf(), ..self.opts.clone() };
+        let opts = DumpOptions {
+            dir: dir.to_path_buf(),
+            vma_flags_from: self.flags_still_valid().map(std::sync::Arc::new),
+            ..self.opts.clone()
+        };
         let r = dump_frozen(
             &opts,
             &self.pre,

@@ -10,6 +10,7 @@ pub mod fd_socket;
 pub mod memory;
 pub mod probe;
 pub mod ptrace;
+pub mod syscall_watch;
 pub mod task;
 pub mod track;
 
