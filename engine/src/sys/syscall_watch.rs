@@ -21,6 +21,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -119,6 +120,11 @@ fn program(map_fd: i32, nrs: &[u32]) -> Vec<u8> {
     p.concat()
 }
 
+/// A syscall number no kernel has: the watch counts it too, so that
+/// [`SyscallWatch::start`] can check that it sees this process under the
+/// pid it knows (the program sees pids of the initial pid namespace).
+const PROBE_NR: u32 = 1000;
+
 /// A running watch; dropping it detaches the program.
 #[derive(Debug)]
 pub struct SyscallWatch {
@@ -132,14 +138,16 @@ impl SyscallWatch {
     /// `nrs`. Needs CAP_BPF and CAP_PERFMON (or root) and a kernel with
     /// BPF raw tracepoints.
     pub fn start(tgids: &[i32], nrs: &[u32]) -> io::Result<Self> {
-        let mut a =
-            Attr::new().u32_at(0, BPF_MAP_TYPE_HASH).u32_at(4, 4).u32_at(8, 8).u32_at(12, tgids.len().max(1) as u32);
+        let me = std::process::id() as i32;
+        let entries = tgids.len() as u32 + 1;
+        let mut a = Attr::new().u32_at(0, BPF_MAP_TYPE_HASH).u32_at(4, 4).u32_at(8, 8).u32_at(12, entries);
         let map = bpf_fd(BPF_MAP_CREATE, &mut a)?;
-        let watch_map = |tgid: i32| Self::set(&map, tgid, 0);
-        for &t in tgids {
-            watch_map(t)?;
+        for &t in tgids.iter().chain([&me]) {
+            Self::set(&map, t, 0)?;
         }
-        let code = program(map.as_raw_fd(), nrs);
+        let mut watched = nrs.to_vec();
+        watched.push(PROBE_NR);
+        let code = program(map.as_raw_fd(), &watched);
         let license = c"Apache-2.0";
         let mut a = Attr::new()
             .u32_at(0, BPF_PROG_TYPE_RAW_TRACEPOINT)
@@ -150,7 +158,24 @@ impl SyscallWatch {
         let tp = c"sys_enter";
         let mut a = Attr::new().u64_at(0, tp.as_ptr() as u64).u32_at(8, prog.as_raw_fd() as u32);
         let link = bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut a)?;
-        Ok(SyscallWatch { map, _prog: prog, _link: link })
+        let w = SyscallWatch { map, _prog: prog, _link: link };
+        // The program must see this process under the pid it knows.
+        // SAFETY: an unknown syscall number only returns ENOSYS.
+        unsafe { libc::syscall(PROBE_NR as libc::c_long) };
+        let seen = w.count(me)?;
+        if tgids.contains(&me) {
+            w.reset(me)?;
+        } else {
+            let key = me as u32;
+            let mut a = Attr::new().u32_at(0, w.map.as_raw_fd() as u32).u64_at(8, &key as *const u32 as u64);
+            bpf(BPF_MAP_DELETE_ELEM, &mut a)?;
+        }
+        if seen == 0 {
+            return Err(io::Error::other(
+                "the eBPF program does not see this process under its pid (floe runs in a pid namespace of its own?)",
+            ));
+        }
+        Ok(w)
     }
 
     fn set(map: &OwnedFd, tgid: i32, v: u64) -> io::Result<()> {
@@ -192,6 +217,7 @@ mod tests {
         assert_eq!(p.len() % 8, 0);
         let insns: Vec<&[u8]> = p.chunks(8).collect();
         assert_eq!(insns.len(), 18);
+        // The probe number is added by start(), not by program().
         // The map load names the map by descriptor.
         assert_eq!((insns[4][0], insns[4][1] >> 4, insns[4][4]), (LD_IMM64, BPF_PSEUDO_MAP_FD, 7));
         // Both syscall tests jump to the same place, the increment.
