@@ -368,6 +368,12 @@ pub fn reinject(segments: &[Segment], mark: u32) -> Result<usize, NetfilterError
                 slot.insert(fd)
             }
         };
+        tracing::debug!(
+            conn = %seg.tuple,
+            seq = seg.seq,
+            len = seg.payload.len(),
+            "delivering a dropped segment"
+        );
         match sys::send_raw(fd.as_fd(), &packet, seg.tuple.local.ip()) {
             Ok(()) => sent += 1,
             Err(e) => tracing::warn!(conn = %seg.tuple, error = %e, "cannot deliver a dropped packet"),

@@ -377,3 +377,76 @@ fn ipv6_server_with_open_connection_migrates() {
     assert_eq!(floe_tables(&c, 0), "");
     assert_eq!(floe_tables(&c, 1), "");
 }
+
+/// A server whose queues are full migrates: the client sends 32 MB without
+/// reading the echo, so at the freeze the server's send queue holds data
+/// the client's closed window kept unsent, its receive queue is full and
+/// the client has data in flight. Afterwards the client reads every byte
+/// of the echo, in order, and its own sends complete.
+#[test]
+fn server_with_full_queues_and_data_in_flight_migrates() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcpq", CONFIG).unwrap();
+    c.start().unwrap();
+    let lan = c.lan();
+    lan.add_address(&lan.a, lan.service_ip).unwrap();
+    let sdir = c.dir.path().join("server");
+    let cdir = c.dir.path().join("bulk");
+    std::fs::create_dir_all(&sdir).unwrap();
+    std::fs::create_dir_all(&cdir).unwrap();
+    let detach = |cmd: &mut std::process::Command| {
+        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    };
+    let mut cmd = c.host(0).command_setns(fixture_path("tcpecho")).unwrap();
+    cmd.args([sdir.display().to_string(), PORT.to_string()]).stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.stderr(std::fs::File::create(sdir.join("err")).unwrap());
+    detach(&mut cmd);
+    let server = cmd.spawn().unwrap();
+    let spid = server.id() as i32;
+    std::mem::forget(server);
+    assert!(wait_for_file(&sdir.join("ready"), Duration::from_secs(20)), "tcpecho did not start");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bulkclient.py");
+    let mut cl = c.host(2).command_setns("python3").unwrap();
+    cl.arg(&script).args([&lan.service_ip.to_string(), &PORT.to_string()]).arg(&cdir).arg((32 << 20).to_string());
+    cl.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(cdir.join("err")).unwrap());
+    detach(&mut cl);
+    let client = cl.spawn().unwrap();
+    std::mem::forget(client);
+    assert!(
+        wait_for_file(&cdir.join("stalled"), Duration::from_secs(60)),
+        "the client never stalled: {}",
+        std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
+    );
+    let cidr = format!("{}/24", lan.service_ip);
+    let out = c.migrate(0, spid, &["--tcp-established", "--move-address", &cidr]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
+    std::fs::write(cdir.join("go"), "").unwrap();
+    assert!(
+        wait_for_file(&cdir.join("result"), Duration::from_secs(120)),
+        "the client never finished: {}",
+        std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
+    );
+    let result = std::fs::read_to_string(cdir.join("result")).unwrap();
+    assert!(
+        result.starts_with("ok bytes=33554432"),
+        "client: {result}\nsource agent:\n{}\ntarget agent:\n{}",
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    assert_eq!(floe_tables(&c, 0), "");
+    assert_eq!(floe_tables(&c, 1), "");
+}

@@ -200,10 +200,31 @@ pub fn restore(
 /// Ends the restore of a connection [`restore`] left in repair mode: repair
 /// off with a window probe (the peer answers at once, and retransmits what
 /// it sent meanwhile), then the data that was never sent goes out normally.
+///
+/// The send buffer is raised for as long as that data is queued: the
+/// restored queue can take more room than it did in the original socket
+/// (its segments are cut differently), and a peer that is not reading
+/// frees none. If it still cannot be queued, the connection is shut down:
+/// the process must never go on with a hole in what it sent.
 pub fn release(sock: &OwnedFd, unsent: &[u8]) -> Result<(), String> {
     fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF).map_err(e("leave repair mode"))?;
-    if !unsent.is_empty() {
-        send_all(sock, unsent).map_err(e("send the data that was never sent"))?;
+    if unsent.is_empty() {
+        return Ok(());
+    }
+    let before = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
+    // SO_SNDBUF reads back twice what was set (room for the kernel's bookkeeping).
+    let room = (before as i64 + 2 * unsent.len() as i64 + (64 << 10)).min(i32::MAX as i64) as i32;
+    let raised = fd_socket::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, room / 2).is_ok();
+    let sent = send_all(sock, unsent);
+    if raised && before > 0 {
+        let _ = fd_socket::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, before / 2);
+    }
+    if let Err(err) = sent {
+        let _ = fd_socket::shutdown(sock, libc::SHUT_RDWR);
+        return Err(format!(
+            "TCP_REPAIR: cannot queue the {} bytes that were never sent ({err}); the connection was shut down",
+            unsent.len()
+        ));
     }
     Ok(())
 }
