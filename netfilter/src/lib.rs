@@ -22,8 +22,8 @@
 //! table inet floe_NAME {
 //!     set conns4 { type ipv4_addr . inet_service . ipv4_addr . inet_service; }
 //!     set conns6 { type ipv6_addr . inet_service . ipv6_addr . inet_service; }
-//!     chain input {
-//!         type filter hook input priority -300; policy accept;
+//!     chain prerouting {
+//!         type filter hook prerouting priority -300; policy accept;
 //!         meta mark MARK accept
 //!         ip saddr . tcp sport . ip daddr . tcp dport @conns4 drop
 //!         ip6 saddr . tcp sport . ip6 daddr . tcp dport @conns6 drop
@@ -38,7 +38,7 @@
 //! ```
 //!
 //! Both sets are keyed by (remote address, remote port, local address, local
-//! port), so one element per connection covers both directions: input
+//! port), so one element per connection covers both directions: incoming
 //! packets come from the remote end, output packets go to it. In a
 //! concatenation every component starts in a fresh 32-bit register, so a
 //! port takes 4 bytes (big-endian, then two zero bytes) and the keys are 16
@@ -258,7 +258,7 @@ pub struct Lock {
 
 impl Lock {
     /// Creates table `inet name` (which must start with [`TABLE_PREFIX`])
-    /// with the input and output chains, their rules and the empty sets,
+    /// with the prerouting and output chains, their rules and the empty sets,
     /// in one atomic batch, in the calling thread's network namespace.
     /// Packets carrying `mark` (non-zero) always pass.
     ///

@@ -94,7 +94,7 @@ const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 // linux/netfilter.h
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
-const NF_INET_LOCAL_IN: u32 = 1;
+const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_LOCAL_OUT: u32 = 3;
 pub(crate) const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
@@ -124,7 +124,7 @@ const _: () = {
     assert!(NFT_PAYLOAD_TRANSPORT_HEADER as i32 == libc::NFT_PAYLOAD_TRANSPORT_HEADER);
     assert!(NF_DROP as i32 == libc::NF_DROP);
     assert!(NF_ACCEPT as i32 == libc::NF_ACCEPT);
-    assert!(NF_INET_LOCAL_IN as i32 == libc::NF_INET_LOCAL_IN);
+    assert!(NF_INET_PRE_ROUTING as i32 == libc::NF_INET_PRE_ROUTING);
     assert!(NF_INET_LOCAL_OUT as i32 == libc::NF_INET_LOCAL_OUT);
     assert!(NFPROTO_INET as i32 == libc::NFPROTO_INET);
     assert!(NFPROTO_IPV4 as i32 == libc::NFPROTO_IPV4);
@@ -208,7 +208,10 @@ pub(crate) struct Chain {
     inbound: bool,
 }
 
-pub(crate) const INPUT: Chain = Chain { name: "input", hook: NF_INET_LOCAL_IN, inbound: true };
+/// Incoming packets are taken at prerouting, not input: a packet for a
+/// service address this host has just given up is still seen (and kept
+/// by a capture), where input would never see it.
+pub(crate) const INPUT: Chain = Chain { name: "prerouting", hook: NF_INET_PRE_ROUTING, inbound: true };
 pub(crate) const OUTPUT: Chain = Chain { name: "output", hook: NF_INET_LOCAL_OUT, inbound: false };
 
 pub(crate) fn add_table(b: &mut Batch, table: &str) {

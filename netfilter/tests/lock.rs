@@ -382,9 +382,9 @@ fn table_matches_the_documented_ruleset() {
         for line in [
             "type ipv4_addr . inet_service . ipv4_addr . inet_service",
             "type ipv6_addr . inet_service . ipv6_addr . inet_service",
-            "chain input {",
+            "chain prerouting {",
             "chain output {",
-            "type filter hook input priority raw; policy accept;",
+            "type filter hook prerouting priority raw; policy accept;",
             "type filter hook output priority raw; policy accept;",
             "meta mark 0x0000f10e accept",
             "ip saddr . tcp sport . ip daddr . tcp dport @conns4 drop",
@@ -395,7 +395,7 @@ fn table_matches_the_documented_ruleset() {
             assert!(norm.contains(&line), "{line:?} missing from:\n{listing}");
         }
         // The mark rule comes first in each chain.
-        let input = listing.split("chain input").nth(1).unwrap();
+        let input = listing.split("chain prerouting").nth(1).unwrap();
         assert!(input.find("meta mark").unwrap() < input.find("@conns4").unwrap());
         drop(lock);
         assert!(!table_exists("floe_t_layout").unwrap(), "drop deletes the table");
