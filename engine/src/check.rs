@@ -123,6 +123,18 @@ pub fn run_checks() -> CheckReport {
     features.push(run_probe("tcp-repair", false, "--tcp-established is unavailable", probe_tcp_repair));
     features.push(run_probe("nftables", false, "no TCP connection lock during migration", probe_nftables));
     features.push(run_probe(
+        "nflog-capture",
+        false,
+        "what peers send during a migration's freeze waits for their retransmission (>= 200 ms)",
+        probe_capture,
+    ));
+    features.push(run_probe(
+        "ebpf-syscall-watch",
+        false,
+        "a migration's final freeze reads /proc/PID/smaps (about 15 ms more downtime per GiB)",
+        probe_syscall_watch,
+    ));
+    features.push(run_probe(
         "cgroup-freezer",
         false,
         "trees are not frozen before seizing: tasks are seized one by one",
@@ -659,6 +671,26 @@ fn probe_tcp_repair() -> ProbeResult {
     }
     probe::setsockopt_int(fd, libc::SOL_TCP, TCP_REPAIR, 0)?;
     Ok("TCP_REPAIR=1 accepted; send-queue seq set and read back".to_string())
+}
+
+/// A listener on an nfnetlink_log group, as the network lock's capture uses.
+fn probe_capture() -> ProbeResult {
+    let cap = floe_netfilter::Capture::open().map_err(|e| Fail(e.to_string()))?;
+    Ok(format!("nfnetlink_log group {} bound, copying whole packets", cap.group()))
+}
+
+/// The eBPF raw-tracepoint program live migration uses to know whether a
+/// process may have changed a mapping's VmFlags, counting this process's getppid.
+fn probe_syscall_watch() -> ProbeResult {
+    let me = std::process::id() as i32;
+    let w = crate::sys::syscall_watch::SyscallWatch::start(&[me], &[libc::SYS_getppid as u32])
+        .map_err(|e| Fail(format!("loading the program: {}", probe::describe_io(&e))))?;
+    let _ = std::os::unix::process::parent_id();
+    let n = w.count(me).map_err(|e| Fail(format!("reading its counter: {}", probe::describe_io(&e))))?;
+    if n == 0 {
+        return Err(Fail("the program did not see this process's getppid".into()));
+    }
+    Ok(format!("sys_enter raw tracepoint program loaded; counted {n} getppid call(s) of this process"))
 }
 
 const NETLINK_NETFILTER: i32 = 12;
