@@ -124,6 +124,9 @@ struct Session<'a> {
     recv: Recv,
     /// Service addresses removed from this host (address, interface), put back on abort.
     moved: Vec<(String, String)>,
+    /// What the network lock drops on the way in: for the target on
+    /// commit, or delivered here again if the source copy resumes.
+    capture: Option<floe_netfilter::Capture>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -237,6 +240,7 @@ async fn run(
         send,
         recv,
         moved: Vec::new(),
+        capture: None,
     };
     let version = agent.hooks.protocol_version.unwrap_or(frame::PROTOCOL_VERSION);
     s.send(
@@ -365,8 +369,21 @@ async fn run(
             let resumed = worker.resume().await;
             record(agent, entry, "aborted");
             drop(worker);
-            if let Err(r) = resumed {
-                ev.warning(&format!("resuming the source process failed: {r}")).await;
+            match resumed {
+                Err(r) => ev.warning(&format!("resuming the source process failed: {r}")).await,
+                // The connections run here again: what their peers sent while
+                // they were locked arrives now instead of on their timers.
+                Ok(()) => {
+                    if let Some(mut c) = s.capture.take() {
+                        let segs = c.drain();
+                        if !segs.is_empty() {
+                            if let Err(err) = floe_netfilter::reinject(&segs, floe_engine::dump::NET_LOCK_MARK) {
+                                tracing::warn!(error = %chain(&err), "cannot deliver the segments dropped during the freeze");
+                            }
+                        }
+                        drop(std::thread::spawn(move || drop(c)));
+                    }
+                }
             }
             Err(e)
         }
@@ -522,7 +539,7 @@ async fn precopy_and_handover(
     let t_freeze = Instant::now();
     // The network lock is prepared before the freeze; its elements go in
     // inside it. What it drops on the way in is kept for the target.
-    let (lock, mut capture) = if req.tcp_established {
+    let (lock, capture) = if req.tcp_established {
         let name = format!("floe_mig_{}", &s.id[..16]);
         let (l, c) = floe_netfilter::Lock::prepare_capturing(&name, floe_engine::dump::NET_LOCK_MARK)
             .map_err(|e| MigrateError::Engine(chain(&e)))?;
@@ -530,6 +547,7 @@ async fn precopy_and_handover(
     } else {
         (None, None)
     };
+    s.capture = capture;
     // The final pass: the last pages stream like a pass's (and are written
     // on the target as they arrive) while the rest of the state goes to `dir`.
     let compress = compress_mode.unwrap_or(link_rate > 0.0 && compress_rate > link_rate * 1.1);
@@ -587,9 +605,9 @@ async fn precopy_and_handover(
     let t_commit = Instant::now();
     // The service address lives on the target now: what reached this host
     // meanwhile goes along.
-    let received = capture.as_mut().map(|c| crate::received::to_wire(&c.drain())).unwrap_or_default();
+    let received = s.capture.as_mut().map(|c| crate::received::to_wire(&c.drain())).unwrap_or_default();
     // Closing a netlink socket can take the kernel ~10 ms: not here.
-    if let Some(c) = capture.take() {
+    if let Some(c) = s.capture.take() {
         drop(std::thread::spawn(move || drop(c)));
     }
     s.send("commit", Msg::Commit(pp::Commit { received })).await?;
