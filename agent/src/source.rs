@@ -543,7 +543,7 @@ async fn precopy_and_handover(
         let name = format!("floe_mig_{}", &s.id[..16]);
         let (l, c) = floe_netfilter::Lock::prepare_capturing(&name, floe_engine::dump::NET_LOCK_MARK)
             .map_err(|e| MigrateError::Engine(chain(&e)))?;
-        (Some(l), Some(c))
+        (Some(l), c)
     } else {
         (None, None)
     };

@@ -375,7 +375,7 @@ async fn apply_stream(
                         .map_err(|e| failed(chain(&e)))?;
                     lock.lock(&conns).map_err(|e| failed(chain(&e)))?;
                     net.lock = Some(lock);
-                    net.capture = Some(cap);
+                    net.capture = cap;
                 }
                 ready.lock_ms = ms(tl.elapsed());
                 let ta = Instant::now();

@@ -271,11 +271,18 @@ impl Lock {
 
     /// Like [`Lock::prepare`], but every incoming packet the lock drops is
     /// first copied to the returned [`Capture`] (see its module), so that
-    /// the data peers send meanwhile can be put back into the restored
-    /// connections instead of waiting for their retransmission.
-    pub fn prepare_capturing(name: &str, mark: u32) -> Result<(Lock, Capture), NetfilterError> {
-        let cap = Capture::open()?;
-        let lock = Lock::prepare_with(name, mark, Some(cap.group()))?;
+    /// the data peers send meanwhile can be delivered to the restored
+    /// connections instead of waiting for their retransmission. Without
+    /// `nfnetlink_log` the lock works as [`Lock::prepare`]'s (no capture).
+    pub fn prepare_capturing(name: &str, mark: u32) -> Result<(Lock, Option<Capture>), NetfilterError> {
+        let cap = match Capture::open() {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(table = name, error = %e, "the network lock cannot keep what it drops; peers will retransmit it");
+                None
+            }
+        };
+        let lock = Lock::prepare_with(name, mark, cap.as_ref().map(Capture::group))?;
         Ok((lock, cap))
     }
 
