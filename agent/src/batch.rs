@@ -29,7 +29,10 @@ pub fn encode(pass: u32, mut c: PageChunk, compress: bool, corrupt: bool) -> (En
         runs.push(Run { vaddr: r.vaddr, nr_pages: r.nr_pages as u32 });
         for k in 0..r.nr_pages as usize {
             let src = r.file_offset as usize + k * PAGE;
-            if c.data.get(src..src + PAGE).is_some_and(floe_engine::dump::is_zero) {
+            // The engine marks the pages it found non-zero when it does not
+            // hash them: those need no second look.
+            let nonzero = r.page_hashes.get(k * 16..k * 16 + 16) == Some(&floe_engine::dump::NONZERO_MARK[..]);
+            if !nonzero && c.data.get(src..src + PAGE).is_some_and(floe_engine::dump::is_zero) {
                 bitmap[i / 8] |= 1 << (i % 8);
             } else {
                 if src != kept * PAGE {

@@ -417,6 +417,24 @@ async fn connect(agent: &Agent, addr: std::net::SocketAddr, name: &str) -> Resul
     }
 }
 
+/// A page buffer lent to the QUIC stream; back to the engine when dropped.
+struct Returned {
+    buf: Vec<u8>,
+    to: floe_engine::dump::Recycler,
+}
+
+impl AsRef<[u8]> for Returned {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        let _ = self.to.send(std::mem::take(&mut self.buf));
+    }
+}
+
 /// Counters a pass's page consumer fills (on the engine's stream thread).
 #[derive(Default)]
 struct Counters {
@@ -704,11 +722,16 @@ where
     let send = &mut s.send;
     let drain = async {
         while let Some((parts, recycle)) = frx.recv().await {
-            for p in &parts {
-                wire::write_bytes(send, p).await?;
-            }
-            if let (Some(r), Some(buf)) = (recycle, parts.into_iter().nth(1)) {
-                let _ = r.send(buf);
+            // Page data goes to the stream without a copy; its buffer returns
+            // to the engine once the stream is done with it.
+            let mut recycle = recycle;
+            for (i, p) in parts.into_iter().enumerate() {
+                let lent = if i == 1 { recycle.take() } else { None };
+                let bytes = match lent {
+                    Some(to) => bytes::Bytes::from_owner(Returned { buf: p, to }),
+                    None => bytes::Bytes::from(p),
+                };
+                wire::write_chunk(send, bytes).await?;
             }
         }
         Ok::<(), WireError>(())

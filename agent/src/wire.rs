@@ -71,6 +71,12 @@ pub async fn write_bytes<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Resu
     w.write_all(bytes).await.map_err(io)
 }
 
+/// Hands `bytes` to the QUIC stream without copying them (the stream keeps
+/// them until the peer acknowledges them).
+pub async fn write_chunk(w: &mut quinn::SendStream, bytes: bytes::Bytes) -> Result<(), WireError> {
+    w.write_chunk(bytes).await.map_err(|e| io(e.into()))
+}
+
 pub async fn write_control<W: AsyncWrite + Unpin, M: Message>(w: &mut W, msg: &M) -> Result<(), WireError> {
     write_bytes(w, &frame::control(msg)).await
 }

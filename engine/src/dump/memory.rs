@@ -17,6 +17,10 @@ pub const PAGE: u64 = 4096;
 const RUN_PAGES: u64 = 512;
 /// Bytes copied per process_vm_readv batch (and largest stream chunk).
 pub const BATCH: usize = 16 << 20;
+/// Largest stream chunk (live migration): small enough that a chunk stays
+/// in the CPU caches from the copy out of the process through the zero-page
+/// check, the checksum and the copy into the transport.
+pub const STREAM_BATCH: usize = 2 << 20;
 const BUFFERS: usize = 3;
 
 pub struct VdsoInfo {
@@ -466,6 +470,8 @@ fn split_clean(s: u64, e: u64, dirty: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
 
 /// `page_hashes` entry of a zero page when pages are not hashed.
 pub const ZERO_MARK: [u8; 16] = [0; 16];
+/// `page_hashes` entry of a non-zero page when pages are not hashed.
+pub const NONZERO_MARK: [u8; 16] = [0xff; 16];
 
 /// Whether every byte of `page` is zero (an OR over 8-byte words, which
 /// the compiler vectorizes).
@@ -777,12 +783,13 @@ impl PageSink {
             runs = keep;
         }
         let (mut t_read, mut t_hash, mut t_wait) = (0f64, 0f64, 0f64);
+        let batch = if self.stream { STREAM_BATCH } else { BATCH };
         let mut i = 0usize;
         while i < runs.len() {
             // Take as many runs as fit in one batch.
             let mut j = i;
             let mut total = 0usize;
-            while j < runs.len() && (j == i || total + runs[j].len as usize <= BATCH) && j - i < mem::MAX_IOV {
+            while j < runs.len() && (j == i || total + runs[j].len as usize <= batch) && j - i < mem::MAX_IOV {
                 total += runs[j].len as usize;
                 j += 1;
             }
@@ -839,7 +846,7 @@ impl PageSink {
                         } else if is_zero(&buf[at..at + PAGE as usize]) {
                             ZERO_MARK
                         } else {
-                            [0xff; 16]
+                            NONZERO_MARK
                         };
                         let known = inc
                             .by_addr

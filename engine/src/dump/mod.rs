@@ -13,7 +13,10 @@ pub(crate) mod memory;
 mod parasite;
 
 pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX};
-pub use memory::{is_vdso_part, is_zero, ChunkConsumer, PageChunk, Recycler, StreamItem, BATCH as STREAM_BATCH_BYTES};
+pub use memory::{
+    is_vdso_part, is_zero, ChunkConsumer, PageChunk, Recycler, StreamItem, NONZERO_MARK,
+    STREAM_BATCH as STREAM_BATCH_BYTES,
+};
 
 use crate::image::{ImageError, ImageWriter};
 use crate::inject::{InjectError, Injector};
