@@ -237,12 +237,20 @@ impl Tree {
         let strip = |p: &pb::Process| pb::Process { vmas: p.vmas.clone(), ..Default::default() };
         let (old, new) = (strip(old), strip(new));
         let fresh = self.procs[i].inherit_layout(&old, &new)?;
-        let kept: Vec<(u64, u64)> = new
-            .vmas
-            .iter()
-            .filter(|v| !fresh.iter().any(|f| f.start == v.start && f.end == v.end))
-            .map(|v| (v.start, v.end))
-            .collect();
+        let kept: Vec<&pb::Vma> =
+            new.vmas.iter().filter(|v| !fresh.iter().any(|f| f.start == v.start && f.end == v.end)).collect();
+        // A kept mapping keeps the stub's flags: bring them to the new ones.
+        for v in &kept {
+            for o in old.vmas.iter().filter(|o| o.start < v.end && v.start < o.end) {
+                let (mut a, mut b) = (o.advice.clone(), v.advice.clone());
+                a.sort();
+                b.sort();
+                if a != b {
+                    self.procs[i].change_advice(o.start.max(v.start), o.end.min(v.end), &o.advice, &v.advice)?;
+                }
+            }
+        }
+        let kept = kept.iter().map(|v| (v.start, v.end)).collect();
         self.procs[i].map_vmas(fresh, &mut self.shm)?;
         Ok(kept)
     }

@@ -225,6 +225,55 @@ impl Stub {
     /// this process does not have, and the pages the parent has where this
     /// process had none, keeping everything shared copy-on-write. Returns
     /// the mappings still to be created.
+    /// Brings the advice (VmFlags set by madvise/mlock) of `[start, end)`
+    /// from `old` to `new`: a mapping kept across a live migration's
+    /// passes whose flags changed. Transparent-huge-page advice can be set
+    /// but not taken back to "none"; that is refused.
+    pub(super) fn change_advice(
+        &mut self,
+        start: u64,
+        end: u64,
+        old: &[String],
+        new: &[String],
+    ) -> Result<(), RestoreError> {
+        let len = end - start;
+        let has = |l: &[String], f: &str| l.iter().any(|x| x == f);
+        for f in ["hg", "nh", "dd", "dc", "wf", "lo"] {
+            let (had, wants) = (has(old, f), has(new, f));
+            if had == wants {
+                continue;
+            }
+            let (nr, arg) = match (f, wants) {
+                ("lo", true) => (libc::SYS_mlock, 0),
+                ("lo", false) => (libc::SYS_munlock, 0),
+                ("hg", true) => (libc::SYS_madvise, libc::MADV_HUGEPAGE),
+                ("nh", true) => (libc::SYS_madvise, libc::MADV_NOHUGEPAGE),
+                // Setting the other one clears it.
+                ("hg", false) | ("nh", false) if has(new, "hg") || has(new, "nh") => continue,
+                ("hg", false) | ("nh", false) => {
+                    return Err(RestoreError::Refused {
+                        what: format!(
+                            "mapping {start:#x}-{end:#x} dropped its transparent-huge-page advice during pre-copy, \
+                             which a staged copy cannot reproduce; migrate it again"
+                        ),
+                    })
+                }
+                ("dd", true) => (libc::SYS_madvise, libc::MADV_DONTDUMP),
+                ("dd", false) => (libc::SYS_madvise, libc::MADV_DODUMP),
+                ("dc", true) => (libc::SYS_madvise, libc::MADV_DONTFORK),
+                ("dc", false) => (libc::SYS_madvise, libc::MADV_DOFORK),
+                ("wf", true) => (libc::SYS_madvise, libc::MADV_WIPEONFORK),
+                _ => (libc::SYS_madvise, libc::MADV_KEEPONFORK),
+            };
+            let args =
+                if nr == libc::SYS_madvise { [start, len, arg as u64, 0, 0, 0] } else { [start, len, 0, 0, 0, 0] };
+            self.leader().call(nr, args).map_err(|e| RestoreError::Refused {
+                what: format!("cannot give mapping {start:#x}-{end:#x} its flag {f} back: {e}"),
+            })?;
+        }
+        Ok(())
+    }
+
     pub(super) fn inherit_layout<'a>(
         &mut self,
         parent: &pb::Process,
