@@ -47,3 +47,50 @@ fn cow_shared_memory_with_different_mapping_bounds() {
     }
     guard.kill_all();
 }
+
+/// A tree whose root maps memory with MADV_DONTFORK and MADV_WIPEONFORK
+/// before forking: the children never had the first and filled the second
+/// themselves. After restore each process has exactly its own.
+#[test]
+fn fork_advice_regions_come_back_per_process() {
+    require_root!();
+    let td = TestDir::new("cow-tree-advice");
+    let ready = td.join("ready");
+    let mut fx = Spawn::fixture("cowtree", td.path())
+        .arg("3")
+        .arg("4")
+        .arg("1")
+        .arg(&ready)
+        .env("COWTREE_FORK_ADVICE", "1")
+        .ready_file(&ready)
+        .spawn();
+    let line = std::fs::read_to_string(&ready).expect("ready file");
+    let pids: Vec<i32> = kv(&line, "pids").split(',').filter_map(|p| p.parse().ok()).collect();
+    assert_eq!(pids.len(), 3, "{line}");
+    let mut guard = TreeGuard::new();
+    guard.add_all(&pids);
+    let check = |p: i32| {
+        let f = td.join(format!("ready.check.{p}"));
+        let _ = std::fs::remove_file(&f);
+        send_signal(p, libc::SIGUSR1).expect("SIGUSR1");
+        assert!(wait_for_file(&f, Duration::from_secs(10)), "pid {p} did not report");
+        kv(&std::fs::read_to_string(&f).expect("check file"), "forkadvice")
+    };
+    for p in &pids {
+        assert_eq!(check(*p), "ok", "pid {p} before the dump");
+    }
+    let img = td.join("img");
+    let out = dump(fx.pid, &img, &[]);
+    assert_ok(&out, "dump of the tree");
+    fx.reap(Duration::from_secs(10));
+    for p in &pids {
+        assert!(wait_pid_gone(*p, Duration::from_secs(10)), "pid {p} still exists after the dump");
+    }
+    let out = restore_detached(&img, &[], Stdio::null());
+    assert_ok(&out, "restore of the tree");
+    guard.add_all(&pids);
+    for p in &pids {
+        assert_eq!(check(*p), "ok", "pid {p} after restore");
+    }
+    guard.kill_all();
+}

@@ -145,7 +145,7 @@ impl Tree {
             if p.zombie {
                 continue;
             }
-            let fresh = tree.procs[i].inherit_layout(&m.processes[parent], p)?;
+            let fresh = tree.procs[i].inherit_layout(&m.processes[parent], p, true)?;
             // Only mappings kept from the parent still hold its pages: a `cow`
             // run elsewhere (the parent's mapping had other bounds) is written.
             let kept: Vec<(u64, u64)> = p
@@ -155,6 +155,8 @@ impl Tree {
                 .map(|v| (v.start, v.end))
                 .collect();
             tree.procs[i].place_vdso(&vdso_of(p)?, pre)?;
+            tree.procs[i]
+                .match_advice(&m.processes[parent].vmas, p.vmas.iter().filter(|v| kept.contains(&(v.start, v.end))))?;
             tree.procs[i].map_vmas(fresh, &mut tree.shm)?;
             let t = Instant::now();
             let inherited =
@@ -236,20 +238,11 @@ impl Tree {
         // Page runs play no part here: inherit_layout holes nothing without them.
         let strip = |p: &pb::Process| pb::Process { vmas: p.vmas.clone(), ..Default::default() };
         let (old, new) = (strip(old), strip(new));
-        let fresh = self.procs[i].inherit_layout(&old, &new)?;
+        let fresh = self.procs[i].inherit_layout(&old, &new, false)?;
         let kept: Vec<&pb::Vma> =
             new.vmas.iter().filter(|v| !fresh.iter().any(|f| f.start == v.start && f.end == v.end)).collect();
         // A kept mapping keeps the stub's flags: bring them to the new ones.
-        for v in &kept {
-            for o in old.vmas.iter().filter(|o| o.start < v.end && v.start < o.end) {
-                let (mut a, mut b) = (o.advice.clone(), v.advice.clone());
-                a.sort();
-                b.sort();
-                if a != b {
-                    self.procs[i].change_advice(o.start.max(v.start), o.end.min(v.end), &o.advice, &v.advice)?;
-                }
-            }
-        }
+        self.procs[i].match_advice(&old.vmas, kept.iter().copied())?;
         let kept = kept.iter().map(|v| (v.start, v.end)).collect();
         self.procs[i].map_vmas(fresh, &mut self.shm)?;
         Ok(kept)

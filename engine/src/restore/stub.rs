@@ -274,18 +274,45 @@ impl Stub {
         Ok(())
     }
 
+    /// `forked`: this stub was just forked from `parent`'s, so mappings the
+    /// parent had with MADV_DONTFORK are not here, and those with
+    /// MADV_WIPEONFORK came empty: neither can serve the child.
+    /// Mappings `kept` from an earlier layout `old` (the stub's, or the
+    /// parent's it was forked with) carry the old flags: gives each part
+    /// the flags of its new layout.
+    pub(super) fn match_advice<'v>(
+        &mut self,
+        old: &[pb::Vma],
+        kept: impl Iterator<Item = &'v pb::Vma>,
+    ) -> Result<(), RestoreError> {
+        for v in kept {
+            for o in old.iter().filter(|o| o.start < v.end && v.start < o.end) {
+                let (mut a, mut b) = (o.advice.clone(), v.advice.clone());
+                a.sort();
+                b.sort();
+                if a != b {
+                    self.change_advice(o.start.max(v.start), o.end.min(v.end), &o.advice, &v.advice)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn inherit_layout<'a>(
         &mut self,
         parent: &pb::Process,
         me: &'a pb::Process,
+        forked: bool,
     ) -> Result<Vec<&'a pb::Vma>, RestoreError> {
+        let not_inherited = |pv: &pb::Vma| forked && pv.advice.iter().any(|a| a == "dc" || a == "wf");
         // A parent mapping can serve a child mapping of the same kind over
         // their overlap (bounds may differ: the kernel merges and splits
         // mappings differently in each process).
         let compatible = |pv: &pb::Vma, cv: &pb::Vma| {
             let same_offsets = pv.kind == pb::VmaKind::AnonPrivate as i32
                 || pv.pgoff as i128 - pv.start as i128 == cv.pgoff as i128 - cv.start as i128;
-            pv.kind == cv.kind
+            !not_inherited(pv)
+                && pv.kind == cv.kind
                 && pv.path == cv.path
                 && pv.shmem_id == cv.shmem_id
                 && pv.sysv == cv.sysv
@@ -297,6 +324,10 @@ impl Stub {
         // What each parent mapping keeps; the rest is unmapped.
         let mut kept: Vec<(u64, u64)> = Vec::new();
         for pv in &parent.vmas {
+            if not_inherited(pv) && pv.advice.iter().any(|a| a == "dc") {
+                // fork did not copy it: nothing to unmap.
+                continue;
+            }
             let mut parts: Vec<(u64, u64)> = me
                 .vmas
                 .iter()
