@@ -450,3 +450,89 @@ fn server_with_full_queues_and_data_in_flight_migrates() {
     assert_eq!(floe_tables(&c, 0), "");
     assert_eq!(floe_tables(&c, 1), "");
 }
+
+/// A half-closed connection migrates: the client has sent its FIN (the
+/// server is in CLOSE_WAIT); after the migration the server answers and
+/// closes, and the client reads the answer and the end of the stream.
+#[test]
+fn close_wait_connection_migrates() {
+    require_root!();
+    let mut c = Cluster::new_lan("tcph", CONFIG).unwrap();
+    c.start().unwrap();
+    let lan = c.lan();
+    lan.add_address(&lan.a, lan.service_ip).unwrap();
+    let sdir = c.dir.path().join("server");
+    let cdir = c.dir.path().join("half");
+    std::fs::create_dir_all(&sdir).unwrap();
+    std::fs::create_dir_all(&cdir).unwrap();
+    let detach = |cmd: &mut std::process::Command| {
+        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    };
+    // Listening on 0.0.0.0, reached through the service address.
+    let mut cmd = c.host(0).command_setns(fixture_path("halfclose")).unwrap();
+    cmd.arg(&sdir).arg("closewait").env("HALFCLOSE_ANY", "1").stdin(Stdio::null()).stdout(Stdio::null());
+    cmd.stderr(std::fs::File::create(sdir.join("err")).unwrap());
+    detach(&mut cmd);
+    let server = cmd.spawn().unwrap();
+    let spid = server.id() as i32;
+    std::mem::forget(server);
+    assert!(wait_for_file(&sdir.join("ready"), Duration::from_secs(20)), "halfclose did not start");
+    let port: u16 = std::fs::read_to_string(sdir.join("ready"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("port=").map(|p| p.parse().unwrap()))
+        .unwrap();
+    let script = format!(
+        "import socket,os,time\n\
+         s=socket.create_connection(('{ip}',{port}))\n\
+         s.sendall(b'hello')\n\
+         s.shutdown(socket.SHUT_WR)\n\
+         open('{d}/sent','w').close()\n\
+         s.settimeout(60)\n\
+         got=b''\n\
+         while True:\n\
+         \x20   b=s.recv(100)\n\
+         \x20   if not b: break\n\
+         \x20   got+=b\n\
+         open('{d}/.result','w').write(got.decode())\n\
+         os.rename('{d}/.result','{d}/result')\n",
+        ip = lan.service_ip,
+        d = cdir.display()
+    );
+    let mut cl = c.host(2).command_setns("python3").unwrap();
+    cl.arg("-c").arg(script).stdin(Stdio::null()).stdout(Stdio::null());
+    cl.stderr(std::fs::File::create(cdir.join("err")).unwrap());
+    detach(&mut cl);
+    std::mem::forget(cl.spawn().unwrap());
+    let eof = wait_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(sdir.join("state")).is_ok_and(|s| s.trim() == "eof n=5")
+    });
+    assert!(
+        eof,
+        "the server never saw the client's FIN: {}",
+        std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
+    );
+    let cidr = format!("{}/24", lan.service_ip);
+    let out = c.migrate(0, spid, &["--tcp-established", "--move-address", &cidr]);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    let on_b = pids_named_in(&c, 1, "halfclose");
+    assert_eq!(on_b.len(), 1, "server not running on b");
+    send_signal(on_b[0], libc::SIGUSR1).unwrap();
+    assert!(wait_for_file(&cdir.join("result"), Duration::from_secs(30)), "the client never got the end of the stream");
+    assert_eq!(std::fs::read_to_string(cdir.join("result")).unwrap(), "bye");
+    assert_eq!(floe_tables(&c, 0), "");
+    assert_eq!(floe_tables(&c, 1), "");
+}

@@ -145,3 +145,68 @@ fn tcp_close_restores_the_connection_closed() {
     // Its read fails at once, and the echo server exits.
     assert!(wait_pid_gone(fx.pid, Duration::from_secs(10)), "the server did not see its connection closed");
 }
+
+fn wait_state(dir: &std::path::Path, want: &str) {
+    let f = dir.join("state");
+    let ok = wait_until(Duration::from_secs(10), || std::fs::read_to_string(&f).is_ok_and(|s| s.trim() == want));
+    assert!(ok, "fixture state {:?}, {want:?} expected", std::fs::read_to_string(&f).unwrap_or_default());
+}
+
+/// The client has sent its FIN; the server has not closed yet (CLOSE_WAIT).
+/// After dump and restore the server still answers, then closes, and the
+/// client reads the answer and the end of the stream.
+#[test]
+fn close_wait_connection_survives_dump_and_restore() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let mut fx = Spawn::fixture("halfclose", td.path())
+        .arg(td.path())
+        .arg("closewait")
+        .ready_file(td.path().join("ready"))
+        .spawn();
+    let mut c = TcpStream::connect(("127.0.0.1", port_of(td.path()))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"hello").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_state(td.path(), "eof n=5");
+    let img = td.path().join("img");
+    let _lock = LockGuard(img.clone());
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of a CLOSE_WAIT connection");
+    fx.reap(Duration::from_secs(5));
+    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
+    fx.adopt_restored();
+    send_signal(fx.pid, libc::SIGUSR1).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye", "what the restored server sent before closing");
+    wait_state(td.path(), "done");
+}
+
+/// The server has sent its FIN (FIN_WAIT2 once acknowledged) and still
+/// reads: after dump and restore the client's data reaches it, and the
+/// client's own FIN ends its reading.
+#[test]
+fn fin_wait_connection_survives_dump_and_restore() {
+    require_root!();
+    let td = tempfile::tempdir().unwrap();
+    let mut fx = Spawn::fixture("halfclose", td.path())
+        .arg(td.path())
+        .arg("finwait")
+        .ready_file(td.path().join("ready"))
+        .spawn();
+    let mut c = TcpStream::connect(("127.0.0.1", port_of(td.path()))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hi = Vec::new();
+    c.read_to_end(&mut hi).unwrap();
+    assert_eq!(hi, b"hi");
+    wait_state(td.path(), "shut");
+    let img = td.path().join("img");
+    let _lock = LockGuard(img.clone());
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of a FIN_WAIT2 connection");
+    fx.reap(Duration::from_secs(5));
+    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
+    fx.adopt_restored();
+    c.write_all(b"after restore").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    wait_state(td.path(), "got=13");
+}

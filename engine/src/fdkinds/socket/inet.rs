@@ -26,6 +26,11 @@ const TCP_ESTABLISHED: u8 = 1;
 const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
+/// Connections TCP_REPAIR saves: established, or half closed (a FIN sent,
+/// received, or both).
+fn repairable(state: u8) -> bool {
+    matches!(state, TCP_ESTABLISHED | 4 | 5 | 8 | 9 | 11) // FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING
+}
 const TCP_STATE_NAMES: [&str; 12] = [
     "?",
     "ESTABLISHED",
@@ -238,11 +243,12 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
                     ));
                 }
             }
-            TCP_ESTABLISHED => {
+            state if repairable(state) => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
                 if !ctx.tcp_established {
+                    let what = if state == TCP_ESTABLISHED { "an established" } else { "a half-closed" };
                     return Err(format!(
-                        "it is an established TCP connection {} -> {remote}; pass --tcp-established to \
+                        "it is {what} TCP connection {} -> {remote}; pass --tcp-established to \
                          checkpoint established TCP connections",
                         show(&local)
                     ));
@@ -255,7 +261,8 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
                 s.remote_flowinfo = p.flowinfo;
                 let dup = sock.try_clone().map_err(|e| format!("cannot keep the socket ({e})"))?;
                 let t0 = std::time::Instant::now();
-                let t = tcp_repair::dump(sock, ctx.blobs).map_err(|e| format!("{} -> {remote}: {e}", show(&local)))?;
+                let t = tcp_repair::dump(sock, state, ctx.blobs)
+                    .map_err(|e| format!("{} -> {remote}: {e}", show(&local)))?;
                 ctx.repaired.ms += t0.elapsed().as_secs_f64() * 1000.0;
                 // From here the socket is in repair mode until the dump's end.
                 ctx.repaired.push(dup);
@@ -272,8 +279,8 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
             other => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
                 return Err(format!(
-                    "it is a TCP connection {} -> {remote} in state {}; only established connections can be \
-                     checkpointed yet (half-closed ones cannot)",
+                    "it is a TCP connection {} -> {remote} in state {}; only established and half-closed \
+                     connections can be checkpointed",
                     show(&local),
                     state_name(other)
                 ));
@@ -363,9 +370,12 @@ fn restore_socket(
         };
         let queue = |i: i32| if i < 0 { Ok(Vec::new()) } else { blob(i) };
         let (sendq, recvq) = (queue(t.send_queue_blob)?, queue(t.recv_queue_blob)?);
+        let ends = to_std(&local).zip(to_std(&remote)).ok_or("invalid address in the image")?;
         let unsent = tcp_repair::restore(
             &sock,
             t,
+            s.state as u8,
+            ends,
             &build_addr(s.family, &local)?,
             &build_addr(s.family, &remote)?,
             &sendq,
@@ -438,7 +448,7 @@ pub fn tcp_tuples(pid: i32) -> Vec<(std::net::SocketAddr, std::net::SocketAddr)>
     let mut out = Vec::new();
     for (sock, family) in inet_sockets(pid) {
         let proto = fd_socket::getsockopt_int(&sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).unwrap_or(0);
-        if proto != libc::IPPROTO_TCP || fd_socket::tcp_state(&sock).map(|st| st.state).ok() != Some(TCP_ESTABLISHED) {
+        if proto != libc::IPPROTO_TCP || !fd_socket::tcp_state(&sock).is_ok_and(|st| repairable(st.state)) {
             continue;
         }
         let l = fd_socket::getsockname(&sock).ok().and_then(|r| parse_addr(family, &r)).and_then(|a| to_std(&a));

@@ -42,6 +42,27 @@ const TCPI_OPT_WSCALE: u8 = 4;
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 /// struct tcp_repair_window: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
 const REPAIR_WINDOW_LEN: usize = 20;
+/// Half-closed states (include/net/tcp_states.h).
+const FIN_WAIT1: u8 = 4;
+const FIN_WAIT2: u8 = 5;
+const CLOSE_WAIT: u8 = 8;
+const LAST_ACK: u8 = 9;
+const CLOSING: u8 = 11;
+
+/// This end has sent its FIN (it takes a sequence number of the send side).
+fn fin_sent(state: u8) -> bool {
+    matches!(state, FIN_WAIT1 | FIN_WAIT2 | LAST_ACK | CLOSING)
+}
+
+/// The peer's FIN has arrived (it takes a sequence number of the receive side).
+fn fin_received(state: u8) -> bool {
+    matches!(state, CLOSE_WAIT | LAST_ACK | CLOSING)
+}
+
+/// This end's FIN is still unacknowledged: counted in the send queue's length.
+fn fin_unacked(state: u8) -> bool {
+    matches!(state, FIN_WAIT1 | LAST_ACK | CLOSING)
+}
 
 fn e(what: &'static str) -> impl Fn(std::io::Error) -> String {
     move |err| format!("TCP_REPAIR: cannot {what} ({err})")
@@ -64,21 +85,25 @@ fn peek_queue(sock: &OwnedFd, len: usize) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Puts `sock` in repair mode and reads the connection's state. Queue
-/// contents go to `blobs`.
-pub fn dump(sock: &OwnedFd, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
+/// Puts `sock` (in TCP state `state`: established or half closed) in
+/// repair mode and reads the connection's state. Queue contents go to
+/// `blobs`. The sequence numbers include a FIN sent or received, as the
+/// kernel counts them.
+pub fn dump(sock: &OwnedFd, state: u8, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
     fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_ON)
         .map_err(e("enter repair mode (needs CAP_NET_ADMIN)"))?;
-    let r = read_state(sock, blobs);
+    let r = read_state(sock, state, blobs);
     if r.is_err() {
         leave_repair(sock);
     }
     r
 }
 
-fn read_state(sock: &OwnedFd, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
+fn read_state(sock: &OwnedFd, state: u8, blobs: &mut Vec<Vec<u8>>) -> Result<pb::TcpRepair, String> {
     let mut t = pb::TcpRepair { send_queue_blob: -1, recv_queue_blob: -1, ..Default::default() };
+    // An unacknowledged FIN counts one in the queue's length, and is no data.
     let outq = fd_socket::ioctl_int(sock, libc::TIOCOUTQ).map_err(e("measure the send queue"))?.max(0) as usize;
+    let outq = outq.saturating_sub(usize::from(fin_unacked(state)));
     let unsent = fd_socket::ioctl_int(sock, SIOCOUTQNSD).map_err(e("measure the unsent data"))?.max(0) as usize;
     let inq = fd_socket::ioctl_int(sock, libc::FIONREAD).map_err(e("measure the receive queue"))?.max(0) as usize;
     for (queue, seq) in [(TCP_SEND_QUEUE, &mut t.snd_seq), (TCP_RECV_QUEUE, &mut t.rcv_seq)] {
@@ -135,9 +160,20 @@ pub fn leave_repair(sock: &OwnedFd) {
 /// not bound): `bind`/`connect` are the raw local and remote addresses. The
 /// socket stays in repair mode (silent, and closing it sends nothing);
 /// returns the never-sent tail of the send queue for [`release`].
+///
+/// A half-closed connection (`state`) is rebuilt as established, then
+/// given its FINs the way they happened: this end's by `shutdown(SHUT_WR)`
+/// (in repair mode nothing is sent; the FIN counts as sent), the peer's by
+/// delivering it a FIN segment from the peer's address through a raw socket
+/// carrying floe's lock mark (`ends`: this end and the peer, as packets show
+/// them). Its never-sent data is then part of the repaired queue (it must
+/// precede the FIN), sent again only on retransmission.
+#[allow(clippy::too_many_arguments)]
 pub fn restore(
     sock: &OwnedFd,
     t: &pb::TcpRepair,
+    state: u8,
+    ends: (std::net::SocketAddr, std::net::SocketAddr),
     local: &[u8],
     remote: &[u8],
     sendq: &[u8],
@@ -146,7 +182,11 @@ pub fn restore(
     if sendq.len() != t.send_queue_len as usize || recvq.len() != t.recv_queue_len as usize {
         return Err("TCP_REPAIR: queue data in the image does not match its length".into());
     }
-    let unsent = (t.unsent as usize).min(sendq.len());
+    let (fin_out, fin_in) = (fin_sent(state), fin_received(state));
+    let unsent = if fin_out { 0 } else { (t.unsent as usize).min(sendq.len()) };
+    // Where the data ends, without the FINs (they are added back below).
+    let snd_end = t.snd_seq.wrapping_sub(u32::from(fin_out));
+    let rcv_end = t.rcv_seq.wrapping_sub(u32::from(fin_in));
     let (sent, later) = sendq.split_at(sendq.len() - unsent);
     // Repair mode also lets the socket bind its port next to the restored
     // listener it came from (the kernel forces address reuse; a later
@@ -155,10 +195,8 @@ pub fn restore(
         .map_err(e("enter repair mode (needs CAP_NET_ADMIN)"))?;
     // The queues start where their restored contents begin; the unsent tail
     // is not part of the send queue yet.
-    let starts = [
-        (TCP_SEND_QUEUE, t.snd_seq.wrapping_sub(sendq.len() as u32)),
-        (TCP_RECV_QUEUE, t.rcv_seq.wrapping_sub(recvq.len() as u32)),
-    ];
+    let snd_start = snd_end.wrapping_sub(sendq.len() as u32);
+    let starts = [(TCP_SEND_QUEUE, snd_start), (TCP_RECV_QUEUE, rcv_end.wrapping_sub(recvq.len() as u32))];
     for (queue, seq) in starts {
         fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue).map_err(e("select a queue"))?;
         fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, seq as i32)
@@ -189,12 +227,90 @@ pub fn restore(
         fd_socket::setsockopt_int(sock, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, queue).map_err(e("select a queue"))?;
         send_all(sock, data).map_err(e("refill a queue"))?;
     }
+    // The FINs, in the order they came: CLOSING sent its own first.
+    let send_fin =
+        || fd_socket::shutdown(sock, libc::SHUT_WR).map_err(e("send this end's FIN (shutdown in repair mode)"));
+    if state == CLOSING {
+        send_fin()?;
+    }
+    if fin_in {
+        deliver_fin(sock, t, ends, rcv_end, snd_start, if state == CLOSING { CLOSING } else { CLOSE_WAIT })?;
+    }
+    if fin_out && state != CLOSING {
+        send_fin()?;
+    }
     let mut w = Vec::with_capacity(REPAIR_WINDOW_LEN);
     for v in [t.snd_wl1, t.snd_wnd, t.max_window, t.rcv_wnd, t.rcv_wup] {
         w.extend_from_slice(&v.to_ne_bytes());
     }
     fd_socket::setsockopt(sock, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW, &w).map_err(e("set the window"))?;
     Ok(later.to_vec())
+}
+
+/// Delivers to `sock` (repair mode, queues restored) the peer's FIN: a
+/// segment from `ends.1` to `ends.0` with sequence number `seq` (where the
+/// peer's data ends), acknowledging `ack`, with a timestamp option when the
+/// connection uses timestamps; then waits for the socket to reach `want`.
+fn deliver_fin(
+    sock: &OwnedFd,
+    t: &pb::TcpRepair,
+    ends: (std::net::SocketAddr, std::net::SocketAddr),
+    seq: u32,
+    ack: u32,
+    want: u8,
+) -> Result<(), String> {
+    use std::net::IpAddr;
+    let unmap = |a: std::net::SocketAddr| match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| std::net::SocketAddr::new(IpAddr::V4(v4), a.port())),
+        _ => a,
+    };
+    let (local, peer) = (unmap(ends.0), unmap(ends.1));
+    let mut tcp = Vec::with_capacity(32);
+    tcp.extend_from_slice(&peer.port().to_be_bytes());
+    tcp.extend_from_slice(&local.port().to_be_bytes());
+    tcp.extend_from_slice(&seq.to_be_bytes());
+    tcp.extend_from_slice(&ack.to_be_bytes());
+    let doff: u8 = if t.timestamps { 8 } else { 5 };
+    tcp.extend_from_slice(&[doff << 4, 0x11, 0xff, 0xff, 0, 0, 0, 0]); // FIN|ACK, window, checksum, urgent
+    if t.timestamps {
+        // NOP, NOP, TS: a value no later than the peer's own (no PAWS drop).
+        tcp.extend_from_slice(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0]);
+    }
+    let mut header = match (peer.ip(), local.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let mut h = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, libc::IPPROTO_TCP as u8, 0, 0];
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let mut h = vec![0x60, 0, 0, 0, 0, 0, libc::IPPROTO_TCP as u8, 64];
+            h.extend_from_slice(&s.octets());
+            h.extend_from_slice(&d.octets());
+            h
+        }
+        _ => return Err("TCP_REPAIR: the connection's ends are of different IP versions".into()),
+    };
+    // Lengths (and checksums, in reinject) are filled in now.
+    let total = header.len() + tcp.len();
+    if header.len() == 20 {
+        header[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    } else {
+        header[4..6].copy_from_slice(&(tcp.len() as u16).to_be_bytes());
+    }
+    header.extend_from_slice(&tcp);
+    let seg = floe_netfilter::Segment::parse(&header)
+        .ok_or_else(|| "TCP_REPAIR: cannot build the peer's FIN segment".to_string())?;
+    floe_netfilter::reinject(&[seg], crate::dump::NET_LOCK_MARK)
+        .map_err(|err| format!("TCP_REPAIR: cannot deliver the peer's FIN ({err})"))?;
+    for _ in 0..200 {
+        if fd_socket::tcp_state(sock).is_ok_and(|s| s.state == want) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let now = fd_socket::tcp_state(sock).map(|s| s.state).unwrap_or(0);
+    Err(format!("TCP_REPAIR: the peer's FIN was not taken (state {now}, {want} expected)"))
 }
 
 /// Ends the restore of a connection [`restore`] left in repair mode: repair
