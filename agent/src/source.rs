@@ -381,7 +381,7 @@ async fn run(
                                 tracing::warn!(error = %chain(&err), "cannot deliver the segments dropped during the freeze");
                             }
                         }
-                        drop(std::thread::spawn(move || drop(c)));
+                        crate::state::drop_elsewhere(c);
                     }
                 }
             }
@@ -626,7 +626,7 @@ async fn precopy_and_handover(
     let received = s.capture.as_mut().map(|c| crate::received::to_wire(&c.drain())).unwrap_or_default();
     // Closing a netlink socket can take the kernel ~10 ms: not here.
     if let Some(c) = s.capture.take() {
-        drop(std::thread::spawn(move || drop(c)));
+        crate::state::drop_elsewhere(c);
     }
     s.send("commit", Msg::Commit(pp::Commit { received })).await?;
     let done = match s.recv("commit", Duration::from_secs(s.agent.cfg.limits.in_doubt_timeout_s)).await? {

@@ -120,3 +120,10 @@ impl Agent {
         self.in_flight.lock().map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 }
+
+/// Drops `t` on a thread of its own: closing a netlink socket (a network
+/// lock's, a capture's) can take the kernel ~10 ms, which the downtime
+/// must not include.
+pub fn drop_elsewhere<T: Send + 'static>(t: T) {
+    drop(std::thread::spawn(move || drop(t)));
+}

@@ -437,7 +437,7 @@ async fn apply_stream(
                 if let Some(l) = net.lock.take() {
                     match l.unlock_deferred() {
                         // Closing the netlink socket is slow: not in the downtime.
-                        Ok((_, sock)) => drop(std::thread::spawn(move || drop(sock))),
+                        Ok((_, sock)) => crate::state::drop_elsewhere(sock),
                         Err(e) => tracing::error!(error = %e, "cannot remove the network lock"),
                     }
                 }
@@ -456,7 +456,7 @@ async fn apply_stream(
                 if let Some(mut cap) = net.capture.take() {
                     received.extend(cap.drain());
                     // Closing a netlink socket can take the kernel ~10 ms.
-                    drop(std::thread::spawn(move || drop(cap)));
+                    crate::state::drop_elsewhere(cap);
                 }
                 if !received.is_empty() {
                     match floe_netfilter::reinject(&received, floe_engine::dump::NET_LOCK_MARK) {

@@ -162,14 +162,7 @@ impl Capture {
                 if m.ty != msg::NLMSG_ERROR {
                     continue;
                 }
-                let ack = msg::parse_ack(&m).map_err(|d| NetfilterError::protocol(op.as_str(), d))?;
-                if ack.errno != 0 {
-                    return Err(NetfilterError::Kernel {
-                        op: op.clone(),
-                        errno: crate::Errno(ack.errno),
-                        message: ack.message,
-                    });
-                }
+                let ack = crate::netlink::checked_ack(&m, &op)?;
                 if let Some(slot) = acked.get_mut((ack.seq as usize).wrapping_sub(1)) {
                     *slot = true;
                 }

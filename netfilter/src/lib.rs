@@ -362,14 +362,9 @@ impl Lock {
     /// through again; returns the time the call took. A table already gone
     /// (e.g. removed by [`remove_stale`]) is not an error. On error the
     /// table may remain: `Drop` does not retry, [`remove_stale`] removes it.
-    pub fn unlock(mut self) -> Result<Duration, NetfilterError> {
-        let start = Instant::now();
-        self.armed = false;
-        let mut sock = lock_socket(&self.sock);
-        delete_table(&mut sock, &self.table)?;
-        let took = start.elapsed();
-        tracing::debug!(table = %self.table, ?took, "network lock released");
-        Ok(took)
+    pub fn unlock(self) -> Result<Duration, NetfilterError> {
+        // The socket closes when the returned Unlocked is dropped, here.
+        self.unlock_deferred().map(|(took, _)| took)
     }
 
     /// Like [`Lock::unlock`], but the netlink socket is closed only when the

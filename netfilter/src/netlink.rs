@@ -38,6 +38,15 @@ impl std::fmt::Debug for Socket {
     }
 }
 
+/// The acknowledgement in `m`, or the kernel's refusal as an error naming `op`.
+pub(crate) fn checked_ack(m: &msg::Msg<'_>, op: &str) -> Result<msg::Ack, NetfilterError> {
+    let ack = msg::parse_ack(m).map_err(|d| NetfilterError::protocol(op, d))?;
+    if ack.errno != 0 {
+        return Err(NetfilterError::Kernel { op: op.into(), errno: Errno(ack.errno), message: ack.message });
+    }
+    Ok(ack)
+}
+
 /// An nf_tables batch being built: `NFNL_MSG_BATCH_BEGIN`, messages that
 /// each ask for an acknowledgement, `NFNL_MSG_BATCH_END`. The kernel
 /// commits all of it or none.
@@ -253,14 +262,7 @@ impl Socket {
                             break 'dump;
                         }
                         msg::NLMSG_ERROR => {
-                            let ack = msg::parse_ack(&m).map_err(|d| NetfilterError::protocol(op, d))?;
-                            if ack.errno != 0 {
-                                return Err(NetfilterError::Kernel {
-                                    op: op.into(),
-                                    errno: Errno(ack.errno),
-                                    message: ack.message,
-                                });
-                            }
+                            checked_ack(&m, op)?;
                             break 'dump;
                         }
                         t if t == (nft::NFNL_SUBSYS_NFTABLES << 8) | nft::NFT_MSG_NEWTABLE => {

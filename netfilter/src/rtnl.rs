@@ -5,8 +5,9 @@
 //! Every function opens its socket in the calling thread's network
 //! namespace and needs `CAP_NET_ADMIN` there to change anything.
 
-use crate::error::{Errno, NetfilterError};
+use crate::error::NetfilterError;
 use crate::msg::{self, Writer};
+use crate::netlink::checked_ack;
 use crate::sys;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, OwnedFd};
@@ -113,14 +114,7 @@ impl Route {
                 match m.ty {
                     msg::NLMSG_DONE => return Ok(()),
                     msg::NLMSG_ERROR => {
-                        let ack = msg::parse_ack(&m).map_err(|d| NetfilterError::protocol(op, d))?;
-                        if ack.errno != 0 {
-                            return Err(NetfilterError::Kernel {
-                                op: op.into(),
-                                errno: Errno(ack.errno),
-                                message: ack.message,
-                            });
-                        }
+                        checked_ack(&m, op)?;
                         return Ok(());
                     }
                     _ => each(&m),

@@ -71,6 +71,49 @@ fn floe_tables(c: &Cluster, i: usize) -> String {
     String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("floe_")).collect::<Vec<_>>().join("\n")
 }
 
+/// Starts `cmd` (built with a host's `command_setns`) as a session leader
+/// with stdin closed; returns its pid. Whoever ends up its parent reaps it.
+fn spawn_detached(mut cmd: std::process::Command) -> i32 {
+    cmd.stdin(Stdio::null());
+    // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    let pid = child.id() as i32;
+    std::mem::forget(child);
+    pid
+}
+
+/// Fixture `name` in host `host` with `args` and `env`, its stderr in
+/// DIR/err; waits for DIR/ready and returns its pid.
+fn spawn_fixture(c: &Cluster, host: usize, name: &str, args: &[String], env: &[(&str, &str)], dir: &Path) -> i32 {
+    let mut cmd = c.host(host).command_setns(fixture_path(name)).unwrap();
+    cmd.args(args).envs(env.iter().copied()).stdout(Stdio::null());
+    cmd.stderr(std::fs::File::create(dir.join("err")).unwrap());
+    let pid = spawn_detached(cmd);
+    assert!(wait_for_file(&dir.join("ready"), Duration::from_secs(20)), "{name} did not start");
+    pid
+}
+
+/// `floe migrate` of `pid` from host a to host b; a failure panics with
+/// the error and both agents' logs.
+fn migrate_ok(c: &Cluster, pid: i32, args: &[&str]) -> std::process::Output {
+    let out = c.migrate(0, pid, args);
+    assert!(
+        out.status.success(),
+        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+        stderr_text(&out),
+        c.agent_log(0),
+        c.agent_log(1)
+    );
+    out
+}
+
 /// Server (tcpecho) in host a on the service address, client in host c.
 fn setup(c: &Cluster) -> (i32, i32, std::path::PathBuf) {
     let lan = c.lan();
@@ -79,33 +122,9 @@ fn setup(c: &Cluster) -> (i32, i32, std::path::PathBuf) {
     let cdir = c.dir.path().join("client");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(&cdir).unwrap();
-    let spawn = |host: usize, args: Vec<String>, dir: &Path, name: &str| {
-        let mut cmd = c.host(host).command_setns(fixture_path(name)).unwrap();
-        cmd.args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("err")).unwrap());
-        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        assert!(wait_for_file(&dir.join("ready"), Duration::from_secs(20)), "{name} did not start");
-        let pid = child.id() as i32;
-        std::mem::forget(child);
-        pid
-    };
-    let server = spawn(0, vec![sdir.display().to_string(), PORT.to_string()], &sdir, "tcpecho");
-    let client = spawn(
-        2,
-        vec![lan.service_ip.to_string(), PORT.to_string(), cdir.display().to_string(), "5".into()],
-        &cdir,
-        "tcpclient",
-    );
+    let server = spawn_fixture(c, 0, "tcpecho", &[sdir.display().to_string(), PORT.to_string()], &[], &sdir);
+    let client_args = [lan.service_ip.to_string(), PORT.to_string(), cdir.display().to_string(), "5".into()];
+    let client = spawn_fixture(c, 2, "tcpclient", &client_args, &[], &cdir);
     (server, client, cdir)
 }
 
@@ -119,14 +138,7 @@ fn server_with_open_connection_migrates_and_client_never_notices() {
     let before = stats(&cdir, client);
     assert_eq!(before["errors"], "0", "client before: {before:?}");
     let cidr = format!("{}/24", c.lan().service_ip);
-    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &cidr]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
+    migrate_ok(&c, server, &["--tcp-established", "--move-address", &cidr]);
     assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 0, "tcpecho").is_empty()), "server left on a");
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     // The client carries on over the same connection.
@@ -197,20 +209,9 @@ fn redis_with_a_busy_client_migrates() {
     cmd.args(["--port", "6379", "--bind", "0.0.0.0", "--protected-mode", "no", "--save", "", "--appendonly", "no"])
         .args(["--daemonize", "no", "--dir"])
         .arg(&rdir)
-        .stdin(Stdio::null())
         .stdout(std::fs::File::create(rdir.join("log")).unwrap())
         .stderr(Stdio::null());
-    // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let redis = cmd.spawn().unwrap();
-    let rpid = redis.id() as i32;
-    std::mem::forget(redis);
+    let rpid = spawn_detached(cmd);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/redisclient.py");
     let ip = lan.service_ip.to_string();
     assert!(
@@ -223,11 +224,9 @@ fn redis_with_a_busy_client_migrates() {
         "redis does not answer"
     );
     let mut cl = c.host(2).command_setns("python3").unwrap();
-    cl.arg(&script).args([&ip, "6379"]).arg(&cdir).arg("200").stdin(Stdio::null()).stdout(Stdio::null());
+    cl.arg(&script).args([&ip, "6379"]).arg(&cdir).arg("200").stdout(Stdio::null());
     cl.stderr(std::fs::File::create(cdir.join("err")).unwrap());
-    let client = cl.spawn().unwrap();
-    let cpid = client.id() as i32;
-    std::mem::forget(client);
+    let cpid = spawn_detached(cl);
     assert!(
         wait_for_file(&cdir.join("ready"), Duration::from_secs(120)),
         "the client did not load its data: {}",
@@ -236,14 +235,7 @@ fn redis_with_a_busy_client_migrates() {
     std::thread::sleep(Duration::from_millis(500));
     let before = stats(&cdir, cpid);
     let cidr = format!("{ip}/24");
-    let out = c.migrate(0, rpid, &["--tcp-established", "--move-address", &cidr]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
+    let out = migrate_ok(&c, rpid, &["--tcp-established", "--move-address", &cidr]);
     let report = Cluster::events(&out).into_iter().find(|e| e["event"] == "report").unwrap();
     eprintln!(
         "redis migration: downtime {} ms, {} MiB of memory",
@@ -296,8 +288,7 @@ fn address_hook_moves_the_service_address() {
     let (server, client, cdir) = setup(&c);
     let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
     let cidr = format!("{}/24", c.lan().service_ip);
-    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &cidr]);
-    assert!(out.status.success(), "migrate failed: {}\n{}", stderr_text(&out), c.agent_log(1));
+    migrate_ok(&c, server, &["--tcp-established", "--move-address", &cidr]);
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(calls, format!("release {cidr}\nacquire {cidr}\n"), "hook calls");
     let (ok, after) = progress(&cdir, client, n0, 300, 10);
@@ -334,42 +325,13 @@ fn ipv6_server_with_open_connection_migrates() {
     let cdir = c.dir.path().join("client6");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(&cdir).unwrap();
-    let spawn = |host: usize, args: Vec<String>, dir: &Path, name: &str, env: &[(&str, &str)]| {
-        let mut cmd = c.host(host).command_setns(fixture_path(name)).unwrap();
-        cmd.args(&args).envs(env.iter().copied()).stdin(Stdio::null()).stdout(Stdio::null());
-        cmd.stderr(std::fs::File::create(dir.join("err")).unwrap());
-        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().unwrap();
-        assert!(wait_for_file(&dir.join("ready"), Duration::from_secs(20)), "{name} did not start");
-        let pid = child.id() as i32;
-        std::mem::forget(child);
-        pid
-    };
-    let server = spawn(0, vec![sdir.display().to_string(), PORT.to_string()], &sdir, "tcpecho", &[("TCPECHO_V6", "1")]);
-    let client = spawn(
-        2,
-        vec![service.clone(), PORT.to_string(), cdir.display().to_string(), "5".into()],
-        &cdir,
-        "tcpclient",
-        &[],
-    );
+    let server_args = [sdir.display().to_string(), PORT.to_string()];
+    let server = spawn_fixture(&c, 0, "tcpecho", &server_args, &[("TCPECHO_V6", "1")], &sdir);
+    let client_args = [service.clone(), PORT.to_string(), cdir.display().to_string(), "5".into()];
+    let client = spawn_fixture(&c, 2, "tcpclient", &client_args, &[], &cdir);
     std::thread::sleep(Duration::from_millis(300));
     let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
-    let out = c.migrate(0, server, &["--tcp-established", "--move-address", &format!("{service}/64")]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
+    migrate_ok(&c, server, &["--tcp-established", "--move-address", &format!("{service}/64")]);
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     let (ok, after) = progress(&cdir, client, n0, 300, 15);
     eprintln!("IPv6 client after the migration: {after:?}");
@@ -394,45 +356,19 @@ fn server_with_full_queues_and_data_in_flight_migrates() {
     let cdir = c.dir.path().join("bulk");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(&cdir).unwrap();
-    let detach = |cmd: &mut std::process::Command| {
-        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    };
-    let mut cmd = c.host(0).command_setns(fixture_path("tcpecho")).unwrap();
-    cmd.args([sdir.display().to_string(), PORT.to_string()]).stdin(Stdio::null()).stdout(Stdio::null());
-    cmd.stderr(std::fs::File::create(sdir.join("err")).unwrap());
-    detach(&mut cmd);
-    let server = cmd.spawn().unwrap();
-    let spid = server.id() as i32;
-    std::mem::forget(server);
-    assert!(wait_for_file(&sdir.join("ready"), Duration::from_secs(20)), "tcpecho did not start");
+    let spid = spawn_fixture(&c, 0, "tcpecho", &[sdir.display().to_string(), PORT.to_string()], &[], &sdir);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bulkclient.py");
     let mut cl = c.host(2).command_setns("python3").unwrap();
     cl.arg(&script).args([&lan.service_ip.to_string(), &PORT.to_string()]).arg(&cdir).arg((32 << 20).to_string());
-    cl.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(cdir.join("err")).unwrap());
-    detach(&mut cl);
-    let client = cl.spawn().unwrap();
-    std::mem::forget(client);
+    cl.stdout(Stdio::null()).stderr(std::fs::File::create(cdir.join("err")).unwrap());
+    spawn_detached(cl);
     assert!(
         wait_for_file(&cdir.join("stalled"), Duration::from_secs(60)),
         "the client never stalled: {}",
         std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
     );
     let cidr = format!("{}/24", lan.service_ip);
-    let out = c.migrate(0, spid, &["--tcp-established", "--move-address", &cidr]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
+    migrate_ok(&c, spid, &["--tcp-established", "--move-address", &cidr]);
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     std::fs::write(cdir.join("go"), "").unwrap();
     assert!(
@@ -465,25 +401,9 @@ fn close_wait_connection_migrates() {
     let cdir = c.dir.path().join("half");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(&cdir).unwrap();
-    let detach = |cmd: &mut std::process::Command| {
-        // SAFETY: setsid is async-signal-safe; nothing else runs before exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-    };
     // Listening on 0.0.0.0, reached through the service address.
-    let mut cmd = c.host(0).command_setns(fixture_path("halfclose")).unwrap();
-    cmd.arg(&sdir).arg("closewait").env("HALFCLOSE_ANY", "1").stdin(Stdio::null()).stdout(Stdio::null());
-    cmd.stderr(std::fs::File::create(sdir.join("err")).unwrap());
-    detach(&mut cmd);
-    let server = cmd.spawn().unwrap();
-    let spid = server.id() as i32;
-    std::mem::forget(server);
-    assert!(wait_for_file(&sdir.join("ready"), Duration::from_secs(20)), "halfclose did not start");
+    let server_args = [sdir.display().to_string(), "closewait".into()];
+    let spid = spawn_fixture(&c, 0, "halfclose", &server_args, &[("HALFCLOSE_ANY", "1")], &sdir);
     let port: u16 = std::fs::read_to_string(sdir.join("ready"))
         .unwrap()
         .lines()
@@ -507,10 +427,9 @@ fn close_wait_connection_migrates() {
         d = cdir.display()
     );
     let mut cl = c.host(2).command_setns("python3").unwrap();
-    cl.arg("-c").arg(script).stdin(Stdio::null()).stdout(Stdio::null());
+    cl.arg("-c").arg(script).stdout(Stdio::null());
     cl.stderr(std::fs::File::create(cdir.join("err")).unwrap());
-    detach(&mut cl);
-    std::mem::forget(cl.spawn().unwrap());
+    spawn_detached(cl);
     let eof = wait_until(Duration::from_secs(20), || {
         std::fs::read_to_string(sdir.join("state")).is_ok_and(|s| s.trim() == "eof n=5")
     });
@@ -520,14 +439,7 @@ fn close_wait_connection_migrates() {
         std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
     );
     let cidr = format!("{}/24", lan.service_ip);
-    let out = c.migrate(0, spid, &["--tcp-established", "--move-address", &cidr]);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
+    migrate_ok(&c, spid, &["--tcp-established", "--move-address", &cidr]);
     let on_b = pids_named_in(&c, 1, "halfclose");
     assert_eq!(on_b.len(), 1, "server not running on b");
     send_signal(on_b[0], libc::SIGUSR1).unwrap();

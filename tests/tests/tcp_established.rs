@@ -32,6 +32,19 @@ impl Drop for LockGuard {
     }
 }
 
+/// Dumps the server with `--tcp-established` into `td/img` and restores it
+/// the same way; the returned guard removes the dump's network lock if the
+/// test ends before the restore did.
+fn dump_and_restore(fx: &mut Fixture, td: &tempfile::TempDir, what: &str) -> LockGuard {
+    let img = td.path().join("img");
+    let lock = LockGuard(img.clone());
+    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), &format!("dump of {what}"));
+    fx.reap(Duration::from_secs(5));
+    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
+    fx.adopt_restored();
+    lock
+}
+
 fn port_of(dir: &std::path::Path) -> u16 {
     let text = std::fs::read_to_string(dir.join("ready")).unwrap();
     text.lines().find_map(|l| l.strip_prefix("port=")).unwrap().parse().unwrap()
@@ -110,12 +123,7 @@ fn ipv6_connection_survives_dump_and_restore() {
     let td = tempfile::tempdir().unwrap();
     let (mut fx, mut c) = start_server_on(&td, true);
     assert!(c.peer_addr().unwrap().is_ipv6());
-    let img = td.path().join("img");
-    let _lock = LockGuard(img.clone());
-    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of an IPv6 connection");
-    fx.reap(Duration::from_secs(5));
-    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
-    fx.adopt_restored();
+    let _lock = dump_and_restore(&mut fx, &td, "an IPv6 connection");
     assert_eq!(echo(&mut c, "over six"), "OVER SIX");
 }
 
@@ -169,12 +177,7 @@ fn close_wait_connection_survives_dump_and_restore() {
     c.write_all(b"hello").unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     wait_state(td.path(), "eof n=5");
-    let img = td.path().join("img");
-    let _lock = LockGuard(img.clone());
-    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of a CLOSE_WAIT connection");
-    fx.reap(Duration::from_secs(5));
-    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
-    fx.adopt_restored();
+    let _lock = dump_and_restore(&mut fx, &td, "a CLOSE_WAIT connection");
     send_signal(fx.pid, libc::SIGUSR1).unwrap();
     let mut got = Vec::new();
     c.read_to_end(&mut got).unwrap();
@@ -200,12 +203,7 @@ fn fin_wait_connection_survives_dump_and_restore() {
     c.read_to_end(&mut hi).unwrap();
     assert_eq!(hi, b"hi");
     wait_state(td.path(), "shut");
-    let img = td.path().join("img");
-    let _lock = LockGuard(img.clone());
-    assert_ok(&dump(fx.pid, &img, &["--tcp-established"]), "dump of a FIN_WAIT2 connection");
-    fx.reap(Duration::from_secs(5));
-    assert_ok(&restore_detached(&img, &["--tcp-established"], std::process::Stdio::null()), "restore");
-    fx.adopt_restored();
+    let _lock = dump_and_restore(&mut fx, &td, "a FIN_WAIT2 connection");
     c.write_all(b"after restore").unwrap();
     c.shutdown(std::net::Shutdown::Write).unwrap();
     wait_state(td.path(), "got=13");

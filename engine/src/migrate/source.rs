@@ -68,7 +68,7 @@ pub struct Source {
     /// without changing /proc/PID/maps (None: eBPF unavailable).
     watch: Option<crate::sys::syscall_watch::SyscallWatch>,
     /// The mappings, with VmFlags, the last pass read (after its stop).
-    last_maps: HashMap<i32, Vec<crate::procfs::MapEntry>>,
+    last_maps: std::sync::Arc<HashMap<i32, Vec<crate::procfs::MapEntry>>>,
     passes: u32,
 }
 
@@ -121,7 +121,7 @@ impl Source {
             lock: None,
             repaired: Default::default(),
             watch: None,
-            last_maps: HashMap::new(),
+            last_maps: Default::default(),
             passes: 0,
         })
     }
@@ -206,7 +206,7 @@ impl Source {
 
     /// At the final freeze: the last pass's mappings if no watched syscall
     /// ran since (see [`Source::watch_flag_syscalls`]).
-    fn flags_still_valid(&self) -> Option<HashMap<i32, Vec<crate::procfs::MapEntry>>> {
+    fn flags_still_valid(&self) -> Option<std::sync::Arc<HashMap<i32, Vec<crate::procfs::MapEntry>>>> {
         let w = self.watch.as_ref()?;
         let quiet = self.pids.iter().all(|&pid| w.count(pid).is_ok_and(|n| n == 0));
         tracing::debug!(quiet, "VmFlags of the last pass");
@@ -264,7 +264,7 @@ impl Source {
         // An error resumes the tree (FrozenTree's drop); a pass leaves it running.
         let mut report = r?;
         drop(frozen);
-        self.last_maps = std::mem::take(&mut report.maps).into_iter().collect();
+        self.last_maps = std::sync::Arc::new(std::mem::take(&mut report.maps).into_iter().collect());
         let manifest = report.manifest.ok_or_else(|| DumpError::Refused {
             pid: self.opts.pid,
             what: "pre-copy pass produced no manifest".into(),
@@ -322,11 +322,8 @@ impl Source {
             None => Output::Image(&writer),
         };
         let (base, index) = self.base_and_index();
-        let opts = DumpOptions {
-            dir: dir.to_path_buf(),
-            vma_flags_from: self.flags_still_valid().map(std::sync::Arc::new),
-            ..self.opts.clone()
-        };
+        let opts =
+            DumpOptions { dir: dir.to_path_buf(), vma_flags_from: self.flags_still_valid(), ..self.opts.clone() };
         let r = dump_frozen(
             &opts,
             &self.pre,

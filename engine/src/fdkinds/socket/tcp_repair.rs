@@ -260,11 +260,8 @@ fn deliver_fin(
     want: u8,
 ) -> Result<(), String> {
     use std::net::IpAddr;
-    let unmap = |a: std::net::SocketAddr| match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a, |v4| std::net::SocketAddr::new(IpAddr::V4(v4), a.port())),
-        _ => a,
-    };
-    let (local, peer) = (unmap(ends.0), unmap(ends.1));
+    let wire = floe_netfilter::ConnTuple::new(ends.0, ends.1).on_the_wire();
+    let (local, peer) = (wire.local, wire.remote);
     let mut tcp = Vec::with_capacity(32);
     tcp.extend_from_slice(&peer.port().to_be_bytes());
     tcp.extend_from_slice(&local.port().to_be_bytes());
