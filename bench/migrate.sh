@@ -392,26 +392,14 @@ echo
 echo "machine: $(uname -r), $(nproc) cpu(s), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 echo "         load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "floe:    $FLOE_BIN_DIR ($FLOE_REV)  workload migcounter $MIB MiB  veth MTU 9000  MIGRATE_ARGS='$MIGRATE_ARGS'"
-python3 - "$RESULTS" "$NETRES" "$TARGET_RATE" "$DOWNTIME_TARGET_MS" "$THROUGHPUT_TARGET" <<'EOF'
-import csv, math, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RESULTS" "$NETRES" "$TARGET_RATE" "$DOWNTIME_TARGET_MS" "$THROUGHPUT_TARGET" <<'EOF'
+import csv, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from report import f, fmt, med
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 net = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
 target_rate, dt_target, tp_target = float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-
-def f(x):
-    try:
-        v = float(x)
-        return None if math.isnan(v) else v
-    except (TypeError, ValueError):
-        return None
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-def fmt(v, spec=".1f"):
-    return "-" if v is None else format(v, spec)
 
 MIB = 1 << 20
 print()

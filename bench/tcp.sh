@@ -568,34 +568,15 @@ echo "floe:    $FLOE_BIN_DIR ($FLOE_REV)  REPEAT=$REPEAT"
 if ((B_DONE)); then
 	echo "part B:  $(redis-server --version | cut -d' ' -f3) client tests/scripts/redisclient.py ($REDIS_MB MB), LAN MTU 1500, arping $( ((HAVE_ARPING)) && echo yes || echo no)${CLIENT_RTO_MIN:+, client rto_min $CLIENT_RTO_MIN}  MIGRATE_ARGS='$MIGRATE_ARGS'"
 fi
-python3 - "$RUN_A" "$RES_A" "$CONNS" "$LOCK_TARGET_MS" "$B_DONE" "$RES_B" "$GAP_TARGET_MS" "${B_SKIP:-}" "$RUN_B" <<'EOF'
-import csv, math, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RUN_A" "$RES_A" "$CONNS" "$LOCK_TARGET_MS" "$B_DONE" "$RES_B" "$GAP_TARGET_MS" "${B_SKIP:-}" "$RUN_B" <<'EOF'
+import csv, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+import report
+from report import f, fmt, med, mr
+report.SPEC = ".3f"
 
 run_a, res_a, conns, lock_target = sys.argv[1] == "1", sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 b_done, res_b, gap_target, b_skip, run_b = sys.argv[5] == "1", sys.argv[6], float(sys.argv[7]), sys.argv[8], sys.argv[9] == "1"
-
-def f(x):
-    try:
-        v = float(x)
-        return None if math.isnan(v) else v
-    except (TypeError, ValueError):
-        return None
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-def fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-def mr(xs, spec=".3f"):
-    """median [min..max]"""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    if len(xs) == 1:
-        return fmt(xs[0], spec)
-    return f"{fmt(statistics.median(xs), spec)} [{fmt(min(xs), spec)}..{fmt(max(xs), spec)}]"
 
 verdicts = []
 if run_a:
