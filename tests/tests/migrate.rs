@@ -243,6 +243,19 @@ fn file_missing_on_target_is_refused_before_freezing() {
     assert_source_intact(&c, &w, "file missing on target");
 }
 
+/// A migration whose target agent exits at `point` of the handover (a test
+/// hook), with short timeouts; returns the cluster, the workload and what
+/// `floe migrate` printed.
+fn in_doubt_at(tag: &str, point: &str) -> (Cluster, Workload, std::process::Output) {
+    let cfg = "[tuning]\nidle_timeout_ms = 1500\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 3\n";
+    let mut c = Cluster::new(tag, cfg).unwrap();
+    c.start_agent(0, &[]).unwrap();
+    c.start_agent(1, &[("FLOE_TEST_HOOK", &format!("exit-at={point}"))]).unwrap();
+    let w = c.workload(0, 64, 2).unwrap();
+    let out = c.migrate(0, w.pid, &["--max-downtime", "1000"]);
+    (c, w, out)
+}
+
 /// The commit's in-doubt window. The target agent dies after releasing the
 /// tree (it runs there) but before saying "done": the source keeps its copy
 /// frozen, and once the target agent is back and answers "released", kills
@@ -250,12 +263,7 @@ fn file_missing_on_target_is_refused_before_freezing() {
 #[test]
 fn in_doubt_after_release_resolves_to_the_target() {
     require_root!();
-    let cfg = "[tuning]\nidle_timeout_ms = 1500\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 3\n";
-    let mut c = Cluster::new("idr", cfg).unwrap();
-    c.start_agent(0, &[]).unwrap();
-    c.start_agent(1, &[("FLOE_TEST_HOOK", "exit-at=released")]).unwrap();
-    let w = c.workload(0, 64, 2).unwrap();
-    let out = c.migrate(0, w.pid, &["--max-downtime", "1000"]);
+    let (mut c, w, out) = in_doubt_at("idr", "released");
     assert!(!out.status.success(), "no \"done\" came, yet migrate reported success");
     assert_mentions(&error_of(&out), &["in doubt"], "in-doubt error");
     assert_eq!(c.wait_agent(1, Duration::from_secs(10)), Some(99));
@@ -280,12 +288,7 @@ fn in_doubt_after_release_resolves_to_the_target() {
 #[test]
 fn in_doubt_before_release_resolves_to_the_source() {
     require_root!();
-    let cfg = "[tuning]\nidle_timeout_ms = 1500\nkeep_alive_ms = 300\n[limits]\nin_doubt_timeout_s = 3\n";
-    let mut c = Cluster::new("idb", cfg).unwrap();
-    c.start_agent(0, &[]).unwrap();
-    c.start_agent(1, &[("FLOE_TEST_HOOK", "exit-at=releasing")]).unwrap();
-    let w = c.workload(0, 64, 2).unwrap();
-    let out = c.migrate(0, w.pid, &["--max-downtime", "1000"]);
+    let (mut c, w, out) = in_doubt_at("idb", "releasing");
     assert!(!out.status.success());
     assert_eq!(c.wait_agent(1, Duration::from_secs(10)), Some(99));
     assert!(wait_until(Duration::from_secs(10), || c.copies_in(1).is_empty()), "a copy runs on b");
