@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log))
         .context("bad log filter in the configuration")?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: logs go to files and journald too.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let id = tls::Identity::load(&cfg.ca_path(), &cfg.cert_path(), &cfg.key_path())?;
     if id.name() != cfg.name {
         anyhow::bail!(

@@ -214,6 +214,9 @@ impl TargetWorker {
                             failed.get_or_insert(m);
                         }
                         TgtCmd::Sync(r) => {
+                            if let Some(s) = staged.as_mut() {
+                                s.first_pass_done();
+                            }
                             let res = match (&failed, &staged) {
                                 (Some(m), _) => Err(m.clone()),
                                 (None, Some(s)) => Ok(s.pages_written),

@@ -99,6 +99,20 @@ fn migrates_live_workload_without_gap() {
     let (_, moves) = check_log(&w.log()).unwrap();
     assert_eq!(moves.len(), 1, "network namespace changes in the log: {moves:?}");
     assert!(verify(&w, b[0]), "memory differs after migration");
+    // Pass 0 filled the stub with UFFDIO_COPY, and no userfaultfd
+    // registration ("um"/"uw" in VmFlags) is left in the process.
+    let log = c.agent_log(1);
+    let copied: u64 = log
+        .split("copied_bytes=")
+        .nth(1)
+        .and_then(|t| t.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(copied >= 256 << 20, "first pass barely used UFFDIO_COPY ({copied} bytes):\n{log}");
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", b[0])).unwrap();
+    let uffd: Vec<&str> =
+        smaps.lines().filter(|l| l.starts_with("VmFlags:") && (l.contains(" um") || l.contains(" uw"))).collect();
+    assert!(uffd.is_empty(), "userfaultfd registration left in the migrated process: {uffd:?}");
     // Both journals agree on the outcome.
     let status = std::process::Command::new(floe_bin())
         .args(["status", "--json"])

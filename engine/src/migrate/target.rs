@@ -30,6 +30,8 @@ impl Staged {
         let pre = Preflight::check_manifest(m0, opts)?;
         let mut tree = Tree::create(m0, &pre)?;
         tree.park_installers(m0)?;
+        // Pass 0 brings every page and the stubs have none yet.
+        tree.start_filling(m0);
         let layout = m0
             .processes
             .iter()
@@ -70,7 +72,9 @@ impl Staged {
     /// Fills `ranges` of process `pid` with zeros.
     pub fn write_zero(&mut self, pid: i32, ranges: &[(u64, u64)]) -> Result<(), RestoreError> {
         const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK as usize];
+        // In .bss: never written, so it costs no memory.
+        static ZEROS: [u8; CHUNK as usize] = [0; CHUNK as usize];
+        let zeros = &ZEROS;
         for &(a, l) in ranges {
             let mut at = 0;
             while at < l {
@@ -82,8 +86,19 @@ impl Staged {
         Ok(())
     }
 
+    /// The first pass is over: from now on most pages written replace
+    /// present ones, so they go through process_vm_writev again (and the
+    /// stubs' userfaultfd registration is dropped).
+    pub fn first_pass_done(&mut self) {
+        let (copied, written) = self.tree.stop_filling();
+        if copied + written > 0 {
+            tracing::info!(copied_bytes = copied, written_bytes = written, "first pass written (UFFDIO_COPY, process_vm_writev)");
+        }
+    }
+
     /// Brings the stubs' mappings up to date with a pass's (before its pages).
     pub fn relayout(&mut self, procs: &[pb::Process]) -> Result<(), RestoreError> {
+        self.tree.stop_filling();
         for p in procs.iter().filter(|p| !p.zombie) {
             let old = self
                 .layout
@@ -114,6 +129,7 @@ impl Staged {
         pages_verified: bool,
     ) -> Result<Finished, RestoreError> {
         let t0 = std::time::Instant::now();
+        self.tree.stop_filling();
         let chain = ImageChain::open(dir)?;
         let t_open = t0.elapsed();
         let img: &ImageReader = chain.newest();

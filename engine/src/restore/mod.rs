@@ -16,6 +16,7 @@
 //! Dropping a tree that was not finished kills every process in it: a failed
 //! restore leaves no process behind.
 mod files;
+mod fill;
 mod finish;
 mod pages;
 pub mod preflight;
@@ -132,7 +133,14 @@ impl Tree {
         tree.procs[0].place_vdso(&vdso_of(root)?, pre)?;
         tree.procs[0].map_vmas(&root.vmas, &mut tree.shm)?;
         let t = Instant::now();
+        if worth_filling(root) {
+            tree.procs[0].start_filling(&root.vmas);
+        }
         let mut bytes = load_pages_where(chain, &mut tree, |pid, _| pid == root.pid)?;
+        // Before the fork: children start without the registration anyway
+        // (no UFFD_FEATURE_EVENT_FORK), but their copy-on-write pages are
+        // present and must not be "filled".
+        tree.procs[0].stop_filling();
         let mut pages_ms = ms(t);
         for p in &m.processes[1..] {
             let parent = tree.index_of(p.ppid).ok_or_else(|| RestoreError::Refused {
@@ -157,11 +165,16 @@ impl Tree {
             tree.procs[i].place_vdso(&vdso_of(p)?, pre)?;
             tree.procs[i]
                 .match_advice(&m.processes[parent].vmas, p.vmas.iter().filter(|v| kept.contains(&(v.start, v.end))))?;
-            tree.procs[i].map_vmas(fresh, &mut tree.shm)?;
+            tree.procs[i].map_vmas(fresh.iter().copied(), &mut tree.shm)?;
             let t = Instant::now();
+            if worth_filling(p) {
+                // Only the child's own new mappings are empty.
+                tree.procs[i].start_filling(fresh);
+            }
             let inherited =
                 |r: &pb::PageRun| r.cow && kept.iter().any(|(s, e)| *s <= r.vaddr && r.vaddr + r.nr_pages * 4096 <= *e);
             bytes += load_pages_where(chain, &mut tree, |pid, r| pid == p.pid && !inherited(r))?;
+            tree.procs[i].stop_filling();
             pages_ms += ms(t);
         }
         for (i, p) in m.processes.iter().enumerate() {
@@ -279,7 +292,34 @@ impl Tree {
     }
 }
 
+/// Enough pages in `p`'s image for UFFDIO_COPY filling (a few injected
+/// syscalls to set up) to pay.
+fn worth_filling(p: &pb::Process) -> bool {
+    const MIN_PAGES: u64 = 512;
+    p.page_runs.iter().map(|r| r.nr_pages).sum::<u64>() >= MIN_PAGES
+}
+
 impl Tree {
+    /// Pages written into fresh private anonymous memory of the processes
+    /// of `m` go through UFFDIO_COPY (allocated and filled in one step)
+    /// until [`Tree::stop_filling`]. For a tree that only receives pages it
+    /// lacks, such as a live migration's first pass.
+    pub fn start_filling(&mut self, m: &floe_proto::image::Manifest) {
+        for p in m.processes.iter().filter(|p| !p.zombie) {
+            if let Some(i) = self.index_of(p.pid) {
+                self.procs[i].start_filling(&p.vmas);
+            }
+        }
+    }
+
+    /// Back to process_vm_writev for every page; the stubs keep no trace of
+    /// the filling. Call before anything else changes their mappings.
+    /// Returns the bytes written by UFFDIO_COPY and the other bytes
+    /// written meanwhile.
+    pub fn stop_filling(&mut self) -> (u64, u64) {
+        self.procs.iter_mut().map(|s| s.stop_filling()).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
     /// Creates each process's descriptor-passing socket now, above every
     /// descriptor number it has in `m`. Growing the descriptor table of a
     /// multi-threaded process waits for an RCU grace period (10-20 ms):

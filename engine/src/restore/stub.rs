@@ -4,7 +4,7 @@ use super::preflight::{wait_pid_free, Preflight};
 use super::RestoreError;
 use crate::inject::Injector;
 use crate::procfs;
-use crate::sys::memory::{write_remote, Range};
+use crate::sys::memory::Range;
 use crate::sys::ptrace::{self, Stop};
 use crate::sys::task;
 use floe_proto::image as pb;
@@ -40,6 +40,8 @@ pub struct Stub {
     pub(super) inst_sock: Option<u64>,
     /// Where the vvar/vdso block currently starts.
     pub(super) vdso_at: u64,
+    /// UFFDIO_COPY filling of fresh memory, while it is on.
+    pub(super) fill: Option<super::fill::Filler>,
 }
 
 /// msghdr and buffers for recvmsg inside scratch.
@@ -87,8 +89,15 @@ impl Stub {
             Some(init) => find_ns_root(init)?,
             None => spawn_with_pid(pid)?,
         };
-        let mut stub =
-            Self { pid: child, vpid: pid, threads: Vec::new(), scratch: 0, inst_sock: None, vdso_at: pre.host_block.0 };
+        let mut stub = Self {
+            pid: child,
+            vpid: pid,
+            threads: Vec::new(),
+            scratch: 0,
+            inst_sock: None,
+            vdso_at: pre.host_block.0,
+            fill: None,
+        };
         // The caller's Tree owns the pid from here; but until pushed, clean up here on error.
         let r = (|| {
             ptrace::seize(child, STUB_OPTIONS).map_err(stub_err(child, "ptrace seize"))?;
@@ -146,6 +155,7 @@ impl Stub {
                 scratch: self.scratch,
                 inst_sock: None,
                 vdso_at: self.vdso_at,
+                fill: None,
             })
         })();
         if r.is_err() {
@@ -627,28 +637,27 @@ impl Stub {
 
     /// Copies `data` into the stub's memory at `ranges` (in order).
     pub fn write_pages(&mut self, data: &[u8], ranges: &[Range]) -> Result<(), RestoreError> {
-        let n = write_remote(self.pid, data, ranges).map_err(|source| RestoreError::Memory {
-            pid: self.pid,
-            addr: ranges.first().map(|r| r.addr).unwrap_or(0),
-            source,
-        })?;
-        if n != data.len() {
-            let mut left = n as u64;
-            let mut addr = 0;
-            for r in ranges {
-                if left < r.len {
-                    addr = r.addr + left;
-                    break;
-                }
-                left -= r.len;
-            }
-            return Err(RestoreError::Memory {
-                pid: self.pid,
-                addr,
-                source: std::io::Error::from_raw_os_error(libc::EFAULT),
-            });
+        match self.fill.as_mut() {
+            Some(f) => f.write(self.pid, data, ranges),
+            None => super::fill::write_checked(self.pid, data, ranges),
         }
-        Ok(())
+    }
+
+    /// Writes into fresh private anonymous memory of `vmas` go through
+    /// UFFDIO_COPY from now on (see [`super::fill`]). Best effort: without
+    /// it pages are written as before.
+    pub(super) fn start_filling<'v>(&mut self, vmas: impl IntoIterator<Item = &'v pb::Vma>) {
+        let pid = self.pid;
+        match super::fill::Filler::start(pid, self.leader(), vmas) {
+            Ok(f) => self.fill = Some(f),
+            Err(e) => tracing::debug!(pid, error = %e, "pages are written without UFFDIO_COPY"),
+        }
+    }
+
+    /// Drops the UFFDIO_COPY registration (closing the uffd unregisters it).
+    /// Returns the bytes it copied and the bytes written the usual way.
+    pub(super) fn stop_filling(&mut self) -> (u64, u64) {
+        self.fill.take().map(|f| (f.copied, f.written)).unwrap_or_default()
     }
 
     pub(super) fn tids(&self) -> Vec<i32> {

@@ -33,6 +33,12 @@ pub const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// `UFFD_FEATURE_WP_ASYNC`: the kernel resolves write-protect faults itself.
 pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFD_FEATURE_SIGBUS`: a fault in a registered range gets SIGBUS at once
+/// instead of waiting for a handler.
+pub const UFFD_FEATURE_SIGBUS: u64 = 1 << 7;
+/// `UFFDIO_COPY_MODE_DONTWAKE`: nothing waits on the range, skip the wake-up.
+const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -65,7 +71,21 @@ const fn ioc(dir: libc::c_ulong, ty: u8, nr: u8, size: usize) -> libc::c_ulong {
     (dir << 30) | ((size as libc::c_ulong) << 16) | ((ty as libc::c_ulong) << 8) | nr as libc::c_ulong
 }
 
+/// `struct uffdio_copy`.
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    /// Bytes copied, or a negative errno when none were.
+    copy: i64,
+}
+const _: () = assert!(size_of::<UffdioCopy>() == 40);
+
 const UFFDIO_API: libc::c_ulong = ioc(3, 0xaa, 0x3f, size_of::<UffdioApi>());
+const UFFDIO_COPY: libc::c_ulong = ioc(3, 0xaa, 0x03, size_of::<UffdioCopy>());
+const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
 const UFFDIO_REGISTER: libc::c_ulong = ioc(3, 0xaa, 0x00, size_of::<UffdioRegister>());
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
 const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
@@ -97,6 +117,40 @@ pub fn uffd_register_wp(uffd: BorrowedFd<'_>, start: u64, len: u64) -> io::Resul
     // handler: the registration cannot hang the tracked process.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) };
     cvt(r.into()).map(drop)
+}
+
+/// UFFDIO_REGISTER with MODE_MISSING over [start, start+len) of the uffd's
+/// mm: pages missing there can then be filled with [`uffd_copy`].
+pub fn uffd_register_missing(uffd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+    // SAFETY: UFFDIO_REGISTER reads and writes exactly one struct uffdio_register,
+    // which `reg` is. A fault in the range cannot wait for a handler: the uffds floe
+    // registers this way are UFFD_USER_MODE_ONLY (kernel accesses fail with EFAULT)
+    // with UFFD_FEATURE_SIGBUS (user accesses get SIGBUS).
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg as *mut UffdioRegister) };
+    cvt(r.into()).map(drop)
+}
+
+/// UFFDIO_COPY of `src` (in the caller's memory) to `dst` in the uffd's mm:
+/// allocates each missing page and copies into it in one step. Returns the
+/// bytes copied, fewer than `src.len()` (but not 0) when it stopped early;
+/// an error when it copied nothing (EEXIST: the page at `dst` is present).
+pub fn uffd_copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> io::Result<u64> {
+    let mut c =
+        UffdioCopy { dst, src: src.as_ptr() as u64, len: src.len() as u64, mode: UFFDIO_COPY_MODE_DONTWAKE, copy: 0 };
+    // SAFETY: UFFDIO_COPY reads and writes one struct uffdio_copy, which `c` is,
+    // and reads `len` bytes at `src`, which `src` holds for the whole call. It
+    // writes only into the uffd's mm, never into the caller's memory.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_COPY, &mut c as *mut UffdioCopy) };
+    if r == 0 {
+        return Ok(src.len() as u64);
+    }
+    let err = io::Error::last_os_error();
+    if c.copy > 0 {
+        Ok(c.copy as u64)
+    } else {
+        Err(err)
+    }
 }
 
 // ---------------------------------------------------------------------------
