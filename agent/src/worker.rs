@@ -178,7 +178,12 @@ impl TargetWorker {
                     match cmd {
                         TgtCmd::Pool(p) => pool = Some(p),
                         TgtCmd::Create(m, opts, r) => {
+                            let t = std::time::Instant::now();
                             let res = Staged::create(&m, &opts).map_err(|e| chain(&e));
+                            if res.is_ok() {
+                                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                                tracing::info!(pid = m.root_pid, create_ms = ms, "staged tree created");
+                            }
                             let _ = r.send(res.map(|s| {
                                 staged = Some(s);
                             }));

@@ -12,6 +12,7 @@ pub mod fdkinds;
 pub mod image;
 pub mod inject;
 pub mod migrate;
+pub mod pin;
 pub mod procfs;
 pub mod restore;
 pub mod sys;

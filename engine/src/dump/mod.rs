@@ -584,6 +584,9 @@ pub(crate) fn dump_frozen(
     let mut tracked: Vec<Tracked> = Vec::new();
     let mut dirty: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
     let mut layouts = Vec::new();
+    // Collecting injects syscalls into every thread: tracer and tree on one CPU.
+    let tids: Vec<i32> = frozen.procs.iter().flat_map(|p| p.threads.iter().map(|t| t.tid)).collect();
+    let pin = crate::pin::CpuPin::here(tids);
     for i in 0..frozen.procs.len() {
         let (proc_pb, vmas, maps) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
         if !proc_pb.zombie {
@@ -605,6 +608,7 @@ pub(crate) fn dump_frozen(
         processes.push(proc_pb);
         plans.push(vmas);
     }
+    drop(pin);
     files.check_pipes()?;
     timings.collect_ms = ms(t_collect.elapsed());
     timings.tcp_repair_ms = files.repaired.ms;

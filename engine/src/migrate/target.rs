@@ -92,7 +92,11 @@ impl Staged {
     pub fn first_pass_done(&mut self) {
         let (copied, written) = self.tree.stop_filling();
         if copied + written > 0 {
-            tracing::info!(copied_bytes = copied, written_bytes = written, "first pass written (UFFDIO_COPY, process_vm_writev)");
+            tracing::info!(
+                copied_bytes = copied,
+                written_bytes = written,
+                "first pass written (UFFDIO_COPY, process_vm_writev)"
+            );
         }
     }
 

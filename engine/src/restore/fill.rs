@@ -61,16 +61,18 @@ impl Filler {
         let closed = inj.call(libc::SYS_close, [remote, 0, 0, 0, 0, 0]);
         let fd = taken?;
         closed?;
-        let anon =
-            vmas.into_iter().filter(|v| v.kind == pb::VmaKind::AnonPrivate as i32).map(|v| (v.start, v.end));
+        let anon = vmas.into_iter().filter(|v| v.kind == pb::VmaKind::AnonPrivate as i32).map(|v| (v.start, v.end));
         Self::register(pid, fd, anon)
     }
 
     /// Sets up `fd` (a fresh userfaultfd of `pid`'s mm) and registers the
     /// mappings `vmas` ([start, end)) it accepts.
     fn register(pid: i32, fd: OwnedFd, vmas: impl Iterator<Item = (u64, u64)>) -> Result<Self, RestoreError> {
-        sys::uffd_api(fd.as_fd(), sys::UFFD_FEATURE_SIGBUS)
-            .map_err(|source| RestoreError::Stub { pid, op: "UFFDIO_API".into(), source })?;
+        sys::uffd_api(fd.as_fd(), sys::UFFD_FEATURE_SIGBUS).map_err(|source| RestoreError::Stub {
+            pid,
+            op: "UFFDIO_API".into(),
+            source,
+        })?;
         let mut registered = Vec::new();
         for (start, end) in vmas.filter(|(s, e)| e > s) {
             match sys::uffd_register_missing(fd.as_fd(), start, end - start) {
@@ -194,6 +196,7 @@ pub(super) fn write_checked(pid: i32, data: &[u8], ranges: &[Range]) -> Result<(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::sys::memory::read_remote;
     use crate::sys::probe::AnonMapping;

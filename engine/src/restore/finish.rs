@@ -50,6 +50,8 @@ impl Tree {
     /// stopped (killed if the tree is dropped). Live migration's target
     /// holds here until the source commits.
     pub fn finish_stopped(&mut self, img: &ImageReader, pre: &Preflight) -> Result<(), RestoreError> {
+        // Hundreds of injected syscalls: tracer and stubs on one CPU.
+        let _pin = crate::pin::CpuPin::here(self.procs.iter().flat_map(|s| s.tids()).collect::<Vec<_>>());
         let map: Vec<(i32, i32)> = self.procs.iter().map(|s| (s.vpid, s.pid)).collect();
         let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
         let t0 = std::time::Instant::now();

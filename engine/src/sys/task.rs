@@ -403,3 +403,43 @@ pub fn punch_hole(fd: &impl std::os::fd::AsRawFd, offset: u64, len: u64) -> io::
     };
     cvt(r as libc::c_long).map(drop)
 }
+
+/// A set of CPUs (the kernel's cpumask as sched_setaffinity takes it).
+#[derive(Clone, Copy)]
+pub struct CpuSet(libc::cpu_set_t);
+
+impl CpuSet {
+    /// Only CPU `cpu`.
+    pub fn one(cpu: usize) -> Self {
+        // SAFETY: cpu_set_t is a plain bit array; all zeros is the empty set.
+        let mut s: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: CPU_SET only writes the bit for `cpu` inside `s`, and ignores
+        // numbers beyond the set's size.
+        unsafe { libc::CPU_SET(cpu, &mut s) };
+        CpuSet(s)
+    }
+}
+
+/// The CPUs task `tid` may run on.
+pub fn get_affinity(tid: i32) -> io::Result<CpuSet> {
+    // SAFETY: all zeros is a valid cpu_set_t.
+    let mut s: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of::<cpu_set_t>() bytes into `s`.
+    let r = unsafe { libc::sched_getaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &mut s) };
+    cvt(r.into())?;
+    Ok(CpuSet(s))
+}
+
+/// Lets task `tid` run only on `set`.
+pub fn set_affinity(tid: i32, set: &CpuSet) -> io::Result<()> {
+    // SAFETY: the kernel reads size_of::<cpu_set_t>() bytes from `set`.
+    let r = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set.0) };
+    cvt(r.into()).map(drop)
+}
+
+/// The CPU the calling thread runs on now.
+pub fn current_cpu() -> Option<usize> {
+    // SAFETY: sched_getcpu takes no arguments.
+    let r = unsafe { libc::sched_getcpu() };
+    usize::try_from(r).ok()
+}
