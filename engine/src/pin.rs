@@ -36,6 +36,13 @@ impl CpuPin {
     }
 }
 
+impl CpuPin {
+    /// The CPU set task `tid` had before it was pinned (None if it was not).
+    pub fn original(&self, tid: i32) -> Option<CpuSet> {
+        self.saved.iter().find(|(t, _)| *t == tid && tid != 0).map(|(_, s)| *s)
+    }
+}
+
 impl Drop for CpuPin {
     fn drop(&mut self) {
         // Tasks first, the caller last (it may move once unpinned).

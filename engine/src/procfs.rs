@@ -201,7 +201,16 @@ pub fn maps(pid: i32, with_flags: bool) -> io::Result<Vec<MapEntry>> {
 
 /// Fields of /proc/PID/stat after the command name, indexed from field 3 (state) = 0.
 pub fn stat_fields(pid: i32) -> io::Result<Vec<String>> {
-    let text = fs::read_to_string(path(pid, "stat"))?;
+    stat_fields_at(pid, "stat")
+}
+
+/// Like [`stat_fields`], for thread `tid` of process `pid`.
+pub fn task_stat_fields(pid: i32, tid: i32) -> io::Result<Vec<String>> {
+    stat_fields_at(pid, &format!("task/{tid}/stat"))
+}
+
+fn stat_fields_at(pid: i32, rest: &str) -> io::Result<Vec<String>> {
+    let text = fs::read_to_string(path(pid, rest))?;
     let after = text
         .rfind(')')
         .map(|i| &text[i + 1..])
@@ -323,10 +332,38 @@ pub fn limits(pid: i32) -> io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
+/// CPUs online on this host (/sys/devices/system/cpu/online, "0-3,6").
+pub fn online_cpus() -> io::Result<Vec<usize>> {
+    parse_cpu_list(&fs::read_to_string("/sys/devices/system/cpu/online")?)
+}
+
+fn parse_cpu_list(text: &str) -> io::Result<Vec<usize>> {
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("bad CPU list {text:?}"));
+    let mut out = Vec::new();
+    for part in text.trim().split(',').filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let (a, b): (usize, usize) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+        if b < a || b >= 1 << 16 {
+            return Err(bad());
+        }
+        out.extend(a..=b);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0-3,6\n").unwrap(), vec![0, 1, 2, 3, 6]);
+        assert_eq!(parse_cpu_list("0").unwrap(), vec![0]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(!online_cpus().unwrap().is_empty());
+    }
 
     #[test]
     fn flags_of_an_earlier_smaps_read_are_reused_while_mappings_stay() {

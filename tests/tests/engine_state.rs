@@ -16,7 +16,10 @@
 //!   a new pid namespace where it has its old pid (fixture `sleeper`);
 //! * `--ext-unix-sk`: a datagram client of a unix server outside the dumped
 //!   tree reconnects by name and no message is lost; a stream connection
-//!   stays refused (fixtures `state_unixclient`, `state_unixserver`).
+//!   stays refused (fixtures `state_unixclient`, `state_unixserver`);
+//! * per-thread CPU affinity, scheduling policy (SCHED_BATCH, SCHED_FIFO
+//!   with reset-on-fork), real-time priority and nice value (a threaded
+//!   `python3`).
 //!
 //! Restored processes are not children of the test: [`TreeGuard`] and
 //! [`Fixture::adopt_restored`] kill them by pid, panics included; System V
@@ -820,4 +823,78 @@ fn ext_unix_sk_still_refuses_stream_connection() {
     let r2 = p.client.report();
     assert_eq!(report_num(&r2, "send_errors"), 0, "{r2:?}");
     assert!(report_num(&r2, "next_msg") > report_num(&r1, "next_msg"));
+}
+
+// ---------------------------------------------------------------------------
+// CPU affinity, scheduling policy and nice, per thread
+
+/// A main thread with nice 2; a worker bound to the last CPU under
+/// SCHED_BATCH with nice 7; a SCHED_FIFO (priority 3, reset-on-fork)
+/// thread. Writes the ready file once all three are set.
+const PY_SCHED: &str = "import os, sys, threading, time\n\
+                        last = max(os.sched_getaffinity(0))\n\
+                        os.setpriority(os.PRIO_PROCESS, 0, 2)\n\
+                        done = []\n\
+                        def batch():\n\
+                        \x20   os.sched_setaffinity(0, {last})\n\
+                        \x20   os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n\
+                        \x20   os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 7)\n\
+                        \x20   done.append(1)\n\
+                        \x20   while True: time.sleep(0.05)\n\
+                        def fifo():\n\
+                        \x20   os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(3))\n\
+                        \x20   done.append(1)\n\
+                        \x20   while True: time.sleep(0.05)\n\
+                        for f in (batch, fifo):\n\
+                        \x20   threading.Thread(target=f, daemon=True).start()\n\
+                        while len(done) < 2: time.sleep(0.01)\n\
+                        open(sys.argv[1], 'w').write('ok')\n\
+                        while True: time.sleep(0.05)\n";
+
+/// Per thread of `pid`: (tid, sched_getscheduler with flags, rt priority, nice, Cpus_allowed_list).
+fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String)> {
+    tids_of(pid)
+        .into_iter()
+        .map(|tid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+            let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+            // Fields 19 (nice) and 40 (rt_priority), counted from 3 after the comm.
+            let nice: i64 = f[19 - 3].parse().unwrap();
+            let rt: u64 = f[40 - 3].parse().unwrap();
+            // SAFETY: plain syscall with an integer argument.
+            let policy = unsafe { libc::sched_getscheduler(tid) };
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+            (tid, policy, rt, nice, cpus)
+        })
+        .collect()
+}
+
+/// Each thread keeps its CPU set, scheduling policy (with reset-on-fork),
+/// real-time priority and nice value across a dump and restore.
+#[test]
+fn threads_keep_cpu_affinity_policy_and_nice() {
+    require_root!();
+    let td = TestDir::new("sched");
+    let ready = td.join("ready");
+    let mut fx = Spawn::program("python-sched", python3(), td.path())
+        .arg("-c")
+        .arg(PY_SCHED)
+        .arg(&ready)
+        .ready_file(&ready)
+        .spawn();
+    let pid = fx.pid;
+    let before = sched_state(pid);
+    eprintln!("before: {before:?}");
+    let all = sched_state(std::process::id() as i32)[0].4.clone();
+    assert!(
+        before.iter().any(|t| t.1 == libc::SCHED_BATCH && t.3 == 7 && t.4 != all),
+        "no bound batch thread: {before:?}"
+    );
+    assert!(before.iter().any(|t| t.1 == libc::SCHED_FIFO | 0x4000_0000 && t.2 == 3), "no fifo thread: {before:?}");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after = sched_state(pid);
+    assert_eq!(after, before, "scheduling state per thread after the restore");
 }

@@ -588,7 +588,7 @@ pub(crate) fn dump_frozen(
     let tids: Vec<i32> = frozen.procs.iter().flat_map(|p| p.threads.iter().map(|t| t.tid)).collect();
     let pin = crate::pin::CpuPin::here(tids);
     for i in 0..frozen.procs.len() {
-        let (proc_pb, vmas, maps) = collect_process(opts, pre, frozen, i, &mut files, &mut blobs, &mut shmem)?;
+        let (proc_pb, vmas, maps) = collect_process(opts, pre, frozen, i, &pin, &mut files, &mut blobs, &mut shmem)?;
         if !proc_pb.zombie {
             layouts.push((proc_pb.pid, maps));
         }
@@ -1034,11 +1034,13 @@ fn track_ranges(
 }
 
 /// Everything about one process except its page data.
+#[allow(clippy::too_many_arguments)]
 fn collect_process(
     opts: &DumpOptions,
     pre: &checks::Preflight,
     frozen: &mut FrozenTree,
     idx: usize,
+    pin: &crate::pin::CpuPin,
     files: &mut files::FileTable,
     blobs: &mut Vec<Vec<u8>>,
     shmem: &mut memory::ShmemCoverage,
@@ -1047,6 +1049,8 @@ fn collect_process(
     let pid = fp.pid;
     let ppid = fp.ppid;
     let sf = procfs::stat_fields(pid).map_err(proc_err(pid, "stat"))?;
+    // Unknown (no sysfs): every thread's CPU set is recorded as it is.
+    let online = procfs::online_cpus().ok();
     if fp.zombie {
         let p = pb::Process {
             pid,
@@ -1128,6 +1132,8 @@ fn collect_process(
             .into_iter()
             .map(|(insns, flags)| pb::SeccompFilter { insns, flags })
             .collect::<Vec<_>>();
+        // Its own CPU set, not the one it is pinned to while collecting.
+        let sched = thread_sched(pid, tid, online.as_deref(), pin.original(tid))?;
         const SECCOMP_FILTER_FLAG_NEW_LISTENER: u64 = 8;
         if seccomp.iter().any(|f| f.flags & SECCOMP_FILTER_FLAG_NEW_LISTENER != 0) {
             return Err(DumpError::Refused {
@@ -1150,6 +1156,10 @@ fn collect_process(
             clear_child_tid: extra.clear_child_tid,
             comm,
             seccomp,
+            cpu_affinity: sched.cpu_affinity,
+            sched_policy: sched.sched_policy,
+            sched_priority: sched.sched_priority,
+            nice: sched.nice,
         });
     }
     let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
@@ -1168,6 +1178,46 @@ fn collect_process(
     p.vdso = Some(vdso.pb);
     p.posix_timers = timers;
     Ok((p, vmas, maps))
+}
+
+/// A thread's CPU affinity (`cpus`, or read now; empty if it may use every
+/// CPU in `online`), scheduling policy and priority, and nice value (only
+/// those fields set).
+fn thread_sched(
+    pid: i32,
+    tid: i32,
+    online: Option<&[usize]>,
+    cpus: Option<task::CpuSet>,
+) -> Result<pb::Thread, DumpError> {
+    let sys = |what: &'static str| move |source| DumpError::Io { pid, what: format!("{what} of thread {tid}"), source };
+    let cpus = match cpus {
+        Some(c) => c.cpus(),
+        None => task::get_affinity(tid).map_err(sys("sched_getaffinity"))?.cpus(),
+    };
+    let cpu_affinity = if online.is_some_and(|o| o.iter().all(|c| cpus.contains(c))) {
+        Vec::new()
+    } else {
+        let mut bits = vec![0u8; cpus.iter().max().map_or(0, |m| m / 8 + 1)];
+        for c in cpus {
+            bits[c / 8] |= 1 << (c % 8);
+        }
+        bits
+    };
+    let (policy, priority) = task::get_scheduler(tid).map_err(sys("sched_getscheduler"))?;
+    if policy & !task::SCHED_RESET_ON_FORK == task::SCHED_DEADLINE {
+        return Err(DumpError::Refused {
+            pid,
+            what: format!("thread {tid} runs under SCHED_DEADLINE, which this version cannot restore"),
+        });
+    }
+    let sf = procfs::task_stat_fields(pid, tid).map_err(proc_err(pid, "task stat"))?;
+    Ok(pb::Thread {
+        cpu_affinity,
+        sched_policy: policy,
+        sched_priority: priority,
+        nice: procfs::stat_field(&sf, 19) as i64 as i32,
+        ..Default::default()
+    })
 }
 
 /// POSIX timers listed in /proc/PID/timers (values are filled in by the parasite).

@@ -51,7 +51,7 @@ impl Tree {
     /// holds here until the source commits.
     pub fn finish_stopped(&mut self, img: &ImageReader, pre: &Preflight) -> Result<(), RestoreError> {
         // Hundreds of injected syscalls: tracer and stubs on one CPU.
-        let _pin = crate::pin::CpuPin::here(self.procs.iter().flat_map(|s| s.tids()).collect::<Vec<_>>());
+        let pin = crate::pin::CpuPin::here(self.procs.iter().flat_map(|s| s.tids()).collect::<Vec<_>>());
         let map: Vec<(i32, i32)> = self.procs.iter().map(|s| (s.vpid, s.pid)).collect();
         let host_pid = |vpid: i32| map.iter().find(|(v, _)| *v == vpid).map(|(_, h)| *h);
         let t0 = std::time::Instant::now();
@@ -77,6 +77,19 @@ impl Tree {
             }
         }
         super::sysv::remove_destroyed(&img.manifest.sysv_shm);
+        // Last, once nothing is injected any more: CPUs and scheduling.
+        drop(pin);
+        let online = crate::procfs::online_cpus().ok();
+        for (stub, p) in self.procs.iter().zip(procs) {
+            if !p.zombie {
+                for (i, (tid, th)) in stub.tids().into_iter().zip(&p.threads).enumerate() {
+                    // The main thread's nice is the process's (images older
+                    // than per-thread nice values have only that one).
+                    let nice = if i == 0 { p.nice } else { th.nice };
+                    set_sched(stub.pid, tid, th, nice, online.as_deref())?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -100,6 +113,38 @@ impl Tree {
         }
         Ok(self.root_pid())
     }
+}
+
+/// Gives thread `tid` (host tid) of process `pid` the CPU set and
+/// scheduling policy `th` records, and nice value `nice`. CPUs this host
+/// lacks are left out of the set (with a warning; if none is left, the
+/// thread may use any CPU).
+fn set_sched(pid: i32, tid: i32, th: &pb::Thread, nice: i32, online: Option<&[usize]>) -> Result<(), RestoreError> {
+    let err = |op: String| move |source| RestoreError::Stub { pid, op, source };
+    if !th.cpu_affinity.is_empty() {
+        let want: Vec<usize> =
+            (0..th.cpu_affinity.len() * 8).filter(|c| th.cpu_affinity[c / 8] & (1 << (c % 8)) != 0).collect();
+        let have: Vec<usize> = match online {
+            Some(o) => want.iter().copied().filter(|c| o.contains(c)).collect(),
+            None => want.clone(),
+        };
+        if have.len() < want.len() {
+            tracing::warn!(pid, tid = th.tid, cpus = ?want, kept = ?have, "the thread was bound to CPUs this host does not have");
+        }
+        if !have.is_empty() {
+            task::set_affinity(tid, &task::CpuSet::of(&have))
+                .map_err(err(format!("binding thread {} to CPUs {have:?}", th.tid)))?;
+        }
+    }
+    // Policy first: it can reset the nice value.
+    let (policy, priority) = task::get_scheduler(tid).map_err(err(format!("reading thread {}'s policy", th.tid)))?;
+    if (policy, priority) != (th.sched_policy, th.sched_priority) {
+        task::set_scheduler(tid, th.sched_policy, th.sched_priority).map_err(err(format!(
+            "giving thread {} scheduling policy {} priority {} (real-time policies need the host to allow them)",
+            th.tid, th.sched_policy, th.sched_priority
+        )))?;
+    }
+    task::set_nice(tid, nice).map_err(err(format!("setting thread {}'s nice value {nice}", th.tid)))
 }
 
 impl Stub {

@@ -420,6 +420,50 @@ impl CpuSet {
     }
 }
 
+impl CpuSet {
+    /// The CPUs in the set, ascending.
+    pub fn cpus(&self) -> Vec<usize> {
+        // SAFETY: CPU_ISSET only reads the bit for `c` inside the set.
+        (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &self.0) }).collect()
+    }
+
+    /// The set of `cpus` (numbers beyond the set's size are left out).
+    pub fn of(cpus: &[usize]) -> Self {
+        // SAFETY: all zeros is the empty set.
+        let mut s: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for &c in cpus {
+            // SAFETY: CPU_SET ignores numbers beyond the set's size.
+            unsafe { libc::CPU_SET(c, &mut s) };
+        }
+        CpuSet(s)
+    }
+}
+
+/// `SCHED_RESET_ON_FORK`, or-ed into the policy.
+pub const SCHED_RESET_ON_FORK: i32 = 0x4000_0000;
+/// `SCHED_DEADLINE` (its parameters need sched_getattr; not supported).
+pub const SCHED_DEADLINE: i32 = 6;
+
+/// Scheduling policy (with [`SCHED_RESET_ON_FORK`]) and real-time priority of task `tid`.
+pub fn get_scheduler(tid: i32) -> io::Result<(i32, i32)> {
+    // SAFETY: plain syscall with an integer argument.
+    let policy = unsafe { libc::sched_getscheduler(tid) };
+    cvt(policy.into())?;
+    let mut param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: the kernel writes one struct sched_param into `param`.
+    let r = unsafe { libc::sched_getparam(tid, &mut param) };
+    cvt(r.into())?;
+    Ok((policy, param.sched_priority))
+}
+
+/// Sets task `tid`'s scheduling policy (may include [`SCHED_RESET_ON_FORK`]) and priority.
+pub fn set_scheduler(tid: i32, policy: i32, priority: i32) -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: the kernel reads one struct sched_param from `param`.
+    let r = unsafe { libc::sched_setscheduler(tid, policy, &param) };
+    cvt(r.into()).map(drop)
+}
+
 /// The CPUs task `tid` may run on.
 pub fn get_affinity(tid: i32) -> io::Result<CpuSet> {
     // SAFETY: all zeros is a valid cpu_set_t.
