@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::sys::probe::{self, AnonMapping, AsyncWpUffd, Child, PageRegion, ScanRequest, SysError, WaitEvent};
+use crate::sys::memory::{self, PageRegion, ScanQuery};
+use crate::sys::probe::{self, AnonMapping, AsyncWpUffd, Child, SysError, WaitEvent};
+use crate::sys::{task, track};
 
 /// Result of `floe check`.
 #[derive(Debug, Clone, Serialize)]
@@ -313,8 +315,8 @@ fn probe_pidfd() -> ProbeResult {
     let target_fd = write_end.as_raw_fd();
     let child = probe::spawn_pausing_child(Some(target_fd))?;
     drop(write_end); // from now on only the child has the write end
-    let pidfd = probe::pidfd_open(child.pid())?;
-    let stolen = probe::pidfd_getfd(pidfd.as_fd(), target_fd)?;
+    let pidfd = task::pidfd_open(child.pid()).map_err(SysError::of("pidfd_open"))?;
+    let stolen = task::pidfd_getfd(&pidfd, target_fd).map_err(SysError::of("pidfd_getfd"))?;
     let mut reader = File::from(read_end);
     let mut writer = File::from(stolen);
     let ino_read = reader.metadata().map_err(|e| io_fail("fstat", &e))?.ino();
@@ -417,16 +419,16 @@ fn probe_set_mm_map() -> ProbeResult {
 fn scan_written(pagemap: &File, mapping: &AnonMapping) -> Result<Vec<(u64, u64)>, Fail> {
     let mut found = Vec::new();
     let mut regions = [PageRegion::default(); 8];
-    let mut req = ScanRequest {
-        start: mapping.start(),
-        end: mapping.end(),
-        flags: probe::PM_SCAN_WP_MATCHING | probe::PM_SCAN_CHECK_WPASYNC,
-        category_mask: probe::PAGE_IS_WRITTEN,
-        return_mask: probe::PAGE_IS_WRITTEN,
-        ..ScanRequest::default()
+    let query = ScanQuery {
+        flags: memory::PM_SCAN_WP_MATCHING | memory::PM_SCAN_CHECK_WPASYNC,
+        category_mask: memory::PAGE_IS_WRITTEN,
+        return_mask: memory::PAGE_IS_WRITTEN,
+        ..ScanQuery::default()
     };
+    let (mut start, end) = (mapping.start(), mapping.end());
     for _ in 0..64 {
-        let (n, walk_end) = probe::pagemap_scan(pagemap.as_fd(), &req, &mut regions)?;
+        let (n, walk_end) = memory::pagemap_scan(pagemap.as_fd(), start, end, &query, Some(&mut regions))
+            .map_err(SysError::of("ioctl(PAGEMAP_SCAN)"))?;
         for r in regions.iter().take(n) {
             // merge with the previous range if contiguous
             match found.last_mut() {
@@ -434,13 +436,13 @@ fn scan_written(pagemap: &File, mapping: &AnonMapping) -> Result<Vec<(u64, u64)>
                 _ => found.push((r.start, r.end)),
             }
         }
-        if walk_end >= req.end {
+        if walk_end >= end {
             return Ok(found);
         }
-        if walk_end <= req.start {
+        if walk_end <= start {
             return Err(Fail(format!("PAGEMAP_SCAN made no progress at {walk_end:#x}")));
         }
-        req.start = walk_end;
+        start = walk_end;
     }
     Err(Fail("PAGEMAP_SCAN did not finish the walk".to_string()))
 }
@@ -706,7 +708,7 @@ const NLMSG_HDRLEN: usize = 16;
 /// NFT_MSG_GETTABLE dump for every family over NETLINK_NETFILTER.
 fn probe_nftables() -> ProbeResult {
     let sock = probe::socket(libc::AF_NETLINK, libc::SOCK_RAW, NETLINK_NETFILTER)?;
-    probe::set_recv_timeout(sock.as_fd(), WAIT)?;
+    track::set_recv_timeout(sock.as_fd(), WAIT).map_err(SysError::of("setsockopt(SO_RCVTIMEO)"))?;
     let seq: u32 = std::process::id() ^ 0x666c_6f65;
     let mut req = Vec::with_capacity(20);
     req.extend_from_slice(&20u32.to_ne_bytes()); // nlmsg_len

@@ -18,8 +18,8 @@
 //!   tree reconnects by name and no message is lost; a stream connection
 //!   stays refused (fixtures `state_unixclient`, `state_unixserver`);
 //! * per-thread CPU affinity, scheduling policy (SCHED_BATCH, SCHED_FIFO
-//!   with reset-on-fork), real-time priority and nice value (a threaded
-//!   `python3`).
+//!   with reset-on-fork), real-time priority, nice value and I/O priority,
+//!   and oom_score_adj (a threaded `python3`).
 //!
 //! Restored processes are not children of the test: [`TreeGuard`] and
 //! [`Fixture::adopt_restored`] kill them by pid, panics included; System V
@@ -828,17 +828,20 @@ fn ext_unix_sk_still_refuses_stream_connection() {
 // ---------------------------------------------------------------------------
 // CPU affinity, scheduling policy and nice, per thread
 
-/// A main thread with nice 2; a worker bound to the last CPU under
-/// SCHED_BATCH with nice 7; a SCHED_FIFO (priority 3, reset-on-fork)
-/// thread. Writes the ready file once all three are set.
-const PY_SCHED: &str = "import os, sys, threading, time\n\
+/// A main thread with nice 2 and oom_score_adj 123; a worker bound to the
+/// last CPU under SCHED_BATCH with nice 7 and I/O priority best-effort 5; a
+/// SCHED_FIFO (priority 3, reset-on-fork) thread. Writes the ready file once
+/// all three are set.
+const PY_SCHED: &str = "import ctypes, os, sys, threading, time\n\
                         last = max(os.sched_getaffinity(0))\n\
                         os.setpriority(os.PRIO_PROCESS, 0, 2)\n\
+                        open('/proc/self/oom_score_adj', 'w').write('123')\n\
                         done = []\n\
                         def batch():\n\
                         \x20   os.sched_setaffinity(0, {last})\n\
                         \x20   os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))\n\
                         \x20   os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 7)\n\
+                        \x20   ctypes.CDLL(None, use_errno=True).syscall(251, 1, threading.get_native_id(), (2 << 13) | 5)\n\
                         \x20   done.append(1)\n\
                         \x20   while True: time.sleep(0.05)\n\
                         def fifo():\n\
@@ -851,8 +854,8 @@ const PY_SCHED: &str = "import os, sys, threading, time\n\
                         open(sys.argv[1], 'w').write('ok')\n\
                         while True: time.sleep(0.05)\n";
 
-/// Per thread of `pid`: (tid, sched_getscheduler with flags, rt priority, nice, Cpus_allowed_list).
-fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String)> {
+/// Per thread of `pid`: (tid, sched_getscheduler with flags, rt priority, nice, Cpus_allowed_list, ioprio).
+fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String, i64)> {
     tids_of(pid)
         .into_iter()
         .map(|tid| {
@@ -865,13 +868,16 @@ fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String)> {
             let policy = unsafe { libc::sched_getscheduler(tid) };
             let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
             let cpus = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
-            (tid, policy, rt, nice, cpus)
+            // SAFETY: plain syscall with integer arguments (IOPRIO_WHO_PROCESS = 1).
+            let ioprio = unsafe { libc::syscall(libc::SYS_ioprio_get, 1, tid) };
+            (tid, policy, rt, nice, cpus, ioprio)
         })
         .collect()
 }
 
 /// Each thread keeps its CPU set, scheduling policy (with reset-on-fork),
-/// real-time priority and nice value across a dump and restore.
+/// real-time priority, nice value and I/O priority across a dump and
+/// restore, and the process its oom_score_adj.
 #[test]
 fn threads_keep_cpu_affinity_policy_and_nice() {
     require_root!();
@@ -888,7 +894,7 @@ fn threads_keep_cpu_affinity_policy_and_nice() {
     eprintln!("before: {before:?}");
     let all = sched_state(std::process::id() as i32)[0].4.clone();
     assert!(
-        before.iter().any(|t| t.1 == libc::SCHED_BATCH && t.3 == 7 && t.4 != all),
+        before.iter().any(|t| t.1 == libc::SCHED_BATCH && t.3 == 7 && t.4 != all && t.5 == (2 << 13) | 5),
         "no bound batch thread: {before:?}"
     );
     assert!(before.iter().any(|t| t.1 == libc::SCHED_FIFO | 0x4000_0000 && t.2 == 3), "no fifo thread: {before:?}");
@@ -897,4 +903,6 @@ fn threads_keep_cpu_affinity_policy_and_nice() {
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
     let after = sched_state(pid);
     assert_eq!(after, before, "scheduling state per thread after the restore");
+    let adj = fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+    assert_eq!(adj.trim(), "123", "oom_score_adj after the restore");
 }

@@ -115,6 +115,7 @@ pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Res
             category_anyof_mask: present_any,
             return_mask: ret,
             flags: 0,
+            max_pages: 0,
         };
         let file_private = ScanQuery {
             category_inverted: mem::PAGE_IS_PFNZERO | mem::PAGE_IS_FILE,
@@ -228,7 +229,7 @@ fn plan_runs(pid: i32, vmas: &[VmaPlan]) -> Result<Vec<RunPlan>, DumpError> {
     for v in vmas {
         let Some(q) = v.scan else { continue };
         regions.clear();
-        match mem::pagemap_scan(&pagemap, v.pb.start, v.pb.end, &q, &mut regions) {
+        match mem::pagemap_scan_all(&pagemap, v.pb.start, v.pb.end, &q, &mut regions) {
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => {
                 classic_scan(pid, &pagemap, v, &mut regions)?;

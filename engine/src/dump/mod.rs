@@ -1160,6 +1160,7 @@ fn collect_process(
             sched_policy: sched.sched_policy,
             sched_priority: sched.sched_priority,
             nice: sched.nice,
+            ioprio: sched.ioprio,
         });
     }
     let shared_pending = ptrace::peek_siginfo(pid, true).map_err(|source| DumpError::Ptrace {
@@ -1181,8 +1182,8 @@ fn collect_process(
 }
 
 /// A thread's CPU affinity (`cpus`, or read now; empty if it may use every
-/// CPU in `online`), scheduling policy and priority, and nice value (only
-/// those fields set).
+/// CPU in `online`), scheduling policy and priority, nice value and I/O
+/// priority (only those fields set).
 fn thread_sched(
     pid: i32,
     tid: i32,
@@ -1211,7 +1212,9 @@ fn thread_sched(
         });
     }
     let sf = procfs::task_stat_fields(pid, tid).map_err(proc_err(pid, "task stat"))?;
+    let ioprio = task::get_ioprio(tid).map_err(sys("ioprio_get"))?;
     Ok(pb::Thread {
+        ioprio,
         cpu_affinity,
         sched_policy: policy,
         sched_priority: priority,
@@ -1287,6 +1290,11 @@ fn build_process(
         .ok()
         .and_then(|s| u32::from_str_radix(s.trim(), 16).ok())
         .unwrap_or(0);
+    let oom_score_adj = std::fs::read_to_string(procfs::path(pid, "oom_score_adj"))
+        .map_err(proc_err(pid, "oom_score_adj"))?
+        .trim()
+        .parse()
+        .unwrap_or(0);
     let timerslack_ns = std::fs::read_to_string(procfs::path(pid, "timerslack_ns"))
         .ok()
         .and_then(|s| s.trim().parse().ok())
@@ -1345,6 +1353,7 @@ fn build_process(
         thp_disabled: par.thp_disabled,
         dumpable: par.dumpable,
         timerslack_ns,
+        oom_score_adj,
         umask: st.umask as u64,
         shell_job: opts.shell_job,
         cap_eff: st.cap_eff,

@@ -11,9 +11,9 @@
 //! with pidfd_getfd and registers the stub's private anonymous mappings in
 //! MISSING mode. It only helps with pages that are not there yet: a present
 //! page makes UFFDIO_COPY fail with EEXIST, and that page is written with
-//! process_vm_writev instead. The registration is dropped (the descriptor
-//! closed, which unregisters every range) before anything else changes the
-//! stub: later passes rewrite present pages, relayouts move mappings, and the
+//! process_vm_writev instead. The registration is dropped (every range
+//! unregistered, then the descriptor closed) before anything else changes
+//! the stub: later passes rewrite present pages, relayouts move mappings, and the
 //! restored process must not inherit it.
 //!
 //! Nothing can wait on this uffd: it is `UFFD_USER_MODE_ONLY`, so a kernel
@@ -168,6 +168,21 @@ impl Filler {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Filler {
+    /// Unregisters every range explicitly: closing the descriptor alone
+    /// would leave the registration in place while any other copy of it
+    /// lives (a child the agent forks for a helper program holds one until
+    /// its exec), and a restored process touching a missing page there
+    /// would get SIGBUS.
+    fn drop(&mut self) {
+        for &(start, end) in &self.vmas {
+            if let Err(e) = sys::uffd_unregister(self.fd.as_fd(), start, end - start) {
+                tracing::warn!(start, end, error = %e, "cannot unregister a range filled with UFFDIO_COPY");
+            }
+        }
     }
 }
 

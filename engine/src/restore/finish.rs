@@ -82,6 +82,12 @@ impl Tree {
         let online = crate::procfs::online_cpus().ok();
         for (stub, p) in self.procs.iter().zip(procs) {
             if !p.zombie {
+                let adj = format!("/proc/{}/oom_score_adj", stub.pid);
+                std::fs::write(&adj, p.oom_score_adj.to_string()).map_err(|source| RestoreError::Stub {
+                    pid: stub.pid,
+                    op: format!("setting oom_score_adj {}", p.oom_score_adj),
+                    source,
+                })?;
                 for (i, (tid, th)) in stub.tids().into_iter().zip(&p.threads).enumerate() {
                     // The main thread's nice is the process's (images older
                     // than per-thread nice values have only that one).
@@ -115,8 +121,8 @@ impl Tree {
     }
 }
 
-/// Gives thread `tid` (host tid) of process `pid` the CPU set and
-/// scheduling policy `th` records, and nice value `nice`. CPUs this host
+/// Gives thread `tid` (host tid) of process `pid` the CPU set, scheduling
+/// policy and I/O priority `th` records, and nice value `nice`. CPUs this host
 /// lacks are left out of the set (with a warning; if none is left, the
 /// thread may use any CPU).
 fn set_sched(pid: i32, tid: i32, th: &pb::Thread, nice: i32, online: Option<&[usize]>) -> Result<(), RestoreError> {
@@ -144,7 +150,12 @@ fn set_sched(pid: i32, tid: i32, th: &pb::Thread, nice: i32, online: Option<&[us
             th.tid, th.sched_policy, th.sched_priority
         )))?;
     }
-    task::set_nice(tid, nice).map_err(err(format!("setting thread {}'s nice value {nice}", th.tid)))
+    task::set_nice(tid, nice).map_err(err(format!("setting thread {}'s nice value {nice}", th.tid)))?;
+    if task::get_ioprio(tid).map_err(err(format!("reading thread {}'s I/O priority", th.tid)))? != th.ioprio {
+        task::set_ioprio(tid, th.ioprio)
+            .map_err(err(format!("setting thread {}'s I/O priority {:#x}", th.tid, th.ioprio)))?;
+    }
+    Ok(())
 }
 
 impl Stub {

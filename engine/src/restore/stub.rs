@@ -654,7 +654,7 @@ impl Stub {
         }
     }
 
-    /// Drops the UFFDIO_COPY registration (closing the uffd unregisters it).
+    /// Drops the UFFDIO_COPY registration (unregistered, then the uffd closed).
     /// Returns the bytes it copied and the bytes written the usual way.
     pub(super) fn stop_filling(&mut self) -> (u64, u64) {
         self.fill.take().map(|f| (f.copied, f.written)).unwrap_or_default()

@@ -1,5 +1,7 @@
 //! Raw kernel access for `floe check`: every syscall, ioctl and `unsafe` block the
-//! probes in [`crate::check`] need, behind small safe functions.
+//! probes in [`crate::check`] need, behind small safe functions. Calls the engine
+//! itself makes (pidfd, userfaultfd, PAGEMAP_SCAN, SO_RCVTIMEO) are not copied
+//! here: the probes use the engine's own wrappers, so that they test exactly those.
 //!
 //! The caller may be multi-threaded, so every child created here (by `fork` or raw
 //! `clone3`) runs only raw, async-signal-safe syscalls through `libc::syscall` and
@@ -34,6 +36,12 @@ impl SysError {
 
     fn from_errno(op: &'static str, errno: i32) -> Self {
         SysError { op, source: io::Error::from_raw_os_error(errno) }
+    }
+
+    /// For `map_err` on the engine's own `io::Result` wrappers (e.g.
+    /// [`super::task::pidfd_open`]): their error as a failure of `op`.
+    pub fn of(op: &'static str) -> impl FnOnce(io::Error) -> SysError {
+        move |source| SysError { op, source }
     }
 
     /// The errno, if the error came from the kernel.
@@ -445,28 +453,7 @@ pub fn ptrace_get_prstatus(pid: i32) -> Result<StopRegs, SysError> {
 }
 
 // ---------------------------------------------------------------------------
-// pidfd
-
-/// pidfd_open(pid, 0).
-pub fn pidfd_open(pid: i32) -> Result<OwnedFd, SysError> {
-    // SAFETY: pidfd_open takes integers and returns a new fd.
-    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::c_long::from(pid), 0 as libc::c_long) };
-    owned_fd("pidfd_open", ret)
-}
-
-/// pidfd_getfd(pidfd, target_fd, 0): duplicates `target_fd` of the process into ours.
-pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, target_fd: RawFd) -> Result<OwnedFd, SysError> {
-    // SAFETY: pidfd_getfd takes integers and returns a new fd.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            libc::c_long::from(pidfd.as_raw_fd()),
-            libc::c_long::from(target_fd),
-            0 as libc::c_long,
-        )
-    };
-    owned_fd("pidfd_getfd", ret)
-}
+// pipes
 
 /// A non-blocking, close-on-exec pipe: (read end, write end).
 pub fn pipe() -> Result<(OwnedFd, OwnedFd), SysError> {
@@ -826,12 +813,14 @@ pub fn spawn_soft_dirty_child(mapping: &AnonMapping) -> Result<Child, SysError> 
 }
 
 // ---------------------------------------------------------------------------
-// userfaultfd (write-protect, async) and PAGEMAP_SCAN
+// userfaultfd (write-protect, async)
 
 /// A userfaultfd created with `UFFD_USER_MODE_ONLY` whose API handshake enabled
 /// `WP_ASYNC | WP_UNPOPULATED`: write faults on registered ranges are resolved by
 /// the kernel itself, so no thread can ever block on this fd. The calls are the
-/// dirty tracker's own ([`super::track`]), so `floe check` tests exactly them.
+/// dirty tracker's own ([`super::track`]), so `floe check` tests exactly them;
+/// so is PAGEMAP_SCAN ([`super::memory::pagemap_scan`]), which the check calls
+/// directly.
 #[derive(Debug)]
 pub struct AsyncWpUffd {
     fd: OwnedFd,
@@ -841,10 +830,10 @@ pub struct AsyncWpUffd {
 impl AsyncWpUffd {
     /// userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY) + UFFDIO_API.
     pub fn open() -> Result<Self, SysError> {
-        let fd = super::track::userfaultfd().map_err(|source| SysError { op: "userfaultfd", source })?;
+        let fd = super::track::userfaultfd().map_err(SysError::of("userfaultfd"))?;
         let wanted = super::track::UFFD_FEATURE_WP_ASYNC | super::track::UFFD_FEATURE_WP_UNPOPULATED;
-        let features = super::track::uffd_api(std::os::fd::AsFd::as_fd(&fd), wanted)
-            .map_err(|source| SysError { op: "ioctl(UFFDIO_API)", source })?;
+        let features =
+            super::track::uffd_api(std::os::fd::AsFd::as_fd(&fd), wanted).map_err(SysError::of("ioctl(UFFDIO_API)"))?;
         if features & wanted != wanted {
             return Err(SysError::from_errno("ioctl(UFFDIO_API)", libc::EOPNOTSUPP));
         }
@@ -859,117 +848,8 @@ impl AsyncWpUffd {
     /// UFFDIO_REGISTER with MODE_WP over the whole mapping.
     pub fn register_wp(&self, mapping: &AnonMapping) -> Result<(), SysError> {
         super::track::uffd_register_wp(std::os::fd::AsFd::as_fd(&self.fd), mapping.start(), mapping.len() as u64)
-            .map_err(|source| SysError { op: "ioctl(UFFDIO_REGISTER)", source })
+            .map_err(SysError::of("ioctl(UFFDIO_REGISTER)"))
     }
-}
-
-/// `PAGE_IS_WPALLOWED` category of PAGEMAP_SCAN.
-pub const PAGE_IS_WPALLOWED: u64 = 1 << 0;
-/// `PAGE_IS_WRITTEN`.
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-/// `PAGE_IS_FILE`.
-pub const PAGE_IS_FILE: u64 = 1 << 2;
-/// `PAGE_IS_PRESENT`.
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-/// `PAGE_IS_SWAPPED`.
-pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
-/// `PAGE_IS_PFNZERO`.
-pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
-/// `PAGE_IS_HUGE`.
-pub const PAGE_IS_HUGE: u64 = 1 << 6;
-/// `PM_SCAN_WP_MATCHING`: write-protect the pages that match.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// `PM_SCAN_CHECK_WPASYNC`: fail unless the whole range is registered for async WP.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-/// `struct page_region`: one range of pages with the same categories.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageRegion {
-    /// Start address.
-    pub start: u64,
-    /// End address (exclusive).
-    pub end: u64,
-    /// `PAGE_IS_*` bits, masked by the request's return mask.
-    pub categories: u64,
-}
-const _: () = assert!(size_of::<PageRegion>() == 24);
-
-/// `struct pm_scan_arg`.
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-const _: () = assert!(size_of::<PmScanArg>() == 96);
-
-/// `_IOWR(type, nr, size)` of the asm-generic ioctl encoding.
-const fn iowr(ty: u8, nr: u8, size: usize) -> libc::c_ulong {
-    (3 << 30) | ((size as libc::c_ulong) << 16) | ((ty as libc::c_ulong) << 8) | nr as libc::c_ulong
-}
-
-const PAGEMAP_SCAN: libc::c_ulong = iowr(b'f', 16, size_of::<PmScanArg>());
-const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
-
-/// The parameters of one PAGEMAP_SCAN query.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ScanRequest {
-    /// Start address (page aligned).
-    pub start: u64,
-    /// End address (exclusive).
-    pub end: u64,
-    /// `PM_SCAN_*` flags.
-    pub flags: u64,
-    /// Categories that must all be set (after inversion).
-    pub category_mask: u64,
-    /// Categories of which at least one must be set.
-    pub category_anyof_mask: u64,
-    /// Categories to invert before matching.
-    pub category_inverted: u64,
-    /// Categories reported in each region.
-    pub return_mask: u64,
-    /// Stop after this many pages (0: no limit).
-    pub max_pages: u64,
-}
-
-/// One PAGEMAP_SCAN ioctl on a pagemap file: fills `out` and returns the number of
-/// regions written and the address where the walk ended.
-pub fn pagemap_scan(
-    pagemap: BorrowedFd<'_>,
-    req: &ScanRequest,
-    out: &mut [PageRegion],
-) -> Result<(usize, u64), SysError> {
-    let mut arg = PmScanArg {
-        size: size_of::<PmScanArg>() as u64,
-        flags: req.flags,
-        start: req.start,
-        end: req.end,
-        walk_end: 0,
-        vec: out.as_mut_ptr() as u64,
-        vec_len: out.len() as u64,
-        max_pages: req.max_pages,
-        category_inverted: req.category_inverted,
-        category_mask: req.category_mask,
-        category_anyof_mask: req.category_anyof_mask,
-        return_mask: req.return_mask,
-    };
-    // SAFETY: `arg` is a valid struct pm_scan_arg for the call; its vec/vec_len
-    // describe `out`, a writable slice of page_region structs the kernel fills at
-    // most vec_len entries of.
-    let ret = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
-    let n = check("ioctl(PAGEMAP_SCAN)", ret.into())?;
-    let n = usize::try_from(n).unwrap_or(0).min(out.len());
-    Ok((n, arg.walk_end))
 }
 
 // ---------------------------------------------------------------------------
@@ -1005,25 +885,6 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> Result<i32, 
     let ret = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut value as *mut i32).cast(), &mut len) };
     check("getsockopt", ret.into())?;
     Ok(value)
-}
-
-/// SO_RCVTIMEO.
-pub fn set_recv_timeout(fd: BorrowedFd<'_>, timeout: Duration) -> Result<(), SysError> {
-    let tv = libc::timeval {
-        tv_sec: timeout.as_secs().try_into().unwrap_or(libc::time_t::MAX),
-        tv_usec: timeout.subsec_micros().into(),
-    };
-    // SAFETY: the option value points at `tv`, a timeval of the length passed.
-    let ret = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    check("setsockopt(SO_RCVTIMEO)", ret.into()).map(drop)
 }
 
 /// `struct sockaddr_nl`.

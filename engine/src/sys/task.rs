@@ -464,6 +464,24 @@ pub fn set_scheduler(tid: i32, policy: i32, priority: i32) -> io::Result<()> {
     cvt(r.into()).map(drop)
 }
 
+const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+
+/// I/O priority of task `tid` (class << 13 | level; 0: none set).
+pub fn get_ioprio(tid: i32) -> io::Result<i32> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe { libc::syscall(libc::SYS_ioprio_get, IOPRIO_WHO_PROCESS, libc::c_long::from(tid)) };
+    cvt(r).map(|v| v as i32)
+}
+
+/// Sets task `tid`'s I/O priority.
+pub fn set_ioprio(tid: i32, prio: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    let r = unsafe {
+        libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, libc::c_long::from(tid), libc::c_long::from(prio))
+    };
+    cvt(r).map(drop)
+}
+
 /// The CPUs task `tid` may run on.
 pub fn get_affinity(tid: i32) -> io::Result<CpuSet> {
     // SAFETY: all zeros is a valid cpu_set_t.

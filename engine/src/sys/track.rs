@@ -1,6 +1,6 @@
 //! Raw calls of the dirty-page trackers ([`crate::track`]): userfaultfd
-//! ioctls, PAGEMAP_SCAN, the seqpacket socket of the tracker holder, and the
-//! holder process itself.
+//! ioctls, the seqpacket socket of the tracker holder, and the holder process
+//! itself. PAGEMAP_SCAN is [`super::memory::pagemap_scan`].
 //!
 //! The holder is forked from a possibly multi-threaded process, so everything
 //! it runs after the fork ([`spawn_holder`]) uses inline `syscall`
@@ -14,7 +14,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use super::cvt;
-use super::memory::PageRegion;
 
 /// Page size (x86_64).
 pub const PAGE_SIZE: u64 = 4096;
@@ -85,6 +84,8 @@ const _: () = assert!(size_of::<UffdioCopy>() == 40);
 
 const UFFDIO_API: libc::c_ulong = ioc(3, 0xaa, 0x3f, size_of::<UffdioApi>());
 const UFFDIO_COPY: libc::c_ulong = ioc(3, 0xaa, 0x03, size_of::<UffdioCopy>());
+const UFFDIO_UNREGISTER: libc::c_ulong = ioc(2, 0xaa, 0x01, size_of::<UffdioRange>());
+const _: () = assert!(UFFDIO_UNREGISTER == 0x8010_aa01);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
 const UFFDIO_REGISTER: libc::c_ulong = ioc(3, 0xaa, 0x00, size_of::<UffdioRegister>());
 const _: () = assert!(UFFDIO_API == 0xc018_aa3f);
@@ -131,6 +132,16 @@ pub fn uffd_register_missing(uffd: BorrowedFd<'_>, start: u64, len: u64) -> io::
     cvt(r.into()).map(drop)
 }
 
+/// UFFDIO_UNREGISTER of [start, start+len) of the uffd's mm: the range's
+/// registration ends now, even while a copy of the descriptor lives on
+/// elsewhere (a child forked meanwhile, before its exec).
+pub fn uffd_unregister(uffd: BorrowedFd<'_>, start: u64, len: u64) -> io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_UNREGISTER reads exactly one struct uffdio_range, which `range` is.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range as *mut UffdioRange) };
+    cvt(r.into()).map(drop)
+}
+
 /// UFFDIO_COPY of `src` (in the caller's memory) to `dst` in the uffd's mm:
 /// allocates each missing page and copies into it in one step. Returns the
 /// bytes copied, fewer than `src.len()` (but not 0) when it stopped early;
@@ -151,76 +162,6 @@ pub fn uffd_copy(uffd: BorrowedFd<'_>, dst: u64, src: &[u8]) -> io::Result<u64> 
     } else {
         Err(err)
     }
-}
-
-// ---------------------------------------------------------------------------
-// PAGEMAP_SCAN
-
-/// `PM_SCAN_WP_MATCHING`: write-protect the matching pages.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// `PM_SCAN_CHECK_WPASYNC`: fail (EPERM) unless every VMA in the range is registered for async WP.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-
-/// `struct pm_scan_arg`.
-#[repr(C)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-const _: () = assert!(size_of::<PmScanArg>() == 96);
-const PAGEMAP_SCAN: libc::c_ulong = ioc(3, b'f', 16, size_of::<PmScanArg>());
-const _: () = assert!(PAGEMAP_SCAN == 0xc060_6610);
-
-/// One PAGEMAP_SCAN query.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Scan {
-    pub start: u64,
-    pub end: u64,
-    pub flags: u64,
-    pub category_mask: u64,
-    pub category_anyof_mask: u64,
-    pub category_inverted: u64,
-    pub return_mask: u64,
-}
-
-/// One PAGEMAP_SCAN ioctl. With `out` = None no regions are returned (only
-/// the write-protection of `PM_SCAN_WP_MATCHING` happens). Returns the number
-/// of regions written into `out` and the address where the walk stopped.
-pub fn pagemap_scan(pagemap: BorrowedFd<'_>, q: &Scan, out: Option<&mut [PageRegion]>) -> io::Result<(usize, u64)> {
-    let (vec, vec_len) = match &out {
-        Some(buf) => (buf.as_ptr() as u64, buf.len() as u64),
-        None => (0, 0),
-    };
-    let mut arg = PmScanArg {
-        size: size_of::<PmScanArg>() as u64,
-        flags: q.flags,
-        start: q.start,
-        end: q.end,
-        walk_end: 0,
-        vec,
-        vec_len,
-        max_pages: 0,
-        category_inverted: q.category_inverted,
-        category_mask: q.category_mask,
-        category_anyof_mask: q.category_anyof_mask,
-        return_mask: q.return_mask,
-    };
-    // SAFETY: `arg` is a valid struct pm_scan_arg; vec/vec_len are either 0/0 or
-    // describe `out`, a writable slice of page_region structs that outlives the call
-    // and of which the kernel writes at most vec_len entries.
-    let r = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
-    let n = cvt(r.into())? as usize;
-    Ok((n.min(vec_len as usize), arg.walk_end))
 }
 
 // ---------------------------------------------------------------------------

@@ -15,7 +15,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::inject::InjectError;
-use crate::sys::memory::{PageRegion, PAGE_IS_WRITTEN};
+use crate::sys::memory::{
+    pagemap_scan, PageRegion, ScanQuery, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING,
+};
 use crate::sys::track as sys;
 
 pub mod holder;
@@ -215,21 +217,24 @@ fn probe_soft_dirty() -> Result<(), String> {
 // ---------------------------------------------------------------------------
 // scans shared by the probe and UffdTracker
 
+/// The WRITTEN pages of a range, write-protecting them (again); fails with
+/// EPERM unless the whole range is registered for async write-protection.
+const WRITTEN_REPROTECT: ScanQuery = ScanQuery {
+    flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    category_inverted: 0,
+    category_mask: PAGE_IS_WRITTEN,
+    category_anyof_mask: 0,
+    return_mask: PAGE_IS_WRITTEN,
+    max_pages: 0,
+};
+
 /// Write-protects every page of [start, end) (a PAGEMAP_SCAN with
 /// WP_MATCHING|CHECK_WPASYNC and no output vector), looping until the walk
 /// reaches `end`.
 pub(crate) fn write_protect(pagemap: std::os::fd::BorrowedFd<'_>, start: u64, end: u64) -> std::io::Result<()> {
     let mut cur = start;
     while cur < end {
-        let q = sys::Scan {
-            start: cur,
-            end,
-            flags: sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..Default::default()
-        };
-        let (_, walk_end) = sys::pagemap_scan(pagemap, &q, None)?;
+        let (_, walk_end) = pagemap_scan(pagemap, cur, end, &WRITTEN_REPROTECT, None)?;
         if walk_end <= cur {
             return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
         }
@@ -249,15 +254,7 @@ pub(crate) fn scan_written(
     let mut out = Vec::new();
     let mut cur = start;
     while cur < end {
-        let q = sys::Scan {
-            start: cur,
-            end,
-            flags: sys::PM_SCAN_WP_MATCHING | sys::PM_SCAN_CHECK_WPASYNC,
-            category_mask: PAGE_IS_WRITTEN,
-            return_mask: PAGE_IS_WRITTEN,
-            ..Default::default()
-        };
-        let (n, walk_end) = sys::pagemap_scan(pagemap, &q, Some(buf))?;
+        let (n, walk_end) = pagemap_scan(pagemap, cur, end, &WRITTEN_REPROTECT, Some(buf))?;
         out.extend(buf[..n].iter().map(|r| (r.start, r.end)));
         if walk_end <= cur {
             return Err(std::io::Error::from_raw_os_error(libc::EAGAIN));
