@@ -39,17 +39,11 @@
  * Build: gcc -O2 -o dirtier dirtier.c
  */
 #define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
 #include <inttypes.h>
 #include <math.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
+
+/* relative to this file, so no -I is needed wherever it is compiled from */
+#include "../tests/fixtures/common.h"
 
 #define PAGE 4096UL
 #define WORDS (PAGE / 8)
@@ -123,36 +117,6 @@ static struct perm perm_new(uint64_t n, uint64_t key)
 	return p;
 }
 
-static int write_atomic(const char *path, const char *buf)
-{
-	char tmp[4200];
-	int n = snprintf(tmp, sizeof(tmp), "%s.tmp.%d", path, (int)getpid());
-	if (n < 0 || (size_t)n >= sizeof(tmp)) {
-		errno = ENAMETOOLONG;
-		return -1;
-	}
-	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-	if (fd < 0)
-		return -1;
-	size_t len = strlen(buf), off = 0;
-	while (off < len) {
-		ssize_t w = write(fd, buf + off, len - off);
-		if (w < 0) {
-			if (errno == EINTR)
-				continue;
-			close(fd);
-			unlink(tmp);
-			return -1;
-		}
-		off += (size_t)w;
-	}
-	if (close(fd) < 0 || rename(tmp, path) < 0) {
-		unlink(tmp);
-		return -1;
-	}
-	return 0;
-}
-
 /* Reads "SEQ CMD [ARG]" from path; 0 on success. */
 static int read_ctl(const char *path, uint64_t *seq, char *cmd, size_t cmdlen, char *arg, size_t arglen)
 {
@@ -178,21 +142,13 @@ static int read_ctl(const char *path, uint64_t *seq, char *cmd, size_t cmdlen, c
 
 int main(int argc, char **argv)
 {
+	fx_name = "dirtier";
 	if (argc != 3) {
 		fprintf(stderr, "usage: %s MIB DIR\n", argv[0]);
 		return 2;
 	}
-	char *end;
-	errno = 0;
-	unsigned long long mib = strtoull(argv[1], &end, 10);
-	if (errno || *end || mib == 0 || mib > (1ULL << 20)) {
-		fprintf(stderr, "dirtier: bad MIB '%s'\n", argv[1]);
-		return 2;
-	}
-	if (close_range(3, ~0U, 0) < 0) {
-		for (int fd = 3; fd < 1024; fd++)
-			close(fd);
-	}
+	unsigned long mib = parse_ulong(argv[1], 1UL << 20, "dirtier", "MIB");
+	close_fds_above_2();
 	char ready[4096], ctl[4096], result[4096];
 	if ((size_t)snprintf(ready, sizeof(ready), "%s/ready", argv[2]) >= sizeof(ready) ||
 	    (size_t)snprintf(ctl, sizeof(ctl), "%s/ctl", argv[2]) >= sizeof(ctl) ||
@@ -203,15 +159,7 @@ int main(int argc, char **argv)
 
 	size_t len = (size_t)mib << 20;
 	npages = len / PAGE;
-	mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (mem == MAP_FAILED) {
-		perror("dirtier: mmap");
-		return 1;
-	}
-	if (madvise(mem, len, MADV_NOHUGEPAGE) < 0) {
-		perror("dirtier: madvise(MADV_NOHUGEPAGE)");
-		return 1;
-	}
+	mem = map_anon_nohuge(len, "dirtier");
 	uint64_t t0 = now_ns();
 	for (uint64_t i = 0; i < npages; i++)
 		write_page(i);
@@ -220,7 +168,7 @@ int main(int argc, char **argv)
 	char line[512];
 	snprintf(line, sizeof(line), "pid=%d addr=%" PRIxPTR " len=%zu pages=%" PRIu64 " fill_ns_per_page=%.1f\n",
 		 (int)getpid(), (uintptr_t)mem, len, npages, (double)fill / (double)npages);
-	if (write_atomic(ready, line) < 0) {
+	if (write_str_atomic(ready, line) < 0) {
 		perror("dirtier: writing READY");
 		return 1;
 	}
@@ -237,6 +185,7 @@ int main(int argc, char **argv)
 		uint64_t k = 0, ns = 0, sum = 0;
 		int ok = 1, with_sum = 0;
 		if (strcmp(cmd, "dirty") == 0) {
+			char *end;
 			double p = strtod(arg, &end);
 			if (*end || !(p >= 0 && p <= 100)) {
 				ok = 0;
@@ -266,15 +215,10 @@ int main(int argc, char **argv)
 				m[i * WORDS + 1] += v;
 			ns = now_ns() - t;
 		} else if (strcmp(cmd, "sum") == 0) {
-			uint64_t h = 0xcbf29ce484222325ULL;
 			uint64_t t = now_ns();
-			for (uint64_t i = 0; i < npages * WORDS; i++) {
-				h ^= mem[i];
-				h *= 0x100000001b3ULL;
-			}
+			sum = fnv1a_words(mem, npages * WORDS);
 			ns = now_ns() - t;
 			k = npages;
-			sum = h;
 			with_sum = 1;
 		} else if (strcmp(cmd, "quit") == 0) {
 			return 0;
@@ -291,7 +235,7 @@ int main(int argc, char **argv)
 				snprintf(line + n, sizeof(line) - (size_t)n, " sum=%" PRIx64, sum);
 			strncat(line, "\n", sizeof(line) - strlen(line) - 1);
 		}
-		if (write_atomic(result, line) < 0)
+		if (write_str_atomic(result, line) < 0)
 			perror("dirtier: writing RESULT");
 	}
 }

@@ -57,23 +57,13 @@ FLOE_TIMEOUT_S=300  # one floe run
 HOLDER_TIMEOUT_S=10 # a floe-track holder exiting after its process died
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-	log "incremental-bench: ERROR: $*"
-	exit 1
-}
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
-kv() {
-	awk -v k="$1=" '{ for (i = 1; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }' <<<"$2"
-}
+BENCH_NAME=incremental-bench
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 # ---------------------------------------------------------------- checks ---
 [[ $(id -u) == 0 ]] || die "must run as root (floe needs it)"
-[[ $MIB =~ ^[1-9][0-9]*$ ]] || die "MIB must be a positive integer, got '$MIB'"
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
-[[ $SWEEPS =~ ^[1-9][0-9]*$ ]] || die "SWEEPS must be a positive integer, got '$SWEEPS'"
+need_posint MIB REPEAT SWEEPS
 [[ $SETTLE_S =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "SETTLE_S must be a number of seconds, got '$SETTLE_S'"
 for p in $PERCENTS; do
 	[[ $p =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v p="$p" 'BEGIN { exit !(p > 0 && p <= 100) }' ||
@@ -82,9 +72,7 @@ done
 for t in $TRACKERS; do
 	[[ $t == uffd || $t == hash ]] || die "TRACKERS must be uffd and/or hash, got '$t'"
 done
-for c in python3 gcc setsid timeout; do
-	command -v "$c" >/dev/null || die "$c is required"
-done
+need_cmds python3 gcc setsid timeout
 if [[ $STRACE == 1 && " $TRACKERS " == *" uffd "* ]]; then
 	command -v strace >/dev/null || die "strace is required for STRACE=1 (or run with STRACE=0)"
 fi
@@ -93,11 +81,7 @@ fi
 WORK=""
 FX_PIDS=() # every fixture we started (killed on exit)
 
-is_our_fixture() { # PID -> true if /proc/PID is a dirtier from our work dir
-	local cmd
-	cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
-	[[ -n $WORK && $cmd == "$WORK/bin/dirtier "* ]]
-}
+is_our_fixture() { is_work_bin "$1" dirtier; } # PID -> true if /proc/PID is a dirtier from our work dir
 
 # holders_of PID -> pids of live floe-track holders whose pidfd refers to PID
 holders_of() {
@@ -114,17 +98,6 @@ holders_of() {
 	done
 }
 
-# wait_gone PID [SECONDS] -> 0 once /proc/PID is gone (or a zombie, for a
-# process that is not our child), 1 after the timeout
-wait_gone() {
-	local pid=$1 limit=${2:-$GONE_TIMEOUT_S} i
-	for ((i = 0; i < limit * 50; i++)); do
-		[[ -e /proc/$pid ]] || return 0
-		sleep 0.02
-	done
-	return 1
-}
-
 # kill_fixture PID: SIGKILL it (if still our fixture), wait until it is gone,
 # then make sure its floe-track holders are gone too (they exit by themselves
 # when the tracked process exits; killed by pid after HOLDER_TIMEOUT_S).
@@ -137,7 +110,7 @@ kill_fixture() {
 	wait_gone "$pid" || log "incremental-bench: warning: pid $pid still present ${GONE_TIMEOUT_S}s after SIGKILL"
 	for h in $holders; do
 		if ! wait_gone "$h" "$HOLDER_TIMEOUT_S"; then
-			if [[ $(cat "/proc/$h/comm" 2>/dev/null) == floe-track && $(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$h/stat" 2>/dev/null) != Z ]]; then
+			if [[ $(cat "/proc/$h/comm" 2>/dev/null) == floe-track && $(stat_field "$h" 1 2>/dev/null) != Z ]]; then
 				log "incremental-bench: warning: holder $h of pid $pid still running; killing it"
 				kill -KILL "$h" 2>/dev/null || true
 			fi
@@ -145,31 +118,16 @@ kill_fixture() {
 	done
 }
 
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
+cleanup_procs() { # (bench_cleanup, on exit)
 	local p
 	for p in "${FX_PIDS[@]}"; do
 		if is_our_fixture "$p" || [[ -n $(holders_of "$p") ]]; then
 			kill_fixture "$p"
 		fi
 	done
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "incremental-bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-WORK=$(mktemp -d "$BENCH_TMP/floe-incr.XXXXXX")
-mkdir -p "$WORK/bin"
-RESULTS="$WORK/results.tsv"
+make_work floe-incr
 SLOW="$WORK/slowdown.tsv"
 UNIT_OUT="$WORK/unit_scan.txt"
 printf 'tracker\tp\trep\tphase\tfreeze_ms\tcollect_ms\tmemory_ms\tcommit_ms\tfrozen_ms\ttotal_ms\tpage_bytes\treused_pages\twall_s\tscan_ms\tscan_ioctls\tdirty_pages\tdirty_ns_per_page\trundir\n' >"$RESULTS"
@@ -177,20 +135,11 @@ printf 'tracker\tmode\tstate\tsample\tns_per_page\n' >"$SLOW"
 
 # ----------------------------------------------------------------- build ---
 log "incremental-bench: building fixture and baseline (gcc -O2) into $WORK/bin"
-gcc -O2 -Wall -o "$WORK/bin/dirtier" "$REPO/bench/dirtier.c" -lm
-gcc -O2 -Wall -o "$WORK/bin/baseline" "$REPO/bench/baseline.c"
+build_c dirtier bench/dirtier.c -lm
+build_c baseline bench/baseline.c
 DIRTIER="$WORK/bin/dirtier"
 BASELINE="$WORK/bin/baseline"
-
-if [[ -z $FLOE ]]; then
-	log "incremental-bench: cargo build --release -p floe-cli"
-	(cd "$REPO" && cargo build --release -p floe-cli) || die "cargo build failed"
-	FLOE="${CARGO_TARGET_DIR:-$REPO/target}/release/floe"
-	FLOE_REV="built from $(git -C "$REPO" describe --always --dirty 2>/dev/null || echo '?')"
-else
-	FLOE_REV=prebuilt
-fi
-[[ -x $FLOE ]] || die "floe binary not found/executable: $FLOE"
+need_floe
 
 # JSON of one floe run -> one TSV fragment of its report
 cat >"$WORK/bin/jrow.py" <<'EOF'
@@ -239,33 +188,14 @@ else:
 EOF
 
 # ------------------------------------------------------------- processes ---
-close_inherited_fds() { # in a subshell: close every fd > 2
-	local f n
-	for f in /proc/$BASHPID/fd/*; do
-		n=${f##*/}
-		if [[ $n =~ ^[0-9]+$ ]] && ((n > 2)); then
-			exec {n}>&- 2>/dev/null || true
-		fi
-	done
-}
-
 # start_fixture DIR -> FX_PID FX_DIR FX_SEQ FX_PAGES
 start_fixture() {
 	local dir=$1
 	rm -f -- "$dir/ready" "$dir/ctl" "$dir/result"
-	(
-		close_inherited_fds
-		cd "$dir" && exec setsid "$DIRTIER" "$MIB" "$dir" </dev/null >"$dir/dirtier.log" 2>&1
-	) &
-	local launcher=$!
-	disown "$launcher" 2>/dev/null || true
+	launch "$dir" "$dir/dirtier.log" "$DIRTIER" "$MIB" "$dir"
+	local launcher=$LAUNCHED
 	FX_PIDS+=("$launcher")
-	local deadline=$((SECONDS + READY_TIMEOUT_S))
-	while [[ ! -s $dir/ready ]]; do
-		kill -0 "$launcher" 2>/dev/null || die "dirtier exited before becoming ready; log: $(cat "$dir/dirtier.log" 2>/dev/null)"
-		((SECONDS < deadline)) || die "dirtier not ready after ${READY_TIMEOUT_S}s"
-		sleep 0.02
-	done
+	wait_ready "$dir/ready" "$launcher" "$READY_TIMEOUT_S" dirtier "$dir/dirtier.log"
 	local line
 	line=$(cat "$dir/ready")
 	FX_PID=$(kv pid "$line")
@@ -273,9 +203,7 @@ start_fixture() {
 	[[ -n $FX_PID && -n $FX_PAGES ]] || die "bad ready file: '$line'"
 	[[ $FX_PID == "$launcher" ]] || FX_PIDS+=("$FX_PID")
 	[[ $(kv len "$line") == $((MIB << 20)) ]] || die "dirtier reports '$line', expected len=$((MIB << 20))"
-	local sid
-	sid=$(awk '{ sub(/^.*\) /, ""); print $4 }' "/proc/$FX_PID/stat")
-	[[ $sid == "$FX_PID" ]] || die "dirtier $FX_PID is not a session leader (sid $sid)"
+	need_session_leader "$FX_PID" dirtier
 	FX_DIR=$dir
 	FX_SEQ=0
 }
@@ -298,11 +226,7 @@ fx() {
 	FX_K=$(kv pages "$line")
 }
 
-warm() { # untimed; see WARM
-	if [[ $WARM == 1 ]]; then
-		"$BASELINE" touch $((2 * (MIB << 20))) >/dev/null || die "warm-up touch failed"
-	fi
-}
+warm() { warm_up $((2 * (MIB << 20))); } # untimed; see WARM
 
 # floe_run KIND IDX PARENT TRACKER STRACE_OUT -> F_ROW F_WALL; KIND is
 # pre-dump or dump, images in $FX_DIR/img/IDX, parent ../PARENT (empty: none)
@@ -314,13 +238,9 @@ floe_run() {
 	[[ $kind == pre-dump || -n $parent ]] || args+=(--track-mem)
 	local pre=(timeout --foreground -k 10 "$FLOE_TIMEOUT_S")
 	[[ -z $st ]] || pre+=(strace -o "$st" -T -y -e trace=ioctl,openat,connect)
-	local t0 t1 rc=0
-	t0=$(now)
-	"${pre[@]}" "$FLOE" "${args[@]}" >"$out.json" 2>"$out.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe ${args[*]} failed (rc $rc); stderr:
-$(tail -n 30 "$out.err")"
-	F_WALL=$(sub "$t1" "$t0")
+	timed "$out" "${pre[@]}" "$FLOE" "${args[@]}"
+	((RUN_RC == 0)) || run_failed "floe ${args[*]}" "$out"
+	F_WALL=$RUN_S
 	F_ROW=$(python3 "$WORK/bin/jrow.py" "$out.json") || die "floe ${args[*]}: unreadable JSON: $(head -c 2000 "$out.json")"
 }
 
@@ -420,10 +340,7 @@ run_slowdown() {
 
 # ------------------------------------------------------------------- run ---
 log "incremental-bench: work dir $WORK"
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-	log "incremental-bench: warning: load average is $LOAD0 -- other work on this machine adds noise"
-fi
+note_load
 log "incremental-bench: $MIB MiB, trackers [$TRACKERS], P [$PERCENTS] %, $REPEAT repeat(s)"
 
 # shellcheck disable=SC2206 # word lists on purpose
@@ -458,27 +375,16 @@ fi
 
 # --------------------------------------------------------------- summary ---
 echo
-echo "machine: $(uname -r), $(nproc) cpu(s), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
-echo "         THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo '?'), work dir fs $(stat -f -c %T "$WORK") on $(df --output=source "$WORK" | tail -n1)"
-echo "         load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_info
 echo "floe:    $FLOE ($FLOE_REV)  WARM=$WARM  fixture $MIB MiB"
-python3 - "$RESULTS" "$SLOW" "$UNIT_OUT" "$MIB" <<'EOF'
-import csv, math, os, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RESULTS" "$SLOW" "$UNIT_OUT" "$MIB" <<'EOF'
+import csv, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from report import f, med
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 slow = list(csv.DictReader(open(sys.argv[2]), delimiter="\t"))
 unit_out, mib = sys.argv[3], int(sys.argv[4])
-
-def f(x):
-    try:
-        v = float(x)
-        return None if math.isnan(v) else v
-    except (TypeError, ValueError):
-        return None
-
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
 def s(v, fmt="{:.1f}"):
     return "-" if v is None else fmt.format(v)

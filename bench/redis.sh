@@ -44,17 +44,9 @@ GONE_TIMEOUT_S=15   # a killed process disappearing from /proc
 CLI_TIMEOUT_S=20    # any single redis-cli call
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-	log "redis-bench: ERROR: $*"
-	exit 1
-}
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
-kv() {
-	awk -v k="$1=" '{ for (i = 1; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }' <<<"$2"
-}
+BENCH_NAME=redis-bench
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 # ---------------------------------------------------------------- checks ---
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
@@ -63,11 +55,9 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
 	exit 0
 fi
 [[ $(id -u) == 0 ]] || die "must run as root (floe dump/restore needs it)"
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
+need_posint REPEAT
 [[ $KEYS =~ ^[1-9][0-9]*$ && $VALUE_SIZE =~ ^[1-9][0-9]*$ ]] || die "KEYS/VALUE_SIZE must be positive integers"
-for c in python3 gcc setsid timeout; do
-	command -v "$c" >/dev/null || die "$c is required"
-done
+need_cmds python3 gcc setsid timeout
 REDIS_VERSION=$(redis-server --version | sed -n 's/.* v=\([0-9.]*\).*/\1/p')
 [[ -n $REDIS_VERSION ]] || die "cannot parse 'redis-server --version': $(redis-server --version)"
 # DEBUG is off by default since redis 7 (enable-debug-command); older
@@ -89,89 +79,42 @@ PIDS=()
 is_ours() { # PID -> true if /proc/PID is a redis-server on our port
 	local cmd comm
 	comm=$(cat "/proc/$1/comm" 2>/dev/null) || return 1
-	cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
+	cmd=$(proc_cmdline "$1") || return 1
 	[[ $comm == redis-server && $cmd == *"127.0.0.1:$PORT"* ]]
 }
 
-wait_gone() { # PID -> 0 once /proc/PID is gone, 1 after GONE_TIMEOUT_S
-	local i
-	for ((i = 0; i < GONE_TIMEOUT_S * 50; i++)); do
-		[[ -e /proc/$1 ]] || return 0
-		sleep 0.02
-	done
-	return 1
-}
-
 kill_and_wait() { # PID: kill it if it is still our redis, wait until gone
-	is_ours "$1" || return 0
-	kill -KILL "$1" 2>/dev/null || true
-	wait_gone "$1" || log "redis-bench: warning: pid $1 still present ${GONE_TIMEOUT_S}s after SIGKILL"
+	kill_ours is_ours "$1" || log "redis-bench: warning: pid $1 still present ${GONE_TIMEOUT_S}s after SIGKILL"
 }
 
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
+cleanup_procs() { # (bench_cleanup, on exit)
 	local p
 	for p in "${PIDS[@]}"; do
 		kill_and_wait "$p"
 	done
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "redis-bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-WORK=$(mktemp -d "$BENCH_TMP/floe-redis.XXXXXX")
-mkdir -p "$WORK/bin"
-RESULTS="$WORK/results.tsv"
+make_work floe-redis
 printf 'rep\torder\tours_dump_s\tbase_scan_s\tbase_copy_s\tbase_fsync_s\tbase_bytes\tours_restore_s\tbase_fill_s\tbase_touch_s\tused_memory\trss\trundir\n' >"$RESULTS"
 
 # ----------------------------------------------------------------- build ---
 log "redis-bench: building baselines (gcc -O2) into $WORK/bin"
-gcc -O2 -Wall -o "$WORK/bin/baseline" "$REPO/bench/baseline.c"
-gcc -O2 -Wall -o "$WORK/bin/baseline_proc" "$REPO/bench/baseline_proc.c"
+build_c baseline bench/baseline.c
+build_c baseline_proc bench/baseline_proc.c
 BASELINE="$WORK/bin/baseline"
 BASELINE_PROC="$WORK/bin/baseline_proc"
-if [[ -z $FLOE ]]; then
-	log "redis-bench: cargo build --release -p floe-cli"
-	(cd "$REPO" && cargo build --release -p floe-cli) || die "cargo build failed"
-	FLOE="${CARGO_TARGET_DIR:-$REPO/target}/release/floe"
-fi
-[[ -x $FLOE ]] || die "floe binary not found/executable: $FLOE"
+need_floe
 
 # ----------------------------------------------------------------- redis ---
-close_inherited_fds() { # in a subshell: close every fd > 2
-	local f n
-	for f in /proc/$BASHPID/fd/*; do
-		n=${f##*/}
-		if [[ $n =~ ^[0-9]+$ ]] && ((n > 2)); then
-			exec {n}>&- 2>/dev/null || true
-		fi
-	done
-}
-
 HAVE_DEBUG=0
 
 # start_redis DIR -> R_PID, R_USED, R_RSS, R_FP (fingerprint of the data)
 start_redis() {
 	local dir=$1
-	(
-		close_inherited_fds
-		# redis keeps inherited descriptors: close them first. Session
-		# leader, stdin /dev/null, output to a file: no --shell-job needed.
-		cd "$dir" && exec setsid redis-server --port "$PORT" --bind 127.0.0.1 --save '' \
-			--appendonly no --daemonize no --dir "$dir" "${REDIS_EXTRA[@]}" \
-			</dev/null >"$dir/redis.log" 2>&1
-	) &
-	R_PID=$!
-	disown "$R_PID" 2>/dev/null || true
+	# redis keeps inherited descriptors: launch closes them first
+	launch "$dir" "$dir/redis.log" redis-server --port "$PORT" --bind 127.0.0.1 --save '' \
+		--appendonly no --daemonize no --dir "$dir" "${REDIS_EXTRA[@]}"
+	R_PID=$LAUNCHED
 	PIDS+=("$R_PID")
 	local deadline=$((SECONDS + START_TIMEOUT_S))
 	until [[ $(cli PING 2>/dev/null) == PONG ]]; do
@@ -179,7 +122,7 @@ start_redis() {
 		((SECONDS < deadline)) || die "redis-server not answering PING after ${START_TIMEOUT_S}s"
 		sleep 0.05
 	done
-	is_ours "$R_PID" || die "pid $R_PID does not look like our redis-server ($(tr '\0' ' ' <"/proc/$R_PID/cmdline"))"
+	is_ours "$R_PID" || die "pid $R_PID does not look like our redis-server ($(proc_cmdline "$R_PID"))"
 
 	# --- load ---
 	local t0 out=""
@@ -244,11 +187,7 @@ wait_idle() {
 	done
 }
 
-warm() {
-	if [[ $WARM == 1 ]]; then
-		"$BASELINE" touch $((2 * R_RSS)) >/dev/null || die "warm-up touch failed"
-	fi
-}
+warm() { warm_up $((2 * R_RSS)); }
 
 # ---------------------------------------------------------------- phases ---
 base_dump() { # DIR (uses R_PID) -> B_SCAN B_COPY B_FSYNC B_BYTES
@@ -267,45 +206,33 @@ base_dump() { # DIR (uses R_PID) -> B_SCAN B_COPY B_FSYNC B_BYTES
 }
 
 base_restore() { # DIR -> B_FILL B_TOUCH
-	local out
 	warm
-	out=$("$BASELINE" restore "$B_BYTES" "$1/baseline.pages") || die "baseline restore failed"
-	B_FILL=$(kv fill_s "$out")
-	B_TOUCH=$(kv touch_s "$out")
-	[[ -n $B_FILL && -n $B_TOUCH ]] || die "unexpected baseline restore output: '$out'"
-	rm -f -- "$1/baseline.pages"
+	baseline_restore "$B_BYTES" "$1"
 }
 
 ours_dump() { # DIR -> O_DUMP; redis is gone afterwards
-	local dir=$1 t0 t1 rc=0
+	local dir=$1
 	warm
-	t0=$(now)
 	# shellcheck disable=SC2086
-	"$FLOE" dump -t "$R_PID" -D "$dir/img" --json $FLOE_DUMP_ARGS >"$dir/dump.json" 2>"$dir/dump.err" || rc=$?
-	t1=$(now)
-	if ((rc != 0)); then
+	timed "$dir/dump" "$FLOE" dump -t "$R_PID" -D "$dir/img" --json $FLOE_DUMP_ARGS
+	if ((RUN_RC != 0)); then
 		if grep -qi 'socket' "$dir/dump.err"; then
 			log "redis-bench: floe refused redis's sockets (TCP listener support missing in this build?)"
 		fi
-		die "floe dump -t $R_PID failed (rc $rc); stderr:
-$(tail -n 30 "$dir/dump.err")"
+		run_failed "floe dump -t $R_PID" "$dir/dump"
 	fi
-	O_DUMP=$(sub "$t1" "$t0")
+	O_DUMP=$RUN_S
 	wait_gone "$R_PID" || die "redis $R_PID still exists ${GONE_TIMEOUT_S}s after floe dump"
 }
 
 ours_restore() { # DIR -> O_RESTORE; verifies redis, leaves it running
-	local dir=$1 t0 t1 rc=0 jpid
+	local dir=$1
 	warm
-	t0=$(now)
 	# shellcheck disable=SC2086
-	"$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS >"$dir/restore.json" 2>"$dir/restore.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe restore -D $dir/img failed (rc $rc); stderr:
-$(tail -n 30 "$dir/restore.err")"
-	O_RESTORE=$(sub "$t1" "$t0")
-	jpid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid",""))' "$dir/restore.json" 2>/dev/null || true)
-	[[ -z $jpid || $jpid == "$R_PID" ]] || die "floe restore reports pid $jpid, expected $R_PID"
+	timed "$dir/restore" "$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS
+	((RUN_RC == 0)) || run_failed "floe restore -D $dir/img" "$dir/restore"
+	O_RESTORE=$RUN_S
+	check_json_pid "$dir/restore.json" "$R_PID"
 	is_ours "$R_PID" || die "after restore, pid $R_PID is not our redis-server"
 
 	# --- correctness: it serves the same data set ---
@@ -320,10 +247,7 @@ $(tail -n 30 "$dir/restore.err")"
 }
 
 # ------------------------------------------------------------------- run ---
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-	log "redis-bench: warning: load average is $LOAD0 -- other work on this machine adds noise"
-fi
+note_load
 log "redis-bench: work dir $WORK; redis $REDIS_VERSION on 127.0.0.1:$PORT; $KEYS keys x $VALUE_SIZE B; $REPEAT repeat(s)"
 
 for ((rep = 1; rep <= REPEAT; rep++)); do
@@ -356,20 +280,18 @@ done
 
 # --------------------------------------------------------------- summary ---
 echo
-echo "machine: $(uname -r), $(nproc) cpu(s); THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo '?'); work dir fs $(stat -f -c %T "$WORK") on $(df --output=source "$WORK" | tail -n1)"
-echo "         load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(uname -r), $(nproc) cpu(s); THP $(thp_mode); work dir fs $(work_fs)"
+echo "         load average at start $LOAD0, at end $(load_avg)"
 echo "floe:    $FLOE  WARM=$WARM"
 echo "redis:   $REDIS_VERSION, $KEYS keys x $VALUE_SIZE B loaded with $LOAD_HOW"
-python3 - "$RESULTS" "$CRIU_REF_S" <<'EOF'
-import csv, json, os, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RESULTS" "$CRIU_REF_S" <<'EOF'
+import csv, json, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from report import med
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 criu = float(sys.argv[2])
 f = float
-
-def med(v):
-    v = [x for x in v if x is not None]
-    return statistics.median(v) if v else None
 
 def s(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)

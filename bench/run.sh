@@ -38,119 +38,58 @@ GONE_TIMEOUT_S=15     # a killed process disappearing from /proc
 CHECK_TIMEOUT_S=60    # restored memhog answering SIGUSR1
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-	log "bench: ERROR: $*"
-	exit 1
-}
-now() { date +%s.%N; }
-# sub T1 T0 -> T1-T0 in seconds, 6 decimals
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
-# kv KEY "k1=v1 k2=v2 ..." -> value of KEY (empty if absent)
-kv() {
-	awk -v k="$1=" '{ for (i = 1; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }' <<<"$2"
-}
+BENCH_NAME=bench
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 # ---------------------------------------------------------------- checks ---
 [[ $(id -u) == 0 ]] || die "must run as root (floe dump/restore needs it)"
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
+need_posint REPEAT
 for s in $SIZES; do
 	[[ $s =~ ^[1-9][0-9]*$ ]] || die "SIZES must be MiB integers, got '$s'"
 done
-command -v python3 >/dev/null || die "python3 is required"
-command -v gcc >/dev/null || die "gcc is required"
+need_cmds python3 gcc
 command -v setsid >/dev/null || die "setsid (util-linux) is required"
 
 # ----------------------------------------------------- state and cleanup ---
 WORK=""
 MEMHOG_PIDS=() # every memhog (original or restored) we may have to kill
 
-is_our_memhog() { # PID -> true if /proc/PID is a memhog from our work dir
-	local cmd
-	cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
-	[[ -n $WORK && $cmd == "$WORK/bin/memhog "* ]]
-}
+is_our_memhog() { is_work_bin "$1" memhog; } # PID -> true if /proc/PID is a memhog from our work dir
 
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
+cleanup_procs() { # (bench_cleanup, on exit)
 	local p
 	for p in "${MEMHOG_PIDS[@]}"; do
 		if is_our_memhog "$p"; then
 			kill -KILL "$p" 2>/dev/null || true
 		fi
 	done
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-WORK=$(mktemp -d "$BENCH_TMP/floe-bench.XXXXXX")
-mkdir -p "$WORK/bin"
-RESULTS="$WORK/results.tsv"
+make_work floe-bench
 printf 'size_mib\trep\torder\tours_dump_s\tbase_copy_s\tbase_fsync_s\tours_restore_s\tbase_fill_s\tbase_touch_s\trundir\n' >"$RESULTS"
 
 # ----------------------------------------------------------------- build ---
 log "bench: building fixture and baseline (gcc -O2) into $WORK/bin"
-gcc -O2 -Wall -o "$WORK/bin/memhog" "$REPO/tests/fixtures/memhog.c"
-gcc -O2 -Wall -o "$WORK/bin/baseline" "$REPO/bench/baseline.c"
+build_c memhog tests/fixtures/memhog.c
+build_c baseline bench/baseline.c
 MEMHOG="$WORK/bin/memhog"
 BASELINE="$WORK/bin/baseline"
 
 if [[ $BASELINE_ONLY != 1 ]]; then
-	if [[ -z $FLOE ]]; then
-		log "bench: cargo build --release -p floe-cli"
-		(cd "$REPO" && cargo build --release -p floe-cli) ||
-			die "cargo build failed (use BASELINE_ONLY=1 to measure only the baselines)"
-		FLOE="${CARGO_TARGET_DIR:-$REPO/target}/release/floe"
-	fi
-	[[ -x $FLOE ]] || die "floe binary not found/executable: $FLOE"
+	need_floe "use BASELINE_ONLY=1 to measure only the baselines"
 fi
 
 # ------------------------------------------------------------- processes ---
-close_inherited_fds() { # in a subshell: close every fd > 2
-	local f n
-	for f in /proc/$BASHPID/fd/*; do
-		n=${f##*/}
-		if [[ $n =~ ^[0-9]+$ ]] && ((n > 2)); then
-			exec {n}>&- 2>/dev/null || true
-		fi
-	done
-}
-
 # start_memhog MIB DIR -> sets MH_PID MH_ADDR MH_LEN MH_SUM
 start_memhog() {
 	local mib=$1 dir=$2 ready="$2/ready"
 	rm -f -- "$ready" "$ready.check"
-	# setsid: a session leader, so floe does not need --shell-job. The
-	# subshell is not a process-group leader, so setsid execs without
-	# forking and memhog is our direct child (reaped promptly by bash).
-	# Descriptors above 2 inherited from our caller (pipes...) are closed
-	# first; memhog closes them as well.
-	(
-		close_inherited_fds
-		cd "$dir" && exec setsid "$MEMHOG" "$mib" "$ready" </dev/null >"$dir/memhog.log" 2>&1
-	) &
-	local launcher=$!
-	disown "$launcher" 2>/dev/null || true # no "Killed" job notices
+	# memhog closes inherited descriptors as well
+	launch "$dir" "$dir/memhog.log" "$MEMHOG" "$mib" "$ready"
+	local launcher=$LAUNCHED
 	MEMHOG_PIDS+=("$launcher")
-	local deadline=$((SECONDS + READY_TIMEOUT_S))
-	while [[ ! -s $ready ]]; do
-		if ! kill -0 "$launcher" 2>/dev/null; then
-			die "memhog $mib MiB exited before becoming ready; log: $(cat "$dir/memhog.log" 2>/dev/null)"
-		fi
-		((SECONDS < deadline)) || die "memhog $mib MiB not ready after ${READY_TIMEOUT_S}s"
-		sleep 0.02
-	done
+	wait_ready "$ready" "$launcher" "$READY_TIMEOUT_S" "memhog $mib MiB" "$dir/memhog.log"
 	local line
 	line=$(cat "$ready")
 	MH_PID=$(kv pid "$line")
@@ -160,19 +99,7 @@ start_memhog() {
 	[[ -n $MH_PID && -n $MH_ADDR && -n $MH_LEN && -n $MH_SUM ]] || die "bad READYFILE: '$line'"
 	[[ $MH_PID == "$launcher" ]] || MEMHOG_PIDS+=("$MH_PID")
 	[[ $MH_LEN == $((mib << 20)) ]] || die "memhog reports len=$MH_LEN, expected $((mib << 20))"
-	local sid
-	sid=$(awk '{ sub(/^.*\) /, ""); print $4 }' "/proc/$MH_PID/stat")
-	[[ $sid == "$MH_PID" ]] || die "memhog $MH_PID is not a session leader (sid $sid)"
-}
-
-# wait_gone PID -> 0 once /proc/PID is gone, 1 after GONE_TIMEOUT_S
-wait_gone() {
-	local pid=$1 i
-	for ((i = 0; i < GONE_TIMEOUT_S * 50; i++)); do
-		[[ -e /proc/$pid ]] || return 0
-		sleep 0.02
-	done
-	return 1
+	need_session_leader "$MH_PID" memhog
 }
 
 kill_and_wait() { # PID  (only if it is still our memhog)
@@ -185,11 +112,7 @@ kill_and_wait() { # PID  (only if it is still our memhog)
 # ---------------------------------------------------------------- phases ---
 # Each phase sets its result variable(s).
 
-warm() { # untimed; see WARM
-	if [[ $WARM == 1 ]]; then
-		"$BASELINE" touch $((2 * MH_LEN)) >/dev/null || die "warm-up touch failed"
-	fi
-}
+warm() { warm_up $((2 * MH_LEN)); } # untimed; see WARM
 
 base_dump() { # DIR (uses MH_*) -> B_COPY B_FSYNC
 	local out
@@ -202,60 +125,39 @@ base_dump() { # DIR (uses MH_*) -> B_COPY B_FSYNC
 }
 
 base_restore() { # DIR -> B_FILL B_TOUCH
-	local out
 	warm
-	out=$("$BASELINE" restore "$MH_LEN" "$1/baseline.pages") || die "baseline restore failed"
-	B_FILL=$(kv fill_s "$out")
-	B_TOUCH=$(kv touch_s "$out")
-	[[ -n $B_FILL && -n $B_TOUCH ]] || die "unexpected baseline restore output: '$out'"
-	rm -f -- "$1/baseline.pages"
+	baseline_restore "$MH_LEN" "$1"
 }
 
 ours_dump() { # DIR (uses MH_*) -> O_DUMP ; process is gone afterwards
-	local dir=$1 t0 t1 rc=0
+	local dir=$1
 	warm
 	mkdir -p "$dir/img"
-	t0=$(now)
 	# shellcheck disable=SC2086 # FLOE_DUMP_ARGS is a word list on purpose
-	"$FLOE" dump -t "$MH_PID" -D "$dir/img" --json $FLOE_DUMP_ARGS \
-		>"$dir/dump.json" 2>"$dir/dump.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe dump -t $MH_PID failed (rc $rc); stderr:
-$(tail -n 30 "$dir/dump.err")"
-	O_DUMP=$(sub "$t1" "$t0")
+	timed "$dir/dump" "$FLOE" dump -t "$MH_PID" -D "$dir/img" --json $FLOE_DUMP_ARGS
+	((RUN_RC == 0)) || run_failed "floe dump -t $MH_PID" "$dir/dump"
+	O_DUMP=$RUN_S
 	wait_gone "$MH_PID" ||
-		die "pid $MH_PID still exists ${GONE_TIMEOUT_S}s after floe dump (state: $(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$MH_PID/stat" 2>/dev/null))"
+		die "pid $MH_PID still exists ${GONE_TIMEOUT_S}s after floe dump (state: $(stat_field "$MH_PID" 1 2>/dev/null))"
 }
 
 ours_restore() { # DIR (uses MH_*) -> O_RESTORE ; verifies memory, kills it
-	local dir=$1 t0 t1 rc=0
+	local dir=$1
 	warm
-	t0=$(now)
 	# shellcheck disable=SC2086
-	"$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS \
-		>"$dir/restore.json" 2>"$dir/restore.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe restore -D $dir/img failed (rc $rc); stderr:
-$(tail -n 30 "$dir/restore.err")"
-	O_RESTORE=$(sub "$t1" "$t0")
+	timed "$dir/restore" "$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS
+	((RUN_RC == 0)) || run_failed "floe restore -D $dir/img" "$dir/restore"
+	O_RESTORE=$RUN_S
 	MEMHOG_PIDS+=("$MH_PID")
 
 	# --- correctness: same pid, same memory ---
 	is_our_memhog "$MH_PID" ||
-		die "after restore, pid $MH_PID is not our memhog (cmdline: '$(tr '\0' ' ' 2>/dev/null <"/proc/$MH_PID/cmdline")')"
-	local jpid
-	jpid=$(json_field "$dir/restore.json" pid)
-	if [[ -n $jpid && $jpid != "$MH_PID" ]]; then
-		die "floe restore reports pid $jpid, expected $MH_PID"
-	fi
+		die "after restore, pid $MH_PID is not our memhog (cmdline: '$(proc_cmdline "$MH_PID")')"
+	check_json_pid "$dir/restore.json" "$MH_PID"
 	local check="$dir/ready.check" deadline=$((SECONDS + CHECK_TIMEOUT_S))
 	rm -f -- "$check"
 	kill -USR1 "$MH_PID"
-	while [[ ! -s $check ]]; do
-		is_our_memhog "$MH_PID" || die "restored memhog $MH_PID died after SIGUSR1; log: $(tail -n 5 "$dir/memhog.log")"
-		((SECONDS < deadline)) || die "restored memhog $MH_PID did not answer SIGUSR1 within ${CHECK_TIMEOUT_S}s"
-		sleep 0.02
-	done
+	wait_answer is_our_memhog "$MH_PID" "$check" "restored memhog $MH_PID" "$dir/memhog.log" "$deadline"
 	local sum
 	sum=$(kv sum "$(cat "$check")")
 	[[ $sum == "$MH_SUM" ]] ||
@@ -263,34 +165,9 @@ $(tail -n 30 "$dir/restore.err")"
 	kill_and_wait "$MH_PID"
 }
 
-# json_field FILE KEY -> top-level scalar KEY of the first JSON object in FILE
-json_field() {
-	python3 - "$1" "$2" <<'EOF' 2>/dev/null || true
-import json, sys
-text = open(sys.argv[1], errors="replace").read()
-dec = json.JSONDecoder()
-obj = None
-try:
-    obj = json.loads(text)
-except ValueError:
-    for i, c in enumerate(text):
-        if c == "{":
-            try:
-                obj = dec.raw_decode(text, i)[0]
-                break
-            except ValueError:
-                pass
-if isinstance(obj, dict) and isinstance(obj.get(sys.argv[2]), (int, str)):
-    print(obj[sys.argv[2]])
-EOF
-}
-
 # ------------------------------------------------------------------- run ---
 log "bench: work dir $WORK (same filesystem for baseline file and image)"
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-	log "bench: warning: load average is $LOAD0 -- other work on this machine adds noise"
-fi
+note_load
 log "bench: sizes [$SIZES] MiB, $REPEAT repeat(s)$([[ $BASELINE_ONLY == 1 ]] && echo ', BASELINE ONLY')"
 
 for mib in $SIZES; do
@@ -335,25 +212,14 @@ done
 
 # --------------------------------------------------------------- summary ---
 echo
-echo "machine: $(uname -r), $(nproc) cpu(s), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
-echo "         THP $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null || echo '?'), work dir fs $(stat -f -c %T "$WORK") on $(df --output=source "$WORK" | tail -n1)"
-echo "         load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+machine_info
 echo "floe:    $([[ $BASELINE_ONLY == 1 ]] && echo 'not run (BASELINE_ONLY=1)' || echo "$FLOE")  WARM=$WARM"
-python3 - "$RESULTS" <<'EOF'
-import csv, math, os, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RESULTS" <<'EOF'
+import csv, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from report import f, med
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
-
-def f(x):
-    try:
-        v = float(x)
-        return None if math.isnan(v) else v
-    except (TypeError, ValueError):
-        return None
-
-def med(vals):
-    vals = [v for v in vals if v is not None]
-    return statistics.median(vals) if vals else None
 
 def s(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)

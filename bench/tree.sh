@@ -37,129 +37,54 @@ GONE_TIMEOUT_S=15   # killed processes disappearing from /proc (PID 1 reaps)
 CHECK_TIMEOUT_S=30  # restored processes answering SIGUSR1
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-
-log() { printf '%s\n' "$*" >&2; }
-die() {
-	log "tree-bench: ERROR: $*"
-	exit 1
-}
-now() { date +%s.%N; }
-sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f", a - b }'; }
-kv() {
-	awk -v k="$1=" '{ for (i = 1; i <= NF; i++) if (index($i, k) == 1) { print substr($i, length(k) + 1); exit } }' <<<"$2"
-}
+BENCH_NAME=tree-bench
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
 
 # ---------------------------------------------------------------- checks ---
 [[ $(id -u) == 0 ]] || die "must run as root (floe dump/restore needs it)"
-[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
+need_posint REPEAT
 for n in $COUNTS; do
 	[[ $n =~ ^[1-9][0-9]*$ ]] && ((n <= 1024)) || die "COUNTS must be integers 1..1024, got '$n'"
 done
 [[ $SHARED_MIB =~ ^[1-9][0-9]*$ && $PRIV_MIB =~ ^[1-9][0-9]*$ ]] || die "SHARED_MIB/PRIV_MIB must be positive integers"
-for c in python3 gcc setsid pgrep; do
-	command -v "$c" >/dev/null || die "$c is required"
-done
+need_cmds python3 gcc setsid pgrep
 
 # ----------------------------------------------------- state and cleanup ---
 WORK=""
 PIDS=() # every fixture pid (original or restored) we may have to kill
 
-is_ours() { # PID -> true if /proc/PID is a live tree_fixture from our work dir
-	local cmd
-	cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
-	[[ -n $WORK && $cmd == "$WORK/bin/tree_fixture "* ]]
-}
-
-wait_gone() { # PID... -> 0 once every /proc/PID is gone, 1 after GONE_TIMEOUT_S
-	local deadline=$((SECONDS + GONE_TIMEOUT_S)) p left
-	while :; do
-		left=0
-		for p in "$@"; do
-			[[ -e /proc/$p ]] && left=1 && break
-		done
-		((left)) || return 0
-		((SECONDS < deadline)) || return 1
-		sleep 0.02
-	done
-}
+is_ours() { is_work_bin "$1" tree_fixture; } # PID -> true if /proc/PID is a live tree_fixture from our work dir
 
 kill_all() { # PID...  kill those that are still our fixture, wait for them
-	local p mine=()
-	for p in "$@"; do
-		if is_ours "$p"; then
-			kill -KILL "$p" 2>/dev/null || true
-			mine+=("$p")
-		fi
-	done
-	((${#mine[@]} == 0)) || wait_gone "${mine[@]}" ||
-		log "tree-bench: warning: some of pids [${mine[*]}] still present ${GONE_TIMEOUT_S}s after SIGKILL"
+	kill_ours is_ours "$@" ||
+		log "tree-bench: warning: some of pids [${KILLED[*]}] still present ${GONE_TIMEOUT_S}s after SIGKILL"
 }
 
-cleanup() {
-	local rc=$?
-	trap - EXIT INT TERM
+cleanup_procs() { # (bench_cleanup, on exit)
 	((${#PIDS[@]} == 0)) || kill_all "${PIDS[@]}"
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "tree-bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
-	exit "$rc"
 }
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
-WORK=$(mktemp -d "$BENCH_TMP/floe-tree.XXXXXX")
-mkdir -p "$WORK/bin"
-RESULTS="$WORK/results.tsv"
+make_work floe-tree
 printf 'n\trep\tdump_s\trestore_s\trundir\n' >"$RESULTS"
 
 # ----------------------------------------------------------------- build ---
 log "tree-bench: building fixture and baseline (gcc -O2) into $WORK/bin"
-gcc -O2 -Wall -o "$WORK/bin/tree_fixture" "$REPO/tests/fixtures/cowtree.c"
-gcc -O2 -Wall -o "$WORK/bin/baseline" "$REPO/bench/baseline.c"
+build_c tree_fixture tests/fixtures/cowtree.c
+build_c baseline bench/baseline.c
 FIXTURE="$WORK/bin/tree_fixture"
 BASELINE="$WORK/bin/baseline"
-if [[ -z $FLOE ]]; then
-	log "tree-bench: cargo build --release -p floe-cli"
-	(cd "$REPO" && cargo build --release -p floe-cli) || die "cargo build failed"
-	FLOE="${CARGO_TARGET_DIR:-$REPO/target}/release/floe"
-fi
-[[ -x $FLOE ]] || die "floe binary not found/executable: $FLOE"
+need_floe
 
 # ------------------------------------------------------------- processes ---
-close_inherited_fds() { # in a subshell: close every fd > 2
-	local f n
-	for f in /proc/$BASHPID/fd/*; do
-		n=${f##*/}
-		if [[ $n =~ ^[0-9]+$ ]] && ((n > 2)); then
-			exec {n}>&- 2>/dev/null || true
-		fi
-	done
-}
-
 # start_tree N DIR -> T_ROOT, T_PIDS (array), T_SHARED, T_SUMS (array)
 start_tree() {
 	local n=$1 dir=$2 ready="$2/ready"
 	rm -f -- "$ready" "$ready".check.*
-	(
-		close_inherited_fds
-		cd "$dir" && exec setsid "$FIXTURE" "$n" "$SHARED_MIB" "$PRIV_MIB" "$ready" \
-			</dev/null >"$dir/fixture.log" 2>&1
-	) &
-	local launcher=$!
-	disown "$launcher" 2>/dev/null || true
+	launch "$dir" "$dir/fixture.log" "$FIXTURE" "$n" "$SHARED_MIB" "$PRIV_MIB" "$ready"
+	local launcher=$LAUNCHED
 	PIDS+=("$launcher")
-	local deadline=$((SECONDS + READY_TIMEOUT_S))
-	while [[ ! -s $ready ]]; do
-		kill -0 "$launcher" 2>/dev/null ||
-			die "tree_fixture N=$n exited before becoming ready; log: $(cat "$dir/fixture.log" 2>/dev/null)"
-		((SECONDS < deadline)) || die "tree_fixture N=$n not ready after ${READY_TIMEOUT_S}s"
-		sleep 0.02
-	done
+	wait_ready "$ready" "$launcher" "$READY_TIMEOUT_S" "tree_fixture N=$n" "$dir/fixture.log"
 	local line
 	line=$(cat "$ready")
 	T_ROOT=$(kv pid "$line")
@@ -169,16 +94,10 @@ start_tree() {
 	PIDS+=("${T_PIDS[@]}")
 	[[ $T_ROOT == "$launcher" ]] || die "ready file names root $T_ROOT, started $launcher"
 	((${#T_PIDS[@]} == n && ${#T_SUMS[@]} == n)) || die "bad ready file: '$line'"
-	local sid
-	sid=$(awk '{ sub(/^.*\) /, ""); print $4 }' "/proc/$T_ROOT/stat")
-	[[ $sid == "$T_ROOT" ]] || die "root $T_ROOT is not a session leader (sid $sid)"
+	need_session_leader "$T_ROOT" root
 }
 
-warm() {
-	if [[ $WARM == 1 ]]; then
-		"$BASELINE" touch $(((SHARED_MIB + PRIV_MIB * $1) * 2 << 20)) >/dev/null || die "warm-up touch failed"
-	fi
-}
+warm() { warm_up $(((SHARED_MIB + PRIV_MIB * $1) * 2 << 20)); } # N
 
 # verify_tree N DIR: the same pids are back, same tree, same memory
 verify_tree() {
@@ -192,10 +111,10 @@ verify_tree() {
 	for ((i = 0; i < n; i++)); do
 		p=${T_PIDS[$i]}
 		is_ours "$p" || die "after restore, pid $p is not our tree_fixture"
-		st=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$p/stat")
+		st=$(stat_field "$p" 1)
 		[[ $st != Z && $st != X ]] || die "after restore, pid $p is a zombie"
 		if ((i > 0)); then
-			ppid=$(awk '{ sub(/^.*\) /, ""); print $2 }' "/proc/$p/stat")
+			ppid=$(stat_field "$p" 2)
 			[[ $ppid == "$T_ROOT" ]] || die "after restore, pid $p has parent $ppid, expected $T_ROOT"
 		fi
 		rm -f -- "$dir/ready.check.$p"
@@ -204,11 +123,7 @@ verify_tree() {
 	local deadline=$((SECONDS + CHECK_TIMEOUT_S)) line
 	for ((i = 0; i < n; i++)); do
 		p=${T_PIDS[$i]}
-		while [[ ! -s $dir/ready.check.$p ]]; do
-			is_ours "$p" || die "restored pid $p died after SIGUSR1; log: $(tail -n 5 "$dir/fixture.log")"
-			((SECONDS < deadline)) || die "restored pid $p did not answer SIGUSR1 within ${CHECK_TIMEOUT_S}s"
-			sleep 0.02
-		done
+		wait_answer is_ours "$p" "$dir/ready.check.$p" "restored pid $p" "$dir/fixture.log" "$deadline"
 		line=$(cat "$dir/ready.check.$p")
 		[[ $(kv shared "$line") == "$T_SHARED" && $(kv priv "$line") == "${T_SUMS[$i]}" ]] ||
 			die "CORRECTNESS: pid $p memory differs after restore: '$line', expected shared=$T_SHARED priv=${T_SUMS[$i]}"
@@ -217,30 +132,23 @@ verify_tree() {
 
 # one_run N REP: start, dump (kills), restore, verify, kill
 one_run() {
-	local n=$1 rep=$2 dir="$WORK/run-$1-$2" t0 t1 rc=0 dump_s restore_s jpid
+	local n=$1 rep=$2 dir="$WORK/run-$1-$2" dump_s restore_s
 	mkdir -p "$dir"
 	start_tree "$n" "$dir"
 
 	warm "$n"
-	t0=$(now)
 	# shellcheck disable=SC2086
-	"$FLOE" dump -t "$T_ROOT" -D "$dir/img" --json $FLOE_DUMP_ARGS >"$dir/dump.json" 2>"$dir/dump.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe dump -t $T_ROOT (N=$n) failed (rc $rc); stderr:
-$(tail -n 30 "$dir/dump.err")"
-	dump_s=$(sub "$t1" "$t0")
-	wait_gone "${T_PIDS[@]}" || die "N=$n: pids still exist ${GONE_TIMEOUT_S}s after floe dump"
+	timed "$dir/dump" "$FLOE" dump -t "$T_ROOT" -D "$dir/img" --json $FLOE_DUMP_ARGS
+	((RUN_RC == 0)) || run_failed "floe dump -t $T_ROOT (N=$n)" "$dir/dump"
+	dump_s=$RUN_S
+	wait_all_gone "${T_PIDS[@]}" || die "N=$n: pids still exist ${GONE_TIMEOUT_S}s after floe dump"
 
 	warm "$n"
-	t0=$(now)
 	# shellcheck disable=SC2086
-	"$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS >"$dir/restore.json" 2>"$dir/restore.err" || rc=$?
-	t1=$(now)
-	((rc == 0)) || die "floe restore -D $dir/img (N=$n) failed (rc $rc); stderr:
-$(tail -n 30 "$dir/restore.err")"
-	restore_s=$(sub "$t1" "$t0")
-	jpid=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("pid",""))' "$dir/restore.json" 2>/dev/null || true)
-	[[ -z $jpid || $jpid == "$T_ROOT" ]] || die "floe restore reports pid $jpid, expected $T_ROOT"
+	timed "$dir/restore" "$FLOE" restore -D "$dir/img" --restore-detached --json $FLOE_RESTORE_ARGS
+	((RUN_RC == 0)) || run_failed "floe restore -D $dir/img (N=$n)" "$dir/restore"
+	restore_s=$RUN_S
+	check_json_pid "$dir/restore.json" "$T_ROOT"
 
 	verify_tree "$n" "$dir"
 	kill_all "${T_PIDS[@]}"
@@ -250,10 +158,7 @@ $(tail -n 30 "$dir/restore.err")"
 }
 
 # ------------------------------------------------------------------- run ---
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-if awk -v l="${LOAD0%% *}" 'BEGIN { exit !(l > 0.5) }'; then
-	log "tree-bench: warning: load average is $LOAD0 -- other work on this machine adds noise"
-fi
+note_load
 log "tree-bench: work dir $WORK; N in [$COUNTS], $REPEAT repeat(s), shared ${SHARED_MIB} MiB + ${PRIV_MIB} MiB per process"
 
 read -r -a counts <<<"$COUNTS"
@@ -267,11 +172,13 @@ done
 
 # --------------------------------------------------------------- summary ---
 echo
-echo "machine: $(uname -r), $(nproc) cpu(s); load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "machine: $(uname -r), $(nproc) cpu(s); load average at start $LOAD0, at end $(load_avg)"
 echo "floe:    $FLOE  WARM=$WARM"
 echo "tree:    root fills ${SHARED_MIB} MiB, forks N-1 children sharing it copy-on-write; every process then fills ${PRIV_MIB} MiB of its own"
-python3 - "$RESULTS" <<'EOF'
-import csv, json, os, statistics, sys
+BENCH_LIB="$REPO/bench" python3 - "$RESULTS" <<'EOF'
+import csv, json, os, sys
+sys.path.insert(0, os.environ["BENCH_LIB"])
+from report import med
 
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 ns = []
@@ -285,10 +192,6 @@ def load(r, name):
         return json.load(open(os.path.join(r["rundir"], name)))
     except (OSError, ValueError):
         return {}
-
-def med(v):
-    v = [x for x in v if x is not None]
-    return statistics.median(v) if v else None
 
 def s(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)
