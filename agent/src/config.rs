@@ -13,7 +13,7 @@
 //! max_concurrent_migrations = 4
 //!
 //! [tuning]
-//! initial_mtu = 8952
+//! max_mtu = 1400
 //! ```
 //!
 //! Only `name` is required. Unknown keys are refused, so a misspelt key is reported instead of
@@ -506,7 +506,7 @@ initial_mtu = 8952
         let t = c.apply_tuning(Tuning::default());
         assert_eq!((t.initial_mtu, t.max_mtu), (8952, 8952));
         let t = c.apply_tuning(Tuning::for_path_mtu(65536));
-        assert_eq!((t.initial_mtu, t.max_mtu), (8952, 65488));
+        assert_eq!((t.initial_mtu, t.max_mtu), (8952, 8952));
 
         // Serializes back to an equivalent file.
         let again = parse(&c.to_toml().unwrap());

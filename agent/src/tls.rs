@@ -43,8 +43,14 @@ const MAX_QUIC_MTU: u16 = 65527;
 const IP_UDP_OVERHEAD: u32 = 48;
 /// Largest datagram size for which UDP segmentation offload (GSO) is used. quinn hands the
 /// kernel batches of up to 10 datagrams in one `sendmsg`, and the kernel refuses (EMSGSIZE, which
-/// quinn drops silently) a batch of more than 64 KiB; jumbo datagrams are sent one by one.
+/// quinn drops silently) a batch of more than 64 KiB; larger datagrams are sent one by one.
+/// So this is also the largest datagram floe sends by default, on links with a larger MTU too:
+/// over a 9000-byte veth, 6500-byte datagrams in batches of ten move 0.90 GiB/s where 8952-byte
+/// ones sent one by one move 0.62 (and cost the sender twice the system time).
 const MAX_GSO_MTU: u16 = 6500;
+/// Largest datagram accepted from a peer: a 9000-byte jumbo frame's payload, so that a peer
+/// configured for larger datagrams than ours can still talk to us.
+const MAX_ACCEPTED_MTU: u16 = 9000 - IP_UDP_OVERHEAD as u16;
 /// The smallest initial congestion window, in bytes (RFC 9002 §7.2).
 const INITIAL_WINDOW: u64 = 14720;
 
@@ -352,12 +358,13 @@ pub struct Tuning {
 
 impl Default for Tuning {
     /// Bulk transfer on a LAN: 64 MiB per stream, 256 MiB per connection, 32 MiB socket
-    /// buffers; packets start at 1200 bytes and MTU discovery probes up to 8952 (a 9000-byte
-    /// jumbo frame); a silent peer is dropped after 10 s, with keep-alives every second.
+    /// buffers; packets start at 1200 bytes and MTU discovery probes up to 6500 bytes (the
+    /// largest datagram sent in GSO batches, see [`MAX_GSO_MTU`]); a silent peer is dropped
+    /// after 10 s, with keep-alives every second.
     fn default() -> Self {
         Tuning {
             initial_mtu: MIN_QUIC_MTU,
-            max_mtu: 9000 - IP_UDP_OVERHEAD as u16,
+            max_mtu: MAX_GSO_MTU,
             stream_window: 64 << 20,
             conn_window: 256 << 20,
             send_window: 256 << 20,
@@ -370,10 +377,11 @@ impl Default for Tuning {
 
 impl Tuning {
     /// The default tuning, but starting at the full packet size of a link with MTU `link_mtu`
-    /// (IP + UDP headers subtracted, conservatively as for IPv6), clamped to QUIC's range
-    /// [1200, 65527]. MTU discovery then only confirms that size.
+    /// (IP + UDP headers subtracted, conservatively as for IPv6), clamped to [1200, 6500]
+    /// (QUIC's minimum; the largest datagram sent in GSO batches). MTU discovery then only
+    /// confirms that size.
     pub fn for_path_mtu(link_mtu: u32) -> Tuning {
-        let payload = link_mtu.saturating_sub(IP_UDP_OVERHEAD).clamp(u32::from(MIN_QUIC_MTU), u32::from(MAX_QUIC_MTU));
+        let payload = link_mtu.saturating_sub(IP_UDP_OVERHEAD).clamp(u32::from(MIN_QUIC_MTU), u32::from(MAX_GSO_MTU));
         let mtu = u16::try_from(payload).unwrap_or(MAX_QUIC_MTU);
         Tuning { initial_mtu: mtu, max_mtu: mtu, ..Tuning::default() }
     }
@@ -405,10 +413,11 @@ impl Tuning {
         tc
     }
 
-    /// The quinn endpoint configuration: accepts datagrams up to `max_mtu`.
+    /// The quinn endpoint configuration: accepts datagrams up to `max_mtu`, and at least a
+    /// jumbo frame's.
     fn endpoint_config(&self) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::default();
-        let max = self.max_mtu.clamp(self.initial_mtu.max(MIN_QUIC_MTU), MAX_QUIC_MTU);
+        let max = self.max_mtu.clamp(self.initial_mtu.max(MIN_QUIC_MTU), MAX_QUIC_MTU).max(MAX_ACCEPTED_MTU);
         if let Err(e) = config.max_udp_payload_size(max) {
             tracing::warn!(max, "cannot raise the QUIC max UDP payload size: {e}");
         }
@@ -742,15 +751,16 @@ mod tests {
     #[test]
     fn tuning_for_path_mtu() {
         let jumbo = Tuning::for_path_mtu(9000);
-        assert_eq!((jumbo.initial_mtu, jumbo.max_mtu), (8952, 8952));
+        assert_eq!((jumbo.initial_mtu, jumbo.max_mtu), (6500, 6500));
         let ethernet = Tuning::for_path_mtu(1500);
         assert_eq!((ethernet.initial_mtu, ethernet.max_mtu), (1452, 1452));
         assert_eq!(Tuning::for_path_mtu(576).initial_mtu, 1200);
         assert_eq!(Tuning::for_path_mtu(0).initial_mtu, 1200);
-        assert_eq!(Tuning::for_path_mtu(65536).initial_mtu, 65488);
-        assert_eq!(Tuning::for_path_mtu(u32::MAX).max_mtu, 65527);
+        assert_eq!(Tuning::for_path_mtu(6548).initial_mtu, 6500);
+        assert_eq!(Tuning::for_path_mtu(65536).initial_mtu, 6500);
+        assert_eq!(Tuning::for_path_mtu(u32::MAX).max_mtu, 6500);
         // Everything else is the default.
-        assert_eq!(Tuning { initial_mtu: 1200, max_mtu: 8952, ..jumbo }, Tuning::default());
+        assert_eq!(Tuning { initial_mtu: 1200, ..jumbo }, Tuning::default());
         let _ = Tuning::default().transport_config();
     }
 
