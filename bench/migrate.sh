@@ -13,6 +13,7 @@
 #   REPEAT           migrations per rate                          (default 1)
 #   NET_BYTES        bytes of one baseline transfer               (default 1 GiB)
 #   NET_REPEAT       transfers per baseline (median is used)      (default 3)
+#   MTU              MTU of the veth between the two hosts        (default 9000)
 #   SETTLE_S         seconds between the workload's ready file and
 #                    the migration                                (default 2)
 #   MIGRATE_ARGS     extra arguments for `floe migrate`           (default empty)
@@ -36,6 +37,7 @@ RATES=${RATES:-"0 8 32 128"}
 REPEAT=${REPEAT:-1}
 NET_BYTES=${NET_BYTES:-$((1 << 30))}
 NET_REPEAT=${NET_REPEAT:-3}
+MTU=${MTU:-9000}
 SETTLE_S=${SETTLE_S:-2}
 MIGRATE_ARGS=${MIGRATE_ARGS:-}
 VERIFY=${VERIFY:-1}
@@ -71,6 +73,7 @@ warn() { log "migrate-bench: warning: $*"; }
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "REPEAT must be a positive integer, got '$REPEAT'"
 [[ $NET_REPEAT =~ ^[1-9][0-9]*$ ]] || die "NET_REPEAT must be a positive integer, got '$NET_REPEAT'"
 [[ $NET_BYTES =~ ^[1-9][0-9]*$ ]] || die "NET_BYTES must be a positive integer, got '$NET_BYTES'"
+[[ $MTU =~ ^[1-9][0-9]*$ && $MTU -ge 1280 && $MTU -le 65535 ]] || die "MTU must be an integer from 1280 to 65535, got '$MTU'"
 [[ $SETTLE_S =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "SETTLE_S must be a number of seconds, got '$SETTLE_S'"
 [[ -n $RATES ]] || die "RATES is empty"
 for r in $RATES; do
@@ -242,8 +245,8 @@ ip -n "$NSA" addr add "$IPA/24" dev "$VETHA"
 ip -n "$NSB" addr add "$IPB/24" dev "$VETHB"
 ip -n "$NSA" link set lo up
 ip -n "$NSB" link set lo up
-ip -n "$NSA" link set "$VETHA" mtu 9000 up
-ip -n "$NSB" link set "$VETHB" mtu 9000 up
+ip -n "$NSA" link set "$VETHA" mtu "$MTU" up
+ip -n "$NSB" link set "$VETHB" mtu "$MTU" up
 
 agent_configs "$WORK" "$FLOE" "$HOSTA" "$IPA" "$HOSTB" "$IPB"
 # (nsenter directly, not through in_ns, so that $! is the agent: nsenter execs it)
@@ -261,7 +264,7 @@ for h in a b; do
 		die "agent $h did not create its control socket within ${AGENT_TIMEOUT_S}s"
 	fi
 done
-log "migrate-bench: hosts $HOSTA ($IPA, netns $NSA) and $HOSTB ($IPB, netns $NSB), veth MTU 9000, agents running"
+log "migrate-bench: hosts $HOSTA ($IPA, netns $NSA) and $HOSTB ($IPB, netns $NSB), veth MTU $MTU, agents running"
 
 # -------------------------------------------------------------- baselines ---
 # net_once KIND REP PORT: one transfer of NET_BYTES from host A to a server in host B
@@ -391,7 +394,7 @@ fi
 echo
 echo "machine: $(uname -r), $(nproc) cpu(s), $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 echo "         load average at start $LOAD0, at end $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "floe:    $FLOE_BIN_DIR ($FLOE_REV)  workload migcounter $MIB MiB  veth MTU 9000  MIGRATE_ARGS='$MIGRATE_ARGS'"
+echo "floe:    $FLOE_BIN_DIR ($FLOE_REV)  workload migcounter $MIB MiB  veth MTU $MTU  MIGRATE_ARGS='$MIGRATE_ARGS'"
 BENCH_LIB="$REPO/bench" python3 - "$RESULTS" "$NETRES" "$TARGET_RATE" "$DOWNTIME_TARGET_MS" "$THROUGHPUT_TARGET" <<'EOF'
 import csv, os, sys
 sys.path.insert(0, os.environ["BENCH_LIB"])
