@@ -67,6 +67,8 @@ pub struct Source {
     /// Counts the tree's syscalls that can change a mapping's VmFlags
     /// without changing /proc/PID/maps (None: eBPF unavailable).
     watch: Option<crate::sys::syscall_watch::SyscallWatch>,
+    /// The watch could not start (no eBPF): not tried again.
+    no_watch: bool,
     /// The mappings, with VmFlags, the last pass read (after its stop).
     last_maps: std::sync::Arc<HashMap<i32, Vec<crate::procfs::MapEntry>>>,
     passes: u32,
@@ -121,6 +123,7 @@ impl Source {
             lock: None,
             repaired: Default::default(),
             watch: None,
+            no_watch: false,
             last_maps: Default::default(),
             passes: 0,
         })
@@ -192,7 +195,7 @@ impl Source {
                     }
                 }
             }
-            None if self.passes == 0 => {
+            None if self.passes == 0 && !self.no_watch => {
                 match crate::sys::syscall_watch::SyscallWatch::start(&self.pids, &FLAG_SYSCALLS) {
                     Ok(w) => self.watch = Some(w),
                     Err(e) => {
@@ -202,6 +205,30 @@ impl Source {
             }
             None => {}
         }
+    }
+
+    /// Before the first pass's freeze: starts the syscall watch and reads the
+    /// tree's mappings with their VmFlags (smaps walks every page table:
+    /// ~15 ms per GiB, which would otherwise stop the tree that long). A brief
+    /// stop between the two lets every syscall that began before the watch
+    /// finish, so one that changes a flag is either in what smaps shows or
+    /// counted. None without eBPF (the freeze reads smaps itself).
+    fn flags_before_first_freeze(&mut self) -> Option<std::sync::Arc<HashMap<i32, Vec<crate::procfs::MapEntry>>>> {
+        let pids: Vec<i32> = crate::dump::freeze::walk(self.opts.pid).into_iter().map(|(p, _)| p).collect();
+        match crate::sys::syscall_watch::SyscallWatch::start(&pids, &FLAG_SYSCALLS) {
+            Ok(w) => self.watch = Some(w),
+            Err(e) => {
+                tracing::info!(error = %e, "no eBPF syscall watch: freezes read smaps (about 15 ms per GiB)");
+                self.no_watch = true;
+                return None;
+            }
+        }
+        drop(FrozenTree::freeze(self.opts.pid).ok()?);
+        let mut maps = HashMap::new();
+        for pid in pids {
+            maps.insert(pid, crate::procfs::maps(pid, true).ok()?);
+        }
+        Some(std::sync::Arc::new(maps))
     }
 
     /// At the final freeze: the last pass's mappings if no watched syscall
@@ -248,14 +275,18 @@ impl Source {
     pub fn pass(&mut self, consumer: ChunkConsumer) -> Result<(pb::Manifest, PassReport), DumpError> {
         let t0 = Instant::now();
         let mut timings = DumpTimings::default();
+        let early = if self.passes == 0 { self.flags_before_first_freeze() } else { None };
         let t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
+        // The mappings' flags read before this freeze hold if no watched syscall ran since.
+        let vma_flags_from = early.filter(|_| self.flags_still_valid().is_some());
+        tracing::debug!(reused = vma_flags_from.is_some(), "VmFlags read before the first freeze");
         self.watch_flag_syscalls();
         let id = random_id();
         let mut out = Output::Stream { id, consumer: Some(consumer) };
         let (base, index) = self.base_and_index();
-        let opts = DumpOptions { pre_dump: true, ..self.opts.clone() };
+        let opts = DumpOptions { pre_dump: true, vma_flags_from, ..self.opts.clone() };
         let r: Result<DumpReport, DumpError> = if self.passes == 0 {
             dump_frozen(&opts, &self.pre, &mut out, &mut frozen, &mut timings, t0, None, Some(index), self.tracker)
         } else {

@@ -24,7 +24,7 @@ pub mod holder;
 pub mod softdirty;
 mod uffd;
 
-pub use uffd::{uffd_start, UffdTracker};
+pub use uffd::{uffd_start, uffd_start_unprotected, UffdTracker};
 
 /// A way of finding the pages written since the previous dump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

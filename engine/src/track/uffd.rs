@@ -25,9 +25,10 @@ const SCAN_VEC: usize = 4096;
 /// main thread). Steps: inject `userfaultfd(O_CLOEXEC|O_NONBLOCK|
 /// UFFD_USER_MODE_ONLY)`, take it with pidfd_getfd, close it in the target,
 /// UFFDIO_API with WP_ASYNC|WP_UNPOPULATED, UFFDIO_REGISTER(MODE_WP) each
-/// range of `ranges` (rounded out to pages), then write-protect every
-/// registered page once, so that the next [`UffdTracker::dirty`] reports only
-/// pages written from now on.
+/// range of `ranges` (rounded out to pages). Call [`UffdTracker::protect`]
+/// next (it needs no stop): it write-protects every registered page once, so
+/// that the next [`UffdTracker::dirty`] reports only pages written from then
+/// on. [`uffd_start`] does both.
 ///
 /// Ranges the kernel refuses are skipped (see [`UffdTracker::register`]);
 /// [`UffdTracker::ranges`] tells which were registered. Pass one range per
@@ -39,7 +40,7 @@ const SCAN_VEC: usize = 4096;
 ///
 /// Fails with [`TrackError::HolderRunning`] when a [`super::holder`] already
 /// tracks `pid`: its registration would make every range busy; fetch it instead.
-pub fn uffd_start(pid: i32, inj: &mut Injector, ranges: &[(u64, u64)]) -> Result<UffdTracker, TrackError> {
+pub fn uffd_start_unprotected(pid: i32, inj: &mut Injector, ranges: &[(u64, u64)]) -> Result<UffdTracker, TrackError> {
     if super::holder::running(pid) {
         return Err(TrackError::HolderRunning { pid });
     }
@@ -77,20 +78,17 @@ pub fn uffd_start(pid: i32, inj: &mut Injector, ranges: &[(u64, u64)]) -> Result
         });
     }
 
-    let mut tracker = UffdTracker { fd, ranges: Vec::new() };
-    let added = tracker.register_ranges(ranges)?;
-    let pagemap = open_pagemap(pid)?;
-    for (start, end) in added {
-        write_protect(pagemap.as_fd(), start, end).map_err(|source| TrackError::Range {
-            pid,
-            op: "write-protecting (PAGEMAP_SCAN)",
-            start,
-            end,
-            source,
-        })?;
-    }
-    tracing::debug!(pid, ranges = tracker.ranges.len(), "uffd-wp tracking started");
+    let mut tracker = UffdTracker { fd, ranges: Vec::new(), unprotected: Vec::new() };
+    tracker.unprotected = tracker.register_ranges(ranges)?;
+    tracing::debug!(pid, ranges = tracker.ranges.len(), "uffd-wp tracking registered");
     Ok(tracker)
+}
+
+/// [`uffd_start_unprotected`], then [`UffdTracker::protect`]: tracking in force on return.
+pub fn uffd_start(pid: i32, inj: &mut Injector, ranges: &[(u64, u64)]) -> Result<UffdTracker, TrackError> {
+    let mut t = uffd_start_unprotected(pid, inj, ranges)?;
+    t.protect(pid)?;
+    Ok(t)
 }
 
 fn open_pagemap(pid: i32) -> Result<File, TrackError> {
@@ -109,9 +107,34 @@ pub struct UffdTracker {
     fd: OwnedFd,
     /// Registered ranges, sorted and merged.
     ranges: Vec<(u64, u64)>,
+    /// Ranges registered by [`uffd_start_unprotected`] and not write-protected yet.
+    unprotected: Vec<(u64, u64)>,
 }
 
 impl UffdTracker {
+    /// Write-protects what [`uffd_start_unprotected`] registered (1 GiB: ~8 ms of
+    /// PAGEMAP_SCAN), so that from now on a write marks its page. Needs no stop: call it
+    /// after the process runs again, before any of its pages is read. A page written
+    /// before its protection is then in what is read, one written after it is reported
+    /// by the next [`dirty`](Self::dirty).
+    pub fn protect(&mut self, pid: i32) -> Result<(), TrackError> {
+        if self.unprotected.is_empty() {
+            return Ok(());
+        }
+        let pagemap = open_pagemap(pid)?;
+        for (start, end) in std::mem::take(&mut self.unprotected) {
+            write_protect(pagemap.as_fd(), start, end).map_err(|source| TrackError::Range {
+                pid,
+                op: "write-protecting (PAGEMAP_SCAN)",
+                start,
+                end,
+                source,
+            })?;
+        }
+        tracing::debug!(pid, ranges = self.ranges.len(), "uffd-wp tracking started");
+        Ok(())
+    }
+
     /// Pages written since the previous scan (or since [`uffd_start`]), as
     /// sorted, merged, page-aligned `[start, end)` ranges, and re-protects them.
     ///
@@ -224,7 +247,7 @@ impl UffdTracker {
     /// Rebuilds a tracker from a uffd descriptor whose API handshake is done
     /// and the ranges registered with it.
     pub fn from_fd(fd: OwnedFd, ranges: Vec<(u64, u64)>) -> Self {
-        UffdTracker { fd, ranges: normalize(ranges) }
+        UffdTracker { fd, ranges: normalize(ranges), unprotected: Vec::new() }
     }
 
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
