@@ -162,18 +162,6 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# In a subshell: close every descriptor above 2 (floe refuses a pipe whose other end is outside
-# the dumped tree, and redis keeps what it inherits).
-close_inherited_fds() {
-	local f n
-	for f in "/proc/$BASHPID/fd/"*; do
-		n=${f##*/}
-		if [[ $n =~ ^[0-9]+$ ]] && ((n > 2)); then
-			exec {n}>&- 2>/dev/null || true
-		fi
-	done
-}
-
 # spawn NS OUT CMD... -> SPAWNED: CMD started in network namespace NS only (nsenter --net:
 # same mount namespace as floe; `ip netns exec` would make a new one, and floe refuses
 # processes in another mount namespace), as a session leader (setsid execs without forking:
@@ -183,6 +171,8 @@ spawn() {
 	local ns=$1 out=$2
 	shift 2
 	(
+		# (bench/lib.sh) floe refuses a pipe whose other end is outside the dumped tree,
+		# and redis keeps what it inherits
 		close_inherited_fds
 		exec nsenter --net="/run/netns/$ns" setsid "$@" </dev/null >"$out" 2>&1
 	) &
