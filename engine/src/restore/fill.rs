@@ -179,8 +179,9 @@ impl Drop for Filler {
     /// would get SIGBUS.
     fn drop(&mut self) {
         for &(start, end) in &self.vmas {
+            // Fails only when the process is gone (a failed restore kills its stubs first).
             if let Err(e) = sys::uffd_unregister(self.fd.as_fd(), start, end - start) {
-                tracing::warn!(start, end, error = %e, "cannot unregister a range filled with UFFDIO_COPY");
+                tracing::debug!(start, end, error = %e, "cannot unregister a range filled with UFFDIO_COPY");
             }
         }
     }
