@@ -19,7 +19,8 @@
 //!   stays refused (fixtures `state_unixclient`, `state_unixserver`);
 //! * per-thread CPU affinity, scheduling policy (SCHED_BATCH, SCHED_FIFO
 //!   with reset-on-fork), real-time priority, nice value and I/O priority,
-//!   and oom_score_adj (a threaded `python3`).
+//!   and oom_score_adj (a threaded `python3`);
+//! * the madvise flags of mappings, KSM's MADV_MERGEABLE included.
 //!
 //! Restored processes are not children of the test: [`TreeGuard`] and
 //! [`Fixture::adopt_restored`] kill them by pid, panics included; System V
@@ -905,4 +906,73 @@ fn threads_keep_cpu_affinity_policy_and_nice() {
     assert_eq!(after, before, "scheduling state per thread after the restore");
     let adj = fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
     assert_eq!(adj.trim(), "123", "oom_score_adj after the restore");
+}
+
+// ---------------------------------------------------------------------------
+// madvise flags of mappings
+
+/// Five private anonymous mappings, each with one advice (18: MADV_WIPEONFORK,
+/// which python does not name), and their
+/// addresses in the ready file as `flag=hexaddr` pairs.
+const PY_ADVICE: &str = "import ctypes, mmap, sys, time\n\
+                         keep = []\n\
+                         out = []\n\
+                         for f, adv in (('mg', mmap.MADV_MERGEABLE), ('dd', mmap.MADV_DONTDUMP), \
+                         ('dc', mmap.MADV_DONTFORK), ('wf', 18), ('hg', mmap.MADV_HUGEPAGE)):\n\
+                         \x20   m = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n\
+                         \x20   m.madvise(adv)\n\
+                         \x20   m[0:4] = f.encode() * 2\n\
+                         \x20   keep.append(m)\n\
+                         \x20   out.append('%s=%x' % (f, ctypes.addressof(ctypes.c_char.from_buffer(m))))\n\
+                         open(sys.argv[1], 'w').write(' '.join(out))\n\
+                         while True: time.sleep(0.05)\n";
+
+/// The VmFlags of the mapping of `pid` that contains `addr`.
+fn vmflags_at(pid: i32, addr: u64) -> Vec<String> {
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split(' ').next().unwrap_or("");
+        if let Some((s, e)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (s, e) = (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap());
+            inside = s <= addr && addr < e;
+        } else if let Some(flags) = line.strip_prefix("VmFlags:").filter(|_| inside) {
+            return flags.split_whitespace().map(str::to_string).collect();
+        }
+    }
+    panic!("no mapping at {addr:#x} in {pid}");
+}
+
+/// Mappings keep their madvise flags (MADV_MERGEABLE, DONTDUMP, DONTFORK,
+/// WIPEONFORK, HUGEPAGE) across a dump and restore.
+#[test]
+fn mappings_keep_their_madvise_flags() {
+    require_root!();
+    let td = TestDir::new("advice");
+    let ready = td.join("ready");
+    let mut fx = Spawn::program("python-advice", python3(), td.path())
+        .arg("-c")
+        .arg(PY_ADVICE)
+        .arg(&ready)
+        .ready_file(&ready)
+        .spawn();
+    let pid = fx.pid;
+    let regions: Vec<(String, u64)> = fs::read_to_string(&ready)
+        .unwrap()
+        .split_whitespace()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), u64::from_str_radix(v, 16).unwrap())
+        })
+        .collect();
+    assert_eq!(regions.len(), 5, "{regions:?}");
+    let before: Vec<Vec<String>> = regions.iter().map(|(_, a)| vmflags_at(pid, *a)).collect();
+    for ((f, a), flags) in regions.iter().zip(&before) {
+        assert!(flags.contains(f), "mapping at {a:#x} lacks {f} before the dump: {flags:?}");
+    }
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after: Vec<Vec<String>> = regions.iter().map(|(_, a)| vmflags_at(pid, *a)).collect();
+    assert_eq!(after, before, "VmFlags of the advised mappings after the restore ({regions:?})");
 }

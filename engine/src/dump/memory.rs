@@ -82,7 +82,7 @@ pub struct VmaPlan {
     pub readable: bool,
 }
 
-const ADVICE: [&str; 6] = ["hg", "nh", "dd", "dc", "wf", "lo"];
+const ADVICE: [&str; 7] = ["hg", "nh", "dd", "dc", "wf", "mg", "lo"];
 
 /// Object offsets (in pages) of shared memory objects whose pages are
 /// already saved through an earlier mapping, by shmem inode.

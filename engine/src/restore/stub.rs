@@ -248,7 +248,7 @@ impl Stub {
     ) -> Result<(), RestoreError> {
         let len = end - start;
         let has = |l: &[String], f: &str| l.iter().any(|x| x == f);
-        for f in ["hg", "nh", "dd", "dc", "wf", "lo"] {
+        for f in ["hg", "nh", "dd", "dc", "wf", "mg", "lo"] {
             let (had, wants) = (has(old, f), has(new, f));
             if had == wants {
                 continue;
@@ -273,7 +273,9 @@ impl Stub {
                 ("dc", true) => (libc::SYS_madvise, libc::MADV_DONTFORK),
                 ("dc", false) => (libc::SYS_madvise, libc::MADV_DOFORK),
                 ("wf", true) => (libc::SYS_madvise, libc::MADV_WIPEONFORK),
-                _ => (libc::SYS_madvise, libc::MADV_KEEPONFORK),
+                ("wf", false) => (libc::SYS_madvise, libc::MADV_KEEPONFORK),
+                ("mg", true) => (libc::SYS_madvise, libc::MADV_MERGEABLE),
+                _ => (libc::SYS_madvise, libc::MADV_UNMERGEABLE),
             };
             let args =
                 if nr == libc::SYS_madvise { [start, len, arg as u64, 0, 0, 0] } else { [start, len, 0, 0, 0, 0] };
@@ -622,6 +624,7 @@ impl Stub {
                     "dd" => libc::MADV_DONTDUMP,
                     "dc" => libc::MADV_DONTFORK,
                     "wf" => libc::MADV_WIPEONFORK,
+                    "mg" => libc::MADV_MERGEABLE,
                     _ => continue,
                 };
                 if let Err(e) = self.leader().call(libc::SYS_madvise, [v.start, len, adv as u64, 0, 0, 0]) {
