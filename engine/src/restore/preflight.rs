@@ -101,6 +101,7 @@ impl Preflight {
                         what: format!("thread {}: register block has {} bytes, expected 216", th.tid, th.gpregs.len()),
                     });
                 }
+                check_realtime(p.pid, th)?;
             }
             // Files the process maps must be here, unchanged.
             for v in &p.vmas {
@@ -253,5 +254,29 @@ pub fn wait_pid_free(pid: i32) -> Result<(), RestoreError> {
             }
             Ok(_) => return Err(RestoreError::PidTaken { pid, owner: procfs::describe(pid) }),
         }
+    }
+}
+
+/// A real-time policy (SCHED_FIFO, SCHED_RR) must be one this host lets
+/// floe give: tried on a thread of floe's own, which then exits, so that a
+/// refusal (no CAP_SYS_NICE, no real-time budget in the cgroup) comes
+/// before anything is created.
+fn check_realtime(pid: i32, th: &pb::Thread) -> Result<(), RestoreError> {
+    let policy = th.sched_policy & !crate::sys::task::SCHED_RESET_ON_FORK;
+    if policy != libc::SCHED_FIFO && policy != libc::SCHED_RR {
+        return Ok(());
+    }
+    let (want, prio) = (th.sched_policy, th.sched_priority);
+    let tried = std::thread::spawn(move || crate::sys::task::set_scheduler(0, want, prio)).join();
+    match tried {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(RestoreError::Incompatible {
+            what: format!(
+                "thread {} of process {pid} runs under real-time policy {policy} priority {prio}, which this host \
+                 does not allow ({e}); give floe CAP_SYS_NICE and a real-time budget, or change the thread's policy",
+                th.tid
+            ),
+        }),
+        Err(_) => Err(RestoreError::Refused { what: "the real-time policy check panicked".into() }),
     }
 }
