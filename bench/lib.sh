@@ -12,6 +12,19 @@ wait_gone() {
 	return 1
 }
 
+# kill_ns_except NS [KEEP_PID]: SIGKILL everything in network namespace NS but KEEP_PID, and
+# wait until it is gone (the sourcing script's warn says what outlived GONE_TIMEOUT_S)
+kill_ns_except() {
+	local p victims=()
+	for p in $(ip netns pids "$1" 2>/dev/null); do
+		[[ $p == "${2:-}" ]] || victims+=("$p")
+	done
+	for p in "${victims[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+	for p in "${victims[@]}"; do
+		wait_gone "$p" || warn "pid $p in $1 still present ${GONE_TIMEOUT_S}s after SIGKILL"
+	done
+}
+
 # wait_file FILE SECONDS -> 0 once FILE exists
 wait_file() {
 	local i

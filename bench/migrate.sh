@@ -110,13 +110,7 @@ cleanup() {
 		done
 	fi
 	rm -rf -- "/run/floe/$HOSTA" "/run/floe/$HOSTB"
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "migrate-bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
+	BENCH_NAME=migrate-bench remove_work
 	exit "$rc"
 }
 trap cleanup EXIT
@@ -137,18 +131,6 @@ copy_in() {
 	want=$(stat -Lc %i "/run/netns/$1")
 	for p in $(pgrep -x migcounter); do
 		if [[ $(stat -Lc %i "/proc/$p/ns/net" 2>/dev/null) == "$want" ]]; then echo "$p"; fi
-	done
-}
-
-# kill_extras NS KEEP_PID: SIGKILL everything in host NS but its agent, wait until gone
-kill_extras() {
-	local p victims=()
-	for p in $(ip netns pids "$1" 2>/dev/null); do
-		[[ $p == "$2" ]] || victims+=("$p")
-	done
-	for p in "${victims[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-	for p in "${victims[@]}"; do
-		wait_gone "$p" || warn "pid $p in $1 still present ${GONE_TIMEOUT_S}s after SIGKILL"
 	done
 }
 
@@ -371,8 +353,8 @@ migrate_once() {
 		fi
 	fi
 	# Stop every workload copy (and pid-namespace init) before reading the log.
-	kill_extras "$NSB" "$AGENT_B"
-	kill_extras "$NSA" "$AGENT_A"
+	kill_ns_except "$NSB" "$AGENT_B"
+	kill_ns_except "$NSA" "$AGENT_A"
 	read -r lines gaps < <(python3 "$WORK/gaps.py" "$run/log")
 	[[ $gaps == none ]] || warn "the workload's log at $rate MiB/s has gaps or duplicates: $gaps ($run/log)"
 	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rate" "$rep" "$(cut -f1-20 <<<"$row")" "${lines:-0}" "${gaps:-?}" \

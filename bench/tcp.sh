@@ -149,13 +149,7 @@ cleanup() {
 		ip netns del "$ns" 2>/dev/null || warn "cannot delete network namespace $ns"
 	done
 	rm -rf -- "/run/floe/$HOSTA" "/run/floe/$HOSTB" "/dev/shm/floe/$HOSTA" "/dev/shm/floe/$HOSTB"
-	if [[ -n $WORK && -d $WORK ]]; then
-		if [[ $KEEP == 1 ]]; then
-			log "tcp-bench: keeping work dir $WORK"
-		else
-			rm -rf -- "$WORK"
-		fi
-	fi
+	BENCH_NAME=tcp-bench remove_work
 	exit "$rc"
 }
 trap cleanup EXIT
@@ -178,18 +172,6 @@ spawn() {
 	) &
 	SPAWNED=$!
 	disown "$SPAWNED" 2>/dev/null || true # no "Killed" job notices
-}
-
-# kill_ns_except NS [KEEP_PID]: SIGKILL everything in NS but KEEP_PID, wait until gone
-kill_ns_except() {
-	local p victims=()
-	for p in $(ip netns pids "$1" 2>/dev/null); do
-		[[ $p == "${2:-}" ]] || victims+=("$p")
-	done
-	for p in "${victims[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-	for p in "${victims[@]}"; do
-		wait_gone "$p" || warn "pid $p in $1 still present ${GONE_TIMEOUT_S}s after SIGKILL"
-	done
 }
 
 # pids_in NS COMM -> pids of (non-zombie) processes named COMM in network namespace NS
