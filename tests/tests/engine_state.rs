@@ -855,6 +855,14 @@ const PY_SCHED: &str = "import ctypes, os, sys, threading, time\n\
                         open(sys.argv[1], 'w').write('ok')\n\
                         while True: time.sleep(0.05)\n";
 
+/// `python3 -c SCRIPT READY` in `td`, once it has written the file READY
+/// (returned with the fixture).
+fn python_until_ready(td: &TestDir, name: &str, script: &str) -> (Fixture, PathBuf) {
+    let ready = td.join("ready");
+    let fx = Spawn::program(name, python3(), td.path()).arg("-c").arg(script).arg(&ready).ready_file(&ready).spawn();
+    (fx, ready)
+}
+
 /// Per thread of `pid`: (tid, sched_getscheduler with flags, rt priority, nice, Cpus_allowed_list, ioprio).
 fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String, i64)> {
     tids_of(pid)
@@ -883,13 +891,7 @@ fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String, i64)> {
 fn threads_keep_cpu_affinity_policy_and_nice() {
     require_root!();
     let td = TestDir::new("sched");
-    let ready = td.join("ready");
-    let mut fx = Spawn::program("python-sched", python3(), td.path())
-        .arg("-c")
-        .arg(PY_SCHED)
-        .arg(&ready)
-        .ready_file(&ready)
-        .spawn();
+    let (mut fx, _) = python_until_ready(&td, "python-sched", PY_SCHED);
     let pid = fx.pid;
     let before = sched_state(pid);
     eprintln!("before: {before:?}");
@@ -949,13 +951,7 @@ fn vmflags_at(pid: i32, addr: u64) -> Vec<String> {
 fn mappings_keep_their_madvise_flags() {
     require_root!();
     let td = TestDir::new("advice");
-    let ready = td.join("ready");
-    let mut fx = Spawn::program("python-advice", python3(), td.path())
-        .arg("-c")
-        .arg(PY_ADVICE)
-        .arg(&ready)
-        .ready_file(&ready)
-        .spawn();
+    let (mut fx, ready) = python_until_ready(&td, "python-advice", PY_ADVICE);
     let pid = fx.pid;
     let regions: Vec<(String, u64)> = fs::read_to_string(&ready)
         .unwrap()
