@@ -74,10 +74,13 @@ log = "info"
 host$peer = "$peerip:7420"
 EOT
 done
+# (disowned: their SIGKILL at the end prints no "Killed" job notice)
 nsenter --net=/run/netns/$NSA "$AGENT" -c "$work/a.toml" >"$work/agent-a.log" 2>&1 &
 pids+=($!)
+disown $!
 nsenter --net=/run/netns/$NSB "$AGENT" -c "$work/b.toml" >"$work/agent-b.log" 2>&1 &
 pids+=($!)
+disown $!
 for h in a b; do
 	for _ in $(seq 100); do [ -S "$work/$h.sock" ] && break; sleep 0.05; done
 	[ -S "$work/$h.sock" ] || { cat "$work/agent-$h.log"; echo "agent $h did not start" >&2; exit 1; }
@@ -88,6 +91,7 @@ gcc -O2 -o "$work/migcounter" "$REPO/tests/fixtures/migcounter.c"
 mkdir -p "$work/run"
 MIGCOUNTER_DIRTY_MIBS=$DIRTY_MIBS nsenter --net=/run/netns/$NSA setsid "$work/migcounter" "$work/run/log" "$MIB" "$work/run" \
 	</dev/null >"$work/run/out" 2>&1 &
+disown $!
 for _ in $(seq 400); do [ -e "$work/run/ready" ] && break; sleep 0.05; done
 pid=$(sed -n 's/^pid=//p' "$work/run/ready")
 sleep 1
