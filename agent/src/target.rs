@@ -5,6 +5,7 @@ use crate::journal::{self, Entry};
 use crate::state::{Agent, InFlight};
 use crate::wire::{self, peer, WireError};
 use crate::worker::{chain, TargetWorker, TgtCmd};
+use floe_engine::restore::PageWriter;
 use floe_proto::frame;
 use floe_proto::peer::{self as pp, frame::Msg};
 use std::collections::HashMap;
@@ -229,17 +230,127 @@ enum Verify {
     /// A pages frame's payload (in a buffer that may be longer).
     Pages(Vec<u8>, usize),
     Cmd(TgtCmd),
+    /// The first pass's writer (see [`floe_engine::restore::PageWriter`]):
+    /// from now until the next command, batches are checked and written by
+    /// [`APPLIERS`] threads side by side.
+    Writer(Option<PageWriter>),
 }
 
+/// Threads that check and write the first pass's batches side by side. A
+/// fresh page's first write can be slow (a virtual machine's host may have
+/// to fault it in), so one writer could hold the whole pass back.
+const APPLIERS: usize = 2;
+
+/// Checks frames in order and hands them to the engine thread; during the
+/// first pass, checks and writes them on [`APPLIERS`] threads instead, and
+/// holds every command until the batches before it are written.
 fn verify_loop(rx: std::sync::mpsc::Receiver<Verify>, tx: std::sync::mpsc::SyncSender<TgtCmd>, max_raw: u64) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<TgtCmd>();
+    let mut appliers = Vec::new();
+    for i in 0..APPLIERS {
+        let (jtx, jrx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize, PageWriter)>(2);
+        let done = done_tx.clone();
+        let spawned = std::thread::Builder::new().name(format!("floe-apply-{i}")).spawn(move || {
+            for (payload, len, writer) in jrx {
+                if done.send(apply_pages(payload, len, max_raw, &writer)).is_err() {
+                    return;
+                }
+            }
+        });
+        match spawned {
+            Ok(h) => appliers.push((jtx, h)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start a page applier thread; batches are written one at a time")
+            }
+        }
+    }
+    drop(done_tx);
+    let senders: Vec<_> = appliers.iter().map(|(jtx, _)| jtx.clone()).collect();
+    dispatch(rx, &tx, max_raw, &senders, &done_rx);
+    // The appliers finish what they hold (their results go nowhere) and stop.
+    drop(senders);
+    for (jtx, h) in appliers {
+        drop(jtx);
+        let _ = h.join();
+    }
+}
+
+/// [`verify_loop`]'s work: returns when `rx` closes or the engine thread is gone.
+fn dispatch(
+    rx: std::sync::mpsc::Receiver<Verify>,
+    tx: &std::sync::mpsc::SyncSender<TgtCmd>,
+    max_raw: u64,
+    appliers: &[std::sync::mpsc::SyncSender<(Vec<u8>, usize, PageWriter)>],
+    done_rx: &std::sync::mpsc::Receiver<TgtCmd>,
+) {
+    let mut writer: Option<PageWriter> = None;
+    let (mut outstanding, mut next) = (0usize, 0usize);
+    let forward = |cmd: TgtCmd| tx.send(cmd).is_ok();
     for v in rx {
+        // Results of the appliers, in any order (the pages of one pass are disjoint).
+        while let Ok(r) = done_rx.try_recv() {
+            outstanding -= 1;
+            if !forward(r) {
+                return;
+            }
+        }
         let cmd = match v {
-            Verify::Cmd(c) => c,
-            Verify::Pages(payload, len) => decode_pages(payload, len, max_raw),
+            Verify::Writer(w) => {
+                writer = w.filter(|_| !appliers.is_empty());
+                continue;
+            }
+            Verify::Pages(payload, len) => match &writer {
+                Some(w) => {
+                    let job = (payload, len, w.clone());
+                    if appliers[next % appliers.len()].send(job).is_err() {
+                        let _ = forward(TgtCmd::Fail("a page applier thread stopped".into()));
+                        return;
+                    }
+                    next += 1;
+                    outstanding += 1;
+                    continue;
+                }
+                None => decode_pages(payload, len, max_raw),
+            },
+            Verify::Cmd(c) => {
+                // Every batch before a command is written before it runs.
+                while outstanding > 0 {
+                    let Ok(r) = done_rx.recv() else { break };
+                    outstanding -= 1;
+                    if !forward(r) {
+                        return;
+                    }
+                }
+                // Any command ends the first pass's side-by-side writing
+                // (its end is a sync; a layout or the final state follow it).
+                if !matches!(c, TgtCmd::Pool(_)) {
+                    writer = None;
+                }
+                c
+            }
         };
-        if tx.send(cmd).is_err() {
+        if !forward(cmd) {
             return;
         }
+    }
+}
+
+/// An applier's job: checks a pages frame, then writes it with `writer`.
+fn apply_pages(payload: Vec<u8>, len: usize, max_raw: u64, writer: &PageWriter) -> TgtCmd {
+    let d = match decode_pages(payload, len, max_raw) {
+        TgtCmd::Write(d) => d,
+        other => return other,
+    };
+    let written = writer
+        .write(d.pid, &d.buf[d.at.clone()], &d.ranges)
+        .and_then(|(c, w)| writer.write_zero(d.pid, &d.zero).map(|(c2, w2)| (c + c2, w + w2)));
+    match written {
+        Ok((copied, bytes)) => {
+            let mut ranges = d.ranges;
+            ranges.extend_from_slice(&d.zero);
+            TgtCmd::Written(d.pid, ranges, copied, bytes, d.buf)
+        }
+        Err(e) => TgtCmd::Fail(chain(&e)),
     }
 }
 
@@ -331,7 +442,9 @@ async fn apply_stream(
                 };
                 let (tx, rx) = oneshot::channel();
                 to_verifier(vtx, Verify::Cmd(TgtCmd::Create(Box::new(m), opts, tx))).await?;
-                rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                let writer = rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
+                // Before any page of the pass: nothing else is read meanwhile.
+                to_verifier(vtx, Verify::Writer(writer)).await?;
                 pass_t = Instant::now();
             }
             Some(Msg::Layout(l)) => {

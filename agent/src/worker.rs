@@ -4,7 +4,7 @@
 use crate::batch::Decoded;
 use floe_engine::dump::ChunkConsumer;
 use floe_engine::migrate::{Finished, PassReport, Source, SourceOptions, Staged};
-use floe_engine::restore::RestoreOptions;
+use floe_engine::restore::{PageWriter, RestoreOptions};
 use floe_proto::image as pb;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -145,11 +145,15 @@ impl Drop for SourceWorker {
 
 /// Commands for the target's engine thread, in stream order.
 pub enum TgtCmd {
-    Create(Box<pb::Manifest>, RestoreOptions, oneshot::Sender<Result<(), String>>),
+    /// Answers with a writer other threads may use during the first pass.
+    Create(Box<pb::Manifest>, RestoreOptions, oneshot::Sender<Result<Option<PageWriter>, String>>),
     /// Where to give frame buffers back once their pages are written.
     Pool(std::sync::mpsc::Sender<Vec<u8>>),
     Layout(Box<pb::Process>),
     Write(Decoded),
+    /// Pages another thread wrote with the first pass's [`PageWriter`]:
+    /// (pid, ranges, bytes copied, bytes written), and the frame buffer.
+    Written(i32, Vec<(u64, u64)>, u64, u64, Vec<u8>),
     /// A batch that failed its checks: the migration fails at the next sync.
     Fail(String),
     Sync(oneshot::Sender<Result<u64, String>>),
@@ -185,7 +189,9 @@ impl TargetWorker {
                                 tracing::info!(pid = m.root_pid, create_ms = ms, "staged tree created");
                             }
                             let _ = r.send(res.map(|s| {
+                                let writer = s.page_writer();
                                 staged = Some(s);
+                                writer
                             }));
                         }
                         TgtCmd::Layout(p) => {
@@ -213,6 +219,14 @@ impl TargetWorker {
                             }
                             if let Some(pool) = &pool {
                                 let _ = pool.send(d.buf);
+                            }
+                        }
+                        TgtCmd::Written(pid, ranges, copied, written, buf) => {
+                            if let Some(s) = staged.as_mut() {
+                                s.record_written(pid, &ranges, copied, written);
+                            }
+                            if let Some(pool) = &pool {
+                                let _ = pool.send(buf);
                             }
                         }
                         TgtCmd::Fail(m) => {

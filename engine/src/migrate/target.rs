@@ -17,6 +17,8 @@ pub struct Staged {
     /// Pids and thread ids at pass 0, in tree order.
     tasks: Vec<(i32, Vec<i32>)>,
     pub pages_written: u64,
+    /// Bytes other threads wrote through [`Staged::page_writer`]: (copied, written).
+    elsewhere: (u64, u64),
 }
 
 fn refused(what: String) -> RestoreError {
@@ -43,7 +45,7 @@ impl Staged {
             .iter()
             .map(|p| (p.pid, if p.zombie { Vec::new() } else { p.threads.iter().map(|t| t.tid).collect() }))
             .collect();
-        Ok(Self { tree, pre, layout, written: HashMap::new(), tasks, pages_written: 0 })
+        Ok(Self { tree, pre, layout, written: HashMap::new(), tasks, pages_written: 0, elsewhere: (0, 0) })
     }
 
     /// Writes `data` into process `pid` at `ranges` ((address, length), in
@@ -91,6 +93,8 @@ impl Staged {
     /// stubs' userfaultfd registration is dropped).
     pub fn first_pass_done(&mut self) {
         let (copied, written) = self.tree.stop_filling();
+        let (copied, written) = (copied + self.elsewhere.0, written + self.elsewhere.1);
+        self.elsewhere = (0, 0);
         if copied + written > 0 {
             tracing::info!(
                 copied_bytes = copied,
@@ -98,6 +102,24 @@ impl Staged {
                 "first pass written (UFFDIO_COPY, process_vm_writev)"
             );
         }
+    }
+
+    /// During the first pass: a writer other threads can use for its pages,
+    /// which need no ptrace then (None once the pass is over, or without
+    /// UFFDIO_COPY filling). What they write must be reported with
+    /// [`Staged::record_written`] before the pass ends.
+    pub fn page_writer(&self) -> Option<crate::restore::PageWriter> {
+        self.tree.page_writer()
+    }
+
+    /// Pages of process `pid` at `ranges` that another thread wrote with
+    /// [`Staged::page_writer`] (`copied` and `written` bytes: by UFFDIO_COPY
+    /// and by process_vm_writev).
+    pub fn record_written(&mut self, pid: i32, ranges: &[(u64, u64)], copied: u64, written: u64) {
+        self.written.entry(pid).or_default().extend(ranges.iter().map(|&(a, l)| (a, a + l)));
+        self.pages_written += ranges.iter().map(|r| r.1).sum::<u64>() / 4096;
+        self.elsewhere.0 += copied;
+        self.elsewhere.1 += written;
     }
 
     /// Brings the stubs' mappings up to date with a pass's (before its pages).

@@ -25,7 +25,7 @@ use crate::inject::Injector;
 use crate::sys::memory::{write_remote, Range};
 use crate::sys::{task, track as sys};
 use floe_proto::image as pb;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 const PAGE: u64 = 4096;
 
@@ -95,80 +95,189 @@ impl Filler {
     /// inside registered mappings, process_vm_writev elsewhere and for pages
     /// already present.
     pub(super) fn write(&mut self, pid: i32, data: &[u8], ranges: &[Range]) -> Result<(), RestoreError> {
-        // Consecutive pieces outside registered mappings, written together.
-        let mut pending: Vec<Range> = Vec::new();
-        let mut pending_at = 0usize;
-        let mut off = 0usize;
-        for r in ranges {
-            let (mut a, end) = (r.addr, r.addr + r.len);
-            while a < end {
-                let i = self.vmas.partition_point(|v| v.1 <= a);
-                let inside = self.vmas.get(i).is_some_and(|v| v.0 <= a);
-                let stop = match self.vmas.get(i) {
-                    Some(v) if inside => end.min(v.1),
-                    Some(v) => end.min(v.0),
-                    None => end,
-                };
-                let n = (stop - a) as usize;
-                let piece = data.get(off..off + n).ok_or_else(|| RestoreError::Refused {
-                    what: format!("page batch for process {pid}: ranges do not match its data"),
-                })?;
-                if inside {
-                    if !pending.is_empty() {
-                        write_checked(pid, &data[pending_at..off], &pending)?;
-                        self.written += (off - pending_at) as u64;
-                        pending.clear();
-                    }
-                    self.copy(pid, a, piece)?;
-                } else {
-                    if pending.is_empty() {
-                        pending_at = off;
-                    }
-                    pending.push(Range { addr: a, len: n as u64 });
-                }
-                off += n;
-                a = stop;
-            }
-        }
-        if !pending.is_empty() {
-            write_checked(pid, &data[pending_at..off], &pending)?;
-            self.written += (off - pending_at) as u64;
-        }
+        let (copied, written) = fill(self.fd.as_fd(), &self.vmas, pid, data, ranges)?;
+        self.copied += copied;
+        self.written += written;
         Ok(())
     }
 
-    /// `src` to `dst`, inside one registered mapping.
-    fn copy(&mut self, pid: i32, mut dst: u64, mut src: &[u8]) -> Result<(), RestoreError> {
-        let mut again = 0;
-        while !src.is_empty() {
-            match sys::uffd_copy(self.fd.as_fd(), dst, src) {
-                Ok(n) => {
-                    self.copied += n;
-                    dst += n;
-                    src = &src[n as usize..];
-                    again = 0;
+    /// A handle that writes the same way from another thread, for as long as
+    /// this filler lives (its own copy of the descriptor; the registration
+    /// still ends when the filler is dropped).
+    pub(super) fn handle(&self) -> std::io::Result<FillHandle> {
+        Ok(FillHandle { fd: std::sync::Arc::new(self.fd.try_clone()?), vmas: self.vmas.clone().into() })
+    }
+}
+
+/// [`Filler::write`] for another thread: no ptrace is involved.
+#[derive(Clone)]
+pub struct FillHandle {
+    fd: std::sync::Arc<OwnedFd>,
+    vmas: std::sync::Arc<[(u64, u64)]>,
+}
+
+impl FillHandle {
+    /// Like [`Filler::write`]; returns the bytes copied with UFFDIO_COPY and
+    /// the bytes written with process_vm_writev.
+    pub fn write(&self, pid: i32, data: &[u8], ranges: &[Range]) -> Result<(u64, u64), RestoreError> {
+        fill(self.fd.as_fd(), &self.vmas, pid, data, ranges)
+    }
+}
+
+/// Writes pages into a tree's stubs from any thread, while their filling is
+/// on: UFFDIO_COPY and process_vm_writev need no ptrace. The caller keeps
+/// writes and everything else that changes the stubs (relayout, the end of
+/// the filling, stage c) apart.
+#[derive(Clone)]
+pub struct PageWriter {
+    /// By the image's pid: the host pid and, if it is being filled, its handle.
+    procs: std::sync::Arc<std::collections::HashMap<i32, (i32, Option<FillHandle>)>>,
+}
+
+impl PageWriter {
+    pub(super) fn new(procs: std::collections::HashMap<i32, (i32, Option<FillHandle>)>) -> Self {
+        PageWriter { procs: std::sync::Arc::new(procs) }
+    }
+
+    /// Copies `data` into process `vpid` (the image's pid) at `ranges`
+    /// ((address, length), page-aligned, consuming `data` in order). Returns
+    /// the bytes copied with UFFDIO_COPY and those written with
+    /// process_vm_writev.
+    pub fn write(&self, vpid: i32, data: &[u8], ranges: &[(u64, u64)]) -> Result<(u64, u64), RestoreError> {
+        let (pid, handle) = self.procs.get(&vpid).ok_or_else(|| RestoreError::Refused {
+            what: format!("page batch for process {vpid}, which is not in this migration"),
+        })?;
+        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        if total != data.len() as u64 || ranges.iter().any(|r| r.0 % PAGE != 0 || r.1 % PAGE != 0) {
+            return Err(RestoreError::Refused {
+                what: format!("page batch for process {vpid}: ranges do not match its data"),
+            });
+        }
+        let rs: Vec<Range> = ranges.iter().map(|&(addr, len)| Range { addr, len }).collect();
+        match handle {
+            Some(h) => h.write(*pid, data, &rs),
+            None => {
+                // process_vm_writev takes a bounded number of ranges per call.
+                let mut off = 0usize;
+                for part in rs.chunks(crate::sys::memory::MAX_IOV) {
+                    let n = part.iter().map(|r| r.len).sum::<u64>() as usize;
+                    write_checked(*pid, &data[off..off + n], part)?;
+                    off += n;
                 }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    // Present already: overwrite it in place.
-                    let n = (PAGE as usize).min(src.len());
-                    write_checked(pid, &src[..n], &[Range { addr: dst, len: n as u64 }])?;
-                    self.written += n as u64;
-                    dst += n as u64;
-                    src = &src[n..];
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < 3 => again += 1,
-                Err(e) => {
-                    // Anything else: write the rest the usual way, which gives
-                    // the error if the memory really cannot take it.
-                    tracing::debug!(pid, addr = dst, error = %e, "UFFDIO_COPY failed; writing with process_vm_writev");
-                    write_checked(pid, src, &[Range { addr: dst, len: src.len() as u64 }])?;
-                    self.written += src.len() as u64;
-                    return Ok(());
-                }
+                Ok((0, total))
             }
         }
-        Ok(())
     }
+}
+
+impl PageWriter {
+    /// Fills `ranges` ((address, length)) of process `vpid` with zeros, like
+    /// [`PageWriter::write`].
+    pub fn write_zero(&self, vpid: i32, ranges: &[(u64, u64)]) -> Result<(u64, u64), RestoreError> {
+        const CHUNK: u64 = 1 << 20;
+        // In .bss: never written, so it costs no memory.
+        static ZEROS: [u8; CHUNK as usize] = [0; CHUNK as usize];
+        let mut done = (0, 0);
+        for &(a, l) in ranges {
+            let mut at = 0;
+            while at < l {
+                let n = (l - at).min(CHUNK);
+                let (c, w) = self.write(vpid, &ZEROS[..n as usize], &[(a + at, n)])?;
+                done = (done.0 + c, done.1 + w);
+                at += n;
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// Writes `data` into `pid` at `ranges` (in order): UFFDIO_COPY on `fd` inside
+/// the registered mappings `vmas` (sorted), process_vm_writev elsewhere and
+/// for pages already present. Returns (bytes copied, bytes written).
+fn fill(
+    fd: BorrowedFd<'_>,
+    vmas: &[(u64, u64)],
+    pid: i32,
+    data: &[u8],
+    ranges: &[Range],
+) -> Result<(u64, u64), RestoreError> {
+    let (mut copied, mut written) = (0u64, 0u64);
+    // Consecutive pieces outside registered mappings, written together.
+    let mut pending: Vec<Range> = Vec::new();
+    let mut pending_at = 0usize;
+    let mut off = 0usize;
+    for r in ranges {
+        let (mut a, end) = (r.addr, r.addr + r.len);
+        while a < end {
+            let i = vmas.partition_point(|v| v.1 <= a);
+            let inside = vmas.get(i).is_some_and(|v| v.0 <= a);
+            let stop = match vmas.get(i) {
+                Some(v) if inside => end.min(v.1),
+                Some(v) => end.min(v.0),
+                None => end,
+            };
+            let n = (stop - a) as usize;
+            let piece = data.get(off..off + n).ok_or_else(|| RestoreError::Refused {
+                what: format!("page batch for process {pid}: ranges do not match its data"),
+            })?;
+            if inside {
+                if !pending.is_empty() {
+                    write_checked(pid, &data[pending_at..off], &pending)?;
+                    written += (off - pending_at) as u64;
+                    pending.clear();
+                }
+                let (c, w) = copy(fd, pid, a, piece)?;
+                copied += c;
+                written += w;
+            } else {
+                if pending.is_empty() {
+                    pending_at = off;
+                }
+                pending.push(Range { addr: a, len: n as u64 });
+            }
+            off += n;
+            a = stop;
+        }
+    }
+    if !pending.is_empty() {
+        write_checked(pid, &data[pending_at..off], &pending)?;
+        written += (off - pending_at) as u64;
+    }
+    Ok((copied, written))
+}
+
+/// `src` to `dst`, inside one registered mapping; (bytes copied, bytes written).
+fn copy(fd: BorrowedFd<'_>, pid: i32, mut dst: u64, mut src: &[u8]) -> Result<(u64, u64), RestoreError> {
+    let (mut copied, mut written) = (0u64, 0u64);
+    let mut again = 0;
+    while !src.is_empty() {
+        match sys::uffd_copy(fd, dst, src) {
+            Ok(n) => {
+                copied += n;
+                dst += n;
+                src = &src[n as usize..];
+                again = 0;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                // Present already: overwrite it in place.
+                let n = (PAGE as usize).min(src.len());
+                write_checked(pid, &src[..n], &[Range { addr: dst, len: n as u64 }])?;
+                written += n as u64;
+                dst += n as u64;
+                src = &src[n..];
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && again < 3 => again += 1,
+            Err(e) => {
+                // Anything else: write the rest the usual way, which gives
+                // the error if the memory really cannot take it.
+                tracing::debug!(pid, addr = dst, error = %e, "UFFDIO_COPY failed; writing with process_vm_writev");
+                write_checked(pid, src, &[Range { addr: dst, len: src.len() as u64 }])?;
+                written += src.len() as u64;
+                return Ok((copied, written));
+            }
+        }
+    }
+    Ok((copied, written))
 }
 
 impl Drop for Filler {

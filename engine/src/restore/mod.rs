@@ -17,6 +17,7 @@
 //! restore leaves no process behind.
 mod files;
 mod fill;
+pub use fill::PageWriter;
 mod finish;
 mod pages;
 pub mod preflight;
@@ -310,6 +311,23 @@ impl Tree {
                 self.procs[i].start_filling(&p.vmas);
             }
         }
+    }
+
+    /// While some stub is being filled ([`Tree::start_filling`]): a writer
+    /// other threads can use for its pages (see [`PageWriter`]). None when
+    /// no stub is, or when the descriptors cannot be shared.
+    pub fn page_writer(&self) -> Option<PageWriter> {
+        let mut procs = std::collections::HashMap::new();
+        let mut filling = false;
+        for s in &self.procs {
+            let handle = match s.fill.as_ref() {
+                Some(f) => Some(f.handle().ok()?),
+                None => None,
+            };
+            filling |= handle.is_some();
+            procs.insert(s.vpid, (s.pid, handle));
+        }
+        filling.then(|| PageWriter::new(procs))
     }
 
     /// Back to process_vm_writev for every page; the stubs keep no trace of
