@@ -212,11 +212,8 @@ impl Stub {
         if let Ok((_, hard)) = task::get_rlimit(pid, libc::RLIMIT_NOFILE) {
             let _ = task::set_rlimit(pid, libc::RLIMIT_NOFILE, hard, hard);
         }
-        task::set_nice(pid, p.nice).map_err(|source| RestoreError::Stub {
-            pid,
-            op: format!("setting nice value {}", p.nice),
-            source,
-        })?;
+        // Nice values and policies come last (set_sched): a niced stub would
+        // run every injected syscall at that priority.
         self.set_mm(p)?;
         mark("mm");
         files::install(self, &p.fds, files, sock)?;
