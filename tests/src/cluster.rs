@@ -271,6 +271,30 @@ impl Cluster {
         }
     }
 
+    /// [`Cluster::migrate`] from host 0, which must succeed (the failure
+    /// message carries the error and both agents' logs).
+    pub fn migrate_ok(&self, pid: i32, args: &[&str]) -> Output {
+        let out = self.migrate(0, pid, args);
+        assert!(
+            out.status.success(),
+            "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
+            Self::error_of(&out),
+            self.agent_log(0),
+            self.agent_log(1)
+        );
+        out
+    }
+
+    /// The error a failed `floe migrate --json` reported (its error event,
+    /// else its stderr).
+    pub fn error_of(out: &Output) -> String {
+        Self::events(out)
+            .iter()
+            .find(|e| e["event"] == "error")
+            .and_then(|e| e["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| crate::stderr_text(out))
+    }
+
     /// The JSON events a `floe migrate --json` printed.
     pub fn events(out: &Output) -> Vec<serde_json::Value> {
         String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()

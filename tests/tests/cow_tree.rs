@@ -7,6 +7,18 @@ use floe_tests::*;
 use std::process::Stdio;
 use std::time::Duration;
 
+/// Dumps the tree rooted at `fx` into `img` (which kills it), waits until
+/// every one of `pids` is gone, restores it and puts `pids` in `guard`.
+fn dump_and_restore_tree(fx: &mut Fixture, img: &std::path::Path, pids: &[i32], guard: &mut TreeGuard) {
+    assert_ok(&dump(fx.pid, img, &[]), "dump of the tree");
+    fx.reap(Duration::from_secs(10));
+    for p in pids {
+        assert!(wait_pid_gone(*p, Duration::from_secs(10)), "pid {p} still exists after the dump");
+    }
+    assert_ok(&restore_detached(img, &[], Stdio::null()), "restore of the tree");
+    guard.add_all(pids);
+}
+
 fn kv(line: &str, key: &str) -> String {
     line.split_whitespace().find_map(|w| w.strip_prefix(&format!("{key}="))).unwrap_or_default().to_string()
 }
@@ -27,16 +39,7 @@ fn cow_shared_memory_with_different_mapping_bounds() {
     let mut guard = TreeGuard::new();
     guard.add_all(&pids);
 
-    let img = td.join("img");
-    let out = dump(fx.pid, &img, &[]);
-    assert_ok(&out, "dump of the tree");
-    fx.reap(Duration::from_secs(10));
-    for p in &pids {
-        assert!(wait_pid_gone(*p, Duration::from_secs(10)), "pid {p} still exists after the dump");
-    }
-    let out = restore_detached(&img, &[], Stdio::null());
-    assert_ok(&out, "restore of the tree");
-    guard.add_all(&pids);
+    dump_and_restore_tree(&mut fx, &td.join("img"), &pids, &mut guard);
     for (p, sum) in pids.iter().zip(&sums) {
         let check = td.join(format!("ready.check.{p}"));
         send_signal(*p, libc::SIGUSR1).expect("SIGUSR1");
@@ -79,16 +82,7 @@ fn fork_advice_regions_come_back_per_process() {
     for p in &pids {
         assert_eq!(check(*p), "ok", "pid {p} before the dump");
     }
-    let img = td.join("img");
-    let out = dump(fx.pid, &img, &[]);
-    assert_ok(&out, "dump of the tree");
-    fx.reap(Duration::from_secs(10));
-    for p in &pids {
-        assert!(wait_pid_gone(*p, Duration::from_secs(10)), "pid {p} still exists after the dump");
-    }
-    let out = restore_detached(&img, &[], Stdio::null());
-    assert_ok(&out, "restore of the tree");
-    guard.add_all(&pids);
+    dump_and_restore_tree(&mut fx, &td.join("img"), &pids, &mut guard);
     for p in &pids {
         assert_eq!(check(*p), "ok", "pid {p} after restore");
     }

@@ -100,20 +100,6 @@ fn spawn_fixture(c: &Cluster, host: usize, name: &str, args: &[String], env: &[(
     pid
 }
 
-/// `floe migrate` of `pid` from host a to host b; a failure panics with
-/// the error and both agents' logs.
-fn migrate_ok(c: &Cluster, pid: i32, args: &[&str]) -> std::process::Output {
-    let out = c.migrate(0, pid, args);
-    assert!(
-        out.status.success(),
-        "migrate failed: {}\nsource agent:\n{}\ntarget agent:\n{}",
-        stderr_text(&out),
-        c.agent_log(0),
-        c.agent_log(1)
-    );
-    out
-}
-
 /// Server (tcpecho) in host a on the service address, client in host c.
 fn setup(c: &Cluster) -> (i32, i32, std::path::PathBuf) {
     let lan = c.lan();
@@ -138,7 +124,7 @@ fn server_with_open_connection_migrates_and_client_never_notices() {
     let before = stats(&cdir, client);
     assert_eq!(before["errors"], "0", "client before: {before:?}");
     let cidr = format!("{}/24", c.lan().service_ip);
-    migrate_ok(&c, server, &["--tcp-established", "--move-address", &cidr]);
+    c.migrate_ok(server, &["--tcp-established", "--move-address", &cidr]);
     assert!(wait_until(Duration::from_secs(5), || pids_named_in(&c, 0, "tcpecho").is_empty()), "server left on a");
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     // The client carries on over the same connection.
@@ -235,7 +221,7 @@ fn redis_with_a_busy_client_migrates() {
     std::thread::sleep(Duration::from_millis(500));
     let before = stats(&cdir, cpid);
     let cidr = format!("{ip}/24");
-    let out = migrate_ok(&c, rpid, &["--tcp-established", "--move-address", &cidr]);
+    let out = c.migrate_ok(rpid, &["--tcp-established", "--move-address", &cidr]);
     let report = Cluster::events(&out).into_iter().find(|e| e["event"] == "report").unwrap();
     eprintln!(
         "redis migration: downtime {} ms, {} MiB of memory",
@@ -288,7 +274,7 @@ fn address_hook_moves_the_service_address() {
     let (server, client, cdir) = setup(&c);
     let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
     let cidr = format!("{}/24", c.lan().service_ip);
-    migrate_ok(&c, server, &["--tcp-established", "--move-address", &cidr]);
+    c.migrate_ok(server, &["--tcp-established", "--move-address", &cidr]);
     let calls = std::fs::read_to_string(&log).unwrap();
     assert_eq!(calls, format!("release {cidr}\nacquire {cidr}\n"), "hook calls");
     let (ok, after) = progress(&cdir, client, n0, 300, 10);
@@ -331,7 +317,7 @@ fn ipv6_server_with_open_connection_migrates() {
     let client = spawn_fixture(&c, 2, "tcpclient", &client_args, &[], &cdir);
     std::thread::sleep(Duration::from_millis(300));
     let n0: u64 = stats(&cdir, client)["count"].parse().unwrap();
-    migrate_ok(&c, server, &["--tcp-established", "--move-address", &format!("{service}/64")]);
+    c.migrate_ok(server, &["--tcp-established", "--move-address", &format!("{service}/64")]);
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     let (ok, after) = progress(&cdir, client, n0, 300, 15);
     eprintln!("IPv6 client after the migration: {after:?}");
@@ -368,7 +354,7 @@ fn server_with_full_queues_and_data_in_flight_migrates() {
         std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
     );
     let cidr = format!("{}/24", lan.service_ip);
-    migrate_ok(&c, spid, &["--tcp-established", "--move-address", &cidr]);
+    c.migrate_ok(spid, &["--tcp-established", "--move-address", &cidr]);
     assert_eq!(pids_named_in(&c, 1, "tcpecho").len(), 1, "server not running on b");
     std::fs::write(cdir.join("go"), "").unwrap();
     assert!(
@@ -439,7 +425,7 @@ fn close_wait_connection_migrates() {
         std::fs::read_to_string(cdir.join("err")).unwrap_or_default()
     );
     let cidr = format!("{}/24", lan.service_ip);
-    migrate_ok(&c, spid, &["--tcp-established", "--move-address", &cidr]);
+    c.migrate_ok(spid, &["--tcp-established", "--move-address", &cidr]);
     let on_b = pids_named_in(&c, 1, "halfclose");
     assert_eq!(on_b.len(), 1, "server not running on b");
     send_signal(on_b[0], libc::SIGUSR1).unwrap();
