@@ -238,22 +238,43 @@ mod tests {
             eprintln!("skipped: loading eBPF needs root");
             return;
         }
-        let me = std::process::id() as i32;
-        // A number no syscall has (it fails with ENOSYS, after sys_enter):
-        // other tests' threads in this process cannot call it meanwhile.
-        const NR: u32 = 1001;
-        let w = match SyscallWatch::start(&[me], &[NR]) {
+        // The watched process is a child: any watch this test process starts
+        // (other tests, floe check's probe) makes a probe syscall of its own,
+        // which a watch of this very process would count.
+        const NR: u32 = 1001; // a number no syscall has: ENOSYS, after sys_enter
+        let mut go = [0i32; 2];
+        // SAFETY: pipe writes two descriptors into `go`.
+        assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0);
+        // SAFETY: the child only makes raw syscalls (read, the unknown
+        // syscall, _exit): nothing that a lock held by another thread of this
+        // process at the fork could block.
+        let child = unsafe { libc::fork() };
+        if child == 0 {
+            let mut b = 0u8;
+            // SAFETY: reads one byte into `b`; then plain syscalls and _exit.
+            unsafe {
+                libc::read(go[0], (&mut b as *mut u8).cast(), 1);
+                libc::syscall(libc::c_long::from(NR));
+                libc::_exit(0);
+            }
+        }
+        assert!(child > 0, "fork failed");
+        let w = match SyscallWatch::start(&[child], &[NR]) {
             Ok(w) => w,
             Err(e) => panic!("cannot start the syscall watch: {e}"),
         };
-        assert_eq!(w.count(me).unwrap(), 0);
-        // SAFETY: an unknown syscall number only returns ENOSYS.
-        unsafe { libc::syscall(libc::c_long::from(NR)) };
-        // Unwatched syscalls do not count.
-        let _ = std::fs::metadata("/");
-        assert_eq!(w.count(me).unwrap(), 1);
-        w.reset(me).unwrap();
-        assert_eq!(w.count(me).unwrap(), 0);
+        assert_eq!(w.count(child).unwrap(), 0);
+        // SAFETY: writes one byte from a live buffer; waitpid on our own child.
+        unsafe {
+            libc::write(go[1], [1u8].as_ptr().cast(), 1);
+            libc::waitpid(child, std::ptr::null_mut(), 0);
+            libc::close(go[0]);
+            libc::close(go[1]);
+        }
+        // Its read and exit (unwatched) did not count, the unknown syscall did.
+        assert_eq!(w.count(child).unwrap(), 1);
+        w.reset(child).unwrap();
+        assert_eq!(w.count(child).unwrap(), 0);
         // Another process is not watched.
         assert!(w.count(1).is_err());
     }
