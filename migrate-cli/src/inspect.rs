@@ -103,7 +103,8 @@ pub fn to_text(img: &ImageReader) -> String {
         let r = regs_from_bytes(&th.gpregs);
         let _ =
             writeln!(o, "process    pid {} ppid {} pgid {} sid {}  comm {:?}", p.pid, p.ppid, p.pgid, p.sid, p.comm);
-        let _ = writeln!(o, "exe        {}", p.exe_path);
+        let deleted = |yes: bool| if yes { " (deleted; contents saved in the image)" } else { "" };
+        let _ = writeln!(o, "exe        {}{}", p.exe_path, deleted(p.exe_blob.is_some()));
         let _ = writeln!(o, "cmdline    {}", p.cmdline.join(" "));
         let _ = writeln!(o, "cwd        {}  root {}", p.cwd, p.root);
         let _ = writeln!(o, "creds      uid {} gid {}  groups {:?}", p.uid, p.gid, p.groups);
@@ -124,7 +125,7 @@ pub fn to_text(img: &ImageReader) -> String {
         let _ = writeln!(o, "mappings   {}", p.vmas.len());
         let _ = writeln!(o, "  {:<29} {:<4} {:>8} {:>8}  {:<13} path", "range", "prot", "size", "stored", "kind");
         for v in &p.vmas {
-            let name = if v.path.is_empty() { v.name.clone() } else { v.path.clone() };
+            let name = if v.path.is_empty() { v.name.clone() } else { format!("{}{}", v.path, deleted(v.deleted)) };
             let _ = writeln!(
                 o,
                 "  {:012x}-{:012x} {:<4} {:>8} {:>8}  {:<13} {}",
@@ -172,6 +173,7 @@ fn process_json(img: &ImageReader, p: &pb::Process) -> Value {
         "zombie": p.zombie,
         "comm": p.comm,
         "exe": p.exe_path,
+        "exe_deleted": p.exe_blob.is_some(),
         "cmdline": p.cmdline,
         "cwd": p.cwd,
         "threads": p.threads.iter().map(|t| json!({"tid": t.tid, "comm": t.comm})).collect::<Vec<_>>(),
@@ -179,7 +181,7 @@ fn process_json(img: &ImageReader, p: &pb::Process) -> Value {
         "sigmask": th.sigmask,
         "mappings": p.vmas.iter().map(|v| json!({
             "start": v.start, "end": v.end, "size": v.end - v.start, "prot": prot(v.prot),
-            "kind": kind(v.kind), "path": v.path, "name": v.name, "stored_bytes": stored(p, v),
+            "kind": kind(v.kind), "path": v.path, "deleted": v.deleted, "name": v.name, "stored_bytes": stored(p, v),
         })).collect::<Vec<_>>(),
         "fds": p.fds.iter().map(|r| {
             let (k, path, flags, pos) = fd_kind_name(img, r);

@@ -972,3 +972,65 @@ fn mappings_keep_their_madvise_flags() {
     let after: Vec<Vec<String>> = regions.iter().map(|(_, a)| vmflags_at(pid, *a)).collect();
     assert_eq!(after, before, "VmFlags of the advised mappings after the restore ({regions:?})");
 }
+
+// ---------------------------------------------------------------------------
+// deleted executable and mapped files
+
+/// A process whose executable and a mapped file were deleted while it ran
+/// (what a package upgrade does to a server's binary and libraries) is
+/// dumped with both files' contents and restored with both recreated,
+/// unlinked, in their directory: one file behind its descriptor and its
+/// private, copy-on-write and shared mappings.
+#[test]
+fn deleted_executable_and_mapped_file_are_recreated() {
+    require_root!();
+    let td = TestDir::new("deleted-maps");
+    let exe = td.join("deleted_maps.copy");
+    fs::copy(fixture_path("deleted_maps"), &exe).unwrap();
+    let (ready, report_path, data) = (td.join("dm.ready"), td.join("dm.report"), td.join("data.bin"));
+    let fx = Spawn::program("deleted_maps", &exe, td.path())
+        .arg("--ready")
+        .arg(&ready)
+        .arg("--report")
+        .arg(&report_path)
+        .arg("--data")
+        .arg(&data)
+        .arg("--self")
+        .arg(&exe)
+        .ready_file(&ready)
+        .spawn();
+    let mut fx = Fx { fx, ready, report_path };
+    let ok = |r: &Report, what: &str| {
+        for k in ["ro_ok", "cow_ok", "sh_ok", "fd_sees_sh", "sh_to_fd"] {
+            assert_eq!(r[k], "1", "{what}: {k} in {r:?}");
+        }
+        assert_eq!(r["nlink"], "0", "{what}: the mapped file has links again: {r:?}");
+        let dir = td.path().to_str().unwrap();
+        assert!(
+            r["exe"].starts_with(&format!("{dir}/")) && r["exe"].ends_with(" (deleted)"),
+            "{what}: exe link {:?} is not a deleted file in {dir}",
+            r["exe"]
+        );
+    };
+    let before = fx.report();
+    ok(&before, "before the dump");
+    // A live migration refuses it in its pre-flight, before anything stops.
+    let refused = floe_engine::migrate::preflight::gather(fx.pid(), false, &[]).map(|_| ()).unwrap_err().to_string();
+    assert_mentions(&refused, &["deleted", "live migration cannot move deleted files"], "migration pre-flight");
+    let img = td.join("img");
+    dump_and_reap(&mut fx.fx, &img, &[]);
+    restore_and_adopt(&mut fx.fx, &img, &[], Stdio::null());
+    let after = fx.report();
+    ok(&after, "after the restore");
+    let maps = fs::read_to_string(format!("/proc/{}/maps", fx.pid())).unwrap();
+    let dir = td.path().to_str().unwrap();
+    let in_dir = maps.lines().filter(|l| l.contains(&format!(" {dir}/")) && l.ends_with(" (deleted)")).count();
+    // ro, cow, sh and the executable's own mappings.
+    assert!(in_dir >= 4, "expected the deleted files mapped from {dir}:\n{maps}");
+    let left: Vec<String> =
+        fs::read_dir(td.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(
+        !left.iter().any(|n| n == "data.bin" || n == "deleted_maps.copy" || n.starts_with(".floe-deleted")),
+        "a deleted file came back with a name: {left:?}"
+    );
+}

@@ -44,6 +44,9 @@ pub fn is_tty(rdev: u64) -> bool {
     (136..=143).contains(&ma) || ma == 4 || (ma == 5 && mi == 0)
 }
 
+/// Largest deleted file whose contents a dump saves.
+pub const MAX_DELETED_FILE: u64 = 1 << 30;
+
 /// Open file descriptions of the tree, deduplicated.
 #[derive(Default)]
 pub struct FileTable {
@@ -60,6 +63,10 @@ pub struct FileTable {
     pub tcp_established: bool,
     /// Sockets put in TCP repair mode.
     pub repaired: crate::fdkinds::socket::Repaired,
+    /// Deleted files whose contents were saved, by (dev, inode): their blob.
+    /// A file open, mapped or run by several processes is saved once and
+    /// restored as one file.
+    deleted: HashMap<(u64, u64), i32>,
 }
 
 impl FileTable {
@@ -240,14 +247,13 @@ impl FileTable {
                 .map_err(|e| refuse(format!("cannot read its buffered data ({e})")))?;
         } else if ft.is_file() {
             if let Some(orig) = link.strip_suffix(" (deleted)").filter(|_| meta.nlink() == 0) {
-                let mut data = Vec::new();
-                std::fs::File::open(&fpath).and_then(|mut f| f.read_to_end(&mut data)).map_err(|source| {
-                    DumpError::Io { pid, what: format!("cannot save deleted file {orig} (fd {fd})"), source }
-                })?;
                 d.kind = pb::FdKind::DeletedFile as i32;
                 d.path = orig.to_string();
-                d.blob = blobs.len() as i32;
-                blobs.push(data);
+                d.blob = self.save_deleted(&fpath, &meta, blobs).map_err(|source| DumpError::Io {
+                    pid,
+                    what: format!("cannot save deleted file {orig} (fd {fd})"),
+                    source,
+                })?;
             } else {
                 check_same_file(&link, &meta).map_err(refuse)?;
                 d.kind = pb::FdKind::Regular as i32;
@@ -282,6 +288,33 @@ impl FileTable {
 
     /// Saves a pipe's buffered bytes without consuming them: a second read
     /// end is opened through /proc and tee(2)'d into a private pipe.
+    /// The blob holding the contents of the deleted file `meta` (opened
+    /// through `path`, a /proc link), saved now if no other descriptor or
+    /// mapping of the tree saved it already.
+    pub fn save_deleted(
+        &mut self,
+        path: &std::path::Path,
+        meta: &std::fs::Metadata,
+        blobs: &mut Vec<Vec<u8>>,
+    ) -> std::io::Result<i32> {
+        if let Some(b) = self.deleted.get(&(meta.dev(), meta.ino())) {
+            return Ok(*b);
+        }
+        if meta.size() > MAX_DELETED_FILE {
+            return Err(std::io::Error::other(format!(
+                "it holds {} bytes; floe saves deleted files of up to {} MiB (they are held in memory)",
+                meta.size(),
+                MAX_DELETED_FILE >> 20
+            )));
+        }
+        let mut data = Vec::with_capacity(meta.size() as usize);
+        std::fs::File::open(path)?.read_to_end(&mut data)?;
+        let b = blobs.len() as i32;
+        blobs.push(data);
+        self.deleted.insert((meta.dev(), meta.ino()), b);
+        Ok(b)
+    }
+
     fn save_pipe(&mut self, pid: i32, fd: i32, d: &mut pb::FileDesc, blobs: &mut Vec<Vec<u8>>) -> std::io::Result<()> {
         let reader = std::fs::OpenOptions::new()
             .read(true)

@@ -168,27 +168,40 @@ pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Res
             v.pgoff = m.offset;
             scan = if done { None } else { Some(shared) };
         } else if m.path.starts_with('/') {
-            if m.path.ends_with(" (deleted)") {
-                let what = if m.path.starts_with("/SYSV") {
-                    "private attachments of System V shared memory are not supported"
-                } else if m.path.starts_with("/memfd:") {
-                    "private mappings of a memfd are not supported yet"
-                } else {
-                    "mappings of deleted files are not supported yet"
-                };
-                return Err(refuse(what.into()));
+            let deleted = m.path.strip_suffix(" (deleted)");
+            if deleted.is_some() && m.path.starts_with("/SYSV") {
+                return Err(refuse("private attachments of System V shared memory are not supported".into()));
+            }
+            if deleted.is_some() && m.path.starts_with("/memfd:") {
+                return Err(refuse("private mappings of a memfd are not supported yet".into()));
             }
             let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
             let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
             if !meta.file_type().is_file() {
                 return Err(refuse("only regular files can be mapped by a restorable process".into()));
             }
-            match std::fs::metadata(&m.path) {
-                Ok(p) if p.dev() == meta.dev() && p.ino() == meta.ino() => {}
-                Ok(_) => return Err(refuse("the file at this path was replaced after it was mapped".into())),
-                Err(e) => return Err(refuse(format!("the mapped file cannot be reached from floe ({e})"))),
+            match deleted {
+                // Its contents are saved with the rest of the state (collect_process).
+                Some(orig) if meta.nlink() == 0 => {
+                    v.path = orig.to_string();
+                    v.deleted = true;
+                }
+                Some(_) => {
+                    return Err(refuse(
+                        "the file was unlinked from this path but other links to it remain; floe cannot tell \
+                         which path to restore it at"
+                            .into(),
+                    ))
+                }
+                None => {
+                    match std::fs::metadata(&m.path) {
+                        Ok(p) if p.dev() == meta.dev() && p.ino() == meta.ino() => {}
+                        Ok(_) => return Err(refuse("the file at this path was replaced after it was mapped".into())),
+                        Err(e) => return Err(refuse(format!("the mapped file cannot be reached from floe ({e})"))),
+                    }
+                    v.path = m.path.clone();
+                }
             }
-            v.path = m.path.clone();
             v.pgoff = m.offset;
             v.file = Some(super::files::file_id(&meta));
             if m.shared {

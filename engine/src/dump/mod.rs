@@ -25,6 +25,7 @@ use crate::sys::ptrace::{self, UserRegs};
 use crate::sys::task;
 use floe_proto::image as pb;
 use freeze::FrozenTree;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -1183,9 +1184,45 @@ fn collect_process(
         op: "peeksiginfo shared",
         source,
     })?;
-    let vmas = memory::classify(pid, &maps, shmem)?;
+    let mut vmas = memory::classify(pid, &maps, shmem)?;
     let fds = files.collect(pid, opts.shell_job, opts.file_locks, blobs)?;
+    for v in vmas.iter_mut().filter(|v| v.pb.deleted) {
+        let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", v.pb.start, v.pb.end));
+        let saved = std::fs::metadata(&mf).and_then(|meta| files.save_deleted(&mf, &meta, blobs));
+        v.pb.deleted_blob = saved.map_err(|source| DumpError::Io {
+            pid,
+            what: format!("cannot save deleted file {} mapped at {:#x}", v.pb.path, v.pb.start),
+            source,
+        })?;
+    }
     let mut p = build_process(pid, pre, opts, &sf, &par)?;
+    if p.exe_path.ends_with(" (deleted)") {
+        let exe = procfs::path(pid, "exe");
+        let saved = std::fs::metadata(&exe).and_then(|meta| {
+            if meta.nlink() == 0 {
+                files.save_deleted(&exe, &meta, blobs).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        let blob = saved.map_err(|source| DumpError::Io {
+            pid,
+            what: format!("cannot save its deleted executable {}", p.exe_path),
+            source,
+        })?;
+        let Some(blob) = blob else {
+            return Err(DumpError::Refused {
+                pid,
+                what: format!(
+                    "its executable {} was unlinked from that path but other links to it remain; floe cannot tell \
+                     which path to restore it at",
+                    p.exe_path
+                ),
+            });
+        };
+        p.exe_path = p.exe_path.trim_end_matches(" (deleted)").to_string();
+        p.exe_blob = Some(blob);
+    }
     p.ppid = ppid;
     p.threads = threads;
     p.shared_pending = shared_pending.into_iter().map(|s| pb::PendingSignal { siginfo: s.to_vec() }).collect();
@@ -1285,12 +1322,7 @@ fn build_process(
     let st = procfs::status(pid).map_err(proc_err(pid, "status"))?;
     let auxv = std::fs::read(procfs::path(pid, "auxv")).map_err(proc_err(pid, "auxv"))?;
     let exe_path = procfs::readlink(pid, "exe").map_err(proc_err(pid, "exe"))?;
-    if exe_path.ends_with(" (deleted)") {
-        return Err(DumpError::Refused {
-            pid,
-            what: format!("its executable {exe_path} was deleted; restore would have nothing to map"),
-        });
-    }
+    // A deleted executable keeps its suffix here: collect_process saves it.
     let exe_meta = std::fs::metadata(procfs::path(pid, "exe")).map_err(proc_err(pid, "exe"))?;
     let cwd = procfs::readlink(pid, "cwd").map_err(proc_err(pid, "cwd"))?;
     if cwd.ends_with(" (deleted)") {

@@ -94,10 +94,32 @@ pub fn gather(root: i32, new_pidns: bool, moving: &[String]) -> Result<pp::Prefl
             }
         }
         let Ok(maps) = procfs::maps(pid, false) else { continue }; // a zombie
+                                                                   // Deleted files would have to travel with the first pass's state:
+                                                                   // refused here, before anything stops.
+        let no_deleted = |what: String| DumpError::Refused {
+            pid,
+            what: format!(
+                "{what} was deleted; a live migration cannot move deleted files yet (floe dump and floe restore can)"
+            ),
+        };
         if let Ok(exe) = std::fs::read_link(procfs::path(pid, "exe")) {
-            files.entry(exe.to_string_lossy().into_owned()).or_insert((format!("executable of {pid}"), false, true));
+            let exe = exe.to_string_lossy().into_owned();
+            if exe.ends_with(" (deleted)") {
+                return Err(no_deleted(format!("its executable {}", exe.trim_end_matches(" (deleted)"))));
+            }
+            files.entry(exe).or_insert((format!("executable of {pid}"), false, true));
         }
         for m in &maps {
+            let deleted_file = m.path.starts_with('/')
+                && m.path.ends_with(" (deleted)")
+                && !["/dev/zero", "/memfd:", "/SYSV", "/anon_hugepage"].iter().any(|p| m.path.starts_with(p));
+            if deleted_file {
+                return Err(no_deleted(format!(
+                    "the file {} mapped at {:#x}",
+                    m.path.trim_end_matches(" (deleted)"),
+                    m.start
+                )));
+            }
             let special = m.path.ends_with(" (deleted)")
                 || m.path.starts_with("/dev/")
                 || m.path.starts_with("/memfd:")

@@ -18,6 +18,8 @@ pub struct OpenFiles {
     fds: Vec<Option<OwnedFd>>,
     /// Restored TCP connections kept in repair mode (`tcp_hold`).
     pub held: Vec<crate::fdkinds::socket::HeldConn>,
+    /// Recreated deleted files by blob (mapped, run or open).
+    deleted: super::preflight::DeletedFiles,
 }
 
 const CREATION_FLAGS: u32 = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY) as u32;
@@ -66,6 +68,8 @@ impl OpenFiles {
         let mut stash = HashMap::new();
         let mut held = Vec::new();
         let mut later = Vec::new();
+        // Deleted files by blob: descriptions of one file share it.
+        let mut deleted = pre.deleted.clone();
         for (idx, f) in img.manifest.files.iter().enumerate() {
             let kind = pb::FdKind::try_from(f.kind).unwrap_or(pb::FdKind::Unspecified);
             if crate::fdkinds::restore_last(kind) {
@@ -96,8 +100,15 @@ impl OpenFiles {
                     task::open_raw(&p, flags).map_err(|e| ferr(&p, format!("cannot reopen floe's terminal ({e})")))?
                 }
                 pb::FdKind::DeletedFile => {
-                    let data = img.read_blob(f.blob as usize)?;
-                    let tmp = recreate_deleted(&f.path, &data)?;
+                    let tmp = match deleted.get(&f.blob) {
+                        Some(t) => t.clone(),
+                        None => {
+                            let data = img.read_blob(f.blob as usize)?;
+                            let t = std::sync::Arc::new(recreate_deleted(&f.path, &data, 0o600)?);
+                            deleted.insert(f.blob, t.clone());
+                            t
+                        }
+                    };
                     let p = format!("/proc/{me}/fd/{}", tmp.as_raw_fd());
                     let fd = task::open_raw(&p, flags)
                         .map_err(|e| ferr(&f.path, format!("cannot reopen recreated file ({e})")))?;
@@ -191,7 +202,12 @@ impl OpenFiles {
                 .and_then(|fl| task::fcntl_int(fd, libc::F_SETFL, fl | libc::O_ASYNC));
             set.map_err(|e| ferr(&f.path, format!("cannot restore signal-driven I/O ({e})")))?;
         }
-        Ok(Self { fds, held })
+        Ok(Self { fds, held, deleted })
+    }
+
+    /// The recreated deleted file of blob `blob`.
+    pub fn deleted(&self, blob: i32) -> Option<&std::fs::File> {
+        self.deleted.get(&blob).map(|f| f.as_ref())
     }
 
     pub fn get(&self, idx: u32) -> Option<&OwnedFd> {
@@ -199,9 +215,10 @@ impl OpenFiles {
     }
 }
 
-/// Creates an unlinked file with `data` in the directory `path` was in.
-fn recreate_deleted(path: &str, data: &[u8]) -> Result<std::fs::File, RestoreError> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// Creates an unlinked file with `data` and permission bits `mode` in the
+/// directory `path` was in.
+pub(super) fn recreate_deleted(path: &str, data: &[u8], mode: u32) -> Result<std::fs::File, RestoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
     let err = |e: std::io::Error| ferr(path, format!("cannot recreate deleted file ({e})"));
     let mut f =
@@ -221,6 +238,9 @@ fn recreate_deleted(path: &str, data: &[u8]) -> Result<std::fs::File, RestoreErr
             }
         };
     f.write_all(data).map_err(err)?;
+    if mode != 0o600 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    }
     Ok(f)
 }
 

@@ -214,7 +214,7 @@ impl Stub {
         }
         // Nice values and policies come last (set_sched): a niced stub would
         // run every injected syscall at that priority.
-        self.set_mm(p)?;
+        self.set_mm(p, files)?;
         mark("mm");
         files::install(self, &p.fds, files, sock)?;
         mark("files");
@@ -480,10 +480,20 @@ impl Stub {
     }
 
     /// PR_SET_MM_MAP: code/data/brk/stack/args/env bounds, auxv and exe link.
-    fn set_mm(&mut self, p: &pb::Process) -> Result<(), RestoreError> {
+    fn set_mm(&mut self, p: &pb::Process, files: &OpenFiles) -> Result<(), RestoreError> {
         let mm = p.mm.clone().unwrap_or_default();
         let sc = self.scratch;
-        let exe_fd = self.open_in_stub(&p.exe_path, (libc::O_RDONLY | libc::O_CLOEXEC) as u64)?;
+        let exe = match p.exe_blob {
+            Some(blob) => {
+                let f = files.deleted(blob).ok_or_else(|| RestoreError::File {
+                    path: p.exe_path.clone(),
+                    what: "was deleted, and its contents were not recreated".into(),
+                })?;
+                format!("/proc/{}/fd/{}", std::process::id(), std::os::fd::AsRawFd::as_raw_fd(f))
+            }
+            None => p.exe_path.clone(),
+        };
+        let exe_fd = self.open_in_stub(&exe, (libc::O_RDONLY | libc::O_CLOEXEC) as u64)?;
         let auxv_at = sc + 2048;
         if mm.auxv.len() > 1024 {
             return Err(RestoreError::Refused { what: format!("auxv of {} bytes is too large", mm.auxv.len()) });

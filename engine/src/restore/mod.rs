@@ -206,7 +206,7 @@ impl Tree {
             op: "creating the descriptor-passing socket".into(),
             source,
         })?;
-        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender };
+        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender, deleted: pre.deleted.clone() };
         let mut tree = Tree {
             procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?],
             finished: false,

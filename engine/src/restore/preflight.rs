@@ -22,6 +22,29 @@ pub struct Preflight {
     pub tcp_close: bool,
     /// Restored connections stay in repair mode until the tree is released.
     pub tcp_hold: bool,
+    /// Deleted files that processes map or run, recreated (unlinked) from
+    /// the image, by blob index.
+    pub deleted: DeletedFiles,
+}
+
+/// Recreated deleted files by blob index (see [`Preflight::deleted`]).
+pub type DeletedFiles = std::collections::HashMap<i32, std::sync::Arc<std::fs::File>>;
+
+/// Where the image's processes map or run a deleted file: (blob, where it
+/// was, its mode at the dump).
+fn deleted_files_of(m: &pb::Manifest) -> Vec<(i32, &str, u32)> {
+    let mut out: Vec<(i32, &str, u32)> = Vec::new();
+    for p in m.processes.iter().filter(|p| !p.zombie) {
+        let mode = |id: Option<&pb::FileId>| id.map(|i| i.mode).unwrap_or(0o600);
+        let vmas =
+            p.vmas.iter().filter(|v| v.deleted).map(|v| (v.deleted_blob, v.path.as_str(), mode(v.file.as_ref())));
+        for (blob, path, mode) in vmas.chain(p.exe_blob.map(|b| (b, p.exe_path.as_str(), mode(p.exe_id.as_ref())))) {
+            if !out.iter().any(|o| o.0 == blob) {
+                out.push((blob, path, mode));
+            }
+        }
+    }
+    out
 }
 
 /// How long to wait for a zombie holding the pid to be reaped.
@@ -32,13 +55,37 @@ fn file_err(path: &str, what: impl Into<String>) -> RestoreError {
 }
 
 impl Preflight {
+    /// Checks the image against this host, and recreates the deleted files
+    /// its processes map or run (unlinked: they vanish with the restore if it fails).
     pub fn check(img: &ImageReader, opts: &RestoreOptions) -> Result<Self, RestoreError> {
-        Self::check_manifest(&img.manifest, opts)
+        let mut pre = Self::check_state(&img.manifest, opts)?;
+        for (blob, path, mode) in deleted_files_of(&img.manifest) {
+            let data = img.read_blob(blob as usize)?;
+            let f = super::files::recreate_deleted(path, &data, mode & 0o7777)?;
+            // Kept read-only: a file open for writing cannot become an
+            // executable (PR_SET_MM_MAP's exe_fd); the stubs open it anew.
+            let ro = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)))
+                .map_err(|e| file_err(path, format!("cannot reopen the recreated deleted file ({e})")))?;
+            pre.deleted.insert(blob, std::sync::Arc::new(ro));
+        }
+        Ok(pre)
     }
 
     /// [`Preflight::check`] on a manifest (live migration: the state sent
-    /// by the source before any page).
+    /// by the source before any page). Deleted files cannot come this way.
     pub fn check_manifest(m: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
+        if let Some((_, path, _)) = deleted_files_of(m).first() {
+            return Err(RestoreError::Refused {
+                what: format!(
+                    "a process maps or runs the deleted file {path}; a live migration cannot move deleted files yet \
+                     (floe dump and floe restore can)"
+                ),
+            });
+        }
+        Self::check_state(m, opts)
+    }
+
+    fn check_state(m: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
         let root = m
             .processes
             .first()
@@ -103,13 +150,21 @@ impl Preflight {
                 }
                 check_realtime(p.pid, th)?;
             }
-            // Files the process maps must be here, unchanged.
+            // Files the process maps must be here, unchanged; deleted ones
+            // are recreated in the directory they were in.
             for v in &p.vmas {
                 if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32 {
-                    check_file(&v.path, v.file.as_ref(), true)?;
+                    if v.deleted {
+                        check_deleted(m, &v.path, v.deleted_blob)?;
+                    } else {
+                        check_file(&v.path, v.file.as_ref(), true)?;
+                    }
                 }
             }
-            check_file(&p.exe_path, p.exe_id.as_ref(), true)?;
+            match p.exe_blob {
+                Some(blob) => check_deleted(m, &p.exe_path, blob)?,
+                None => check_file(&p.exe_path, p.exe_id.as_ref(), true)?,
+            }
             for (what, path) in [("working directory", &p.cwd), ("root directory", &p.root)] {
                 if !std::path::Path::new(path).is_dir() {
                     return Err(file_err(path, format!("{what} of process {} is missing", p.pid)));
@@ -174,8 +229,22 @@ impl Preflight {
             host_parts,
             tcp_close: opts.tcp_close,
             tcp_hold: opts.tcp_hold,
+            deleted: DeletedFiles::new(),
         })
     }
+}
+
+/// A deleted file the image holds: its blob exists and the directory it was
+/// in is here (it is recreated there, unlinked).
+fn check_deleted(m: &pb::Manifest, path: &str, blob: i32) -> Result<(), RestoreError> {
+    if blob < 0 || blob as usize >= m.blobs.len() {
+        return Err(file_err(path, "was deleted, and the image does not hold its contents"));
+    }
+    let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
+    if !dir.is_dir() {
+        return Err(file_err(path, "was deleted, and the directory to recreate it in is missing"));
+    }
+    Ok(())
 }
 
 fn check_file(path: &str, id: Option<&pb::FileId>, exact: bool) -> Result<(), RestoreError> {

@@ -17,6 +17,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 pub struct Shmem {
     pub objects: HashMap<u64, OwnedFd>,
     pub sender: OwnedFd,
+    /// Deleted files that mappings and executables refer to, recreated by preflight.
+    pub deleted: super::preflight::DeletedFiles,
 }
 
 /// Scratch area mapped in every stub for syscall arguments.
@@ -582,12 +584,23 @@ impl Stub {
                 pb::VmaKind::FilePrivate | pb::VmaKind::FileShared => {
                     let shared = kind == pb::VmaKind::FileShared;
                     let writable = shared && v.prot & libc::PROT_WRITE as u32 != 0;
-                    let key = (v.path.clone(), writable);
+                    // A deleted file is opened through floe's descriptor of the recreated one.
+                    let path = match v.deleted {
+                        true => {
+                            let f = shm.deleted.get(&v.deleted_blob).ok_or_else(|| RestoreError::File {
+                                path: v.path.clone(),
+                                what: "was deleted, and its contents were not recreated".into(),
+                            })?;
+                            format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd())
+                        }
+                        false => v.path.clone(),
+                    };
+                    let key = (path, writable);
                     let fd = match files.get(&key) {
                         Some(fd) => *fd,
                         None => {
                             let oflags = if writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
-                            let fd = self.open_in_stub(&v.path, oflags as u64)?;
+                            let fd = self.open_in_stub(&key.0, oflags as u64)?;
                             files.insert(key, fd);
                             fd
                         }
