@@ -300,6 +300,15 @@ async fn run(
         }
         other => return Err(unexpected("preflight", name, "preflight reply", other)),
     }
+    // Deleted files the tree maps or runs go first: the target maps them in
+    // its staged tree (pass 0's state names them by dev and inode).
+    let deleted = tokio::task::spawn_blocking(move || floe_engine::migrate::preflight::deleted_files(pid))
+        .await
+        .map_err(|e| MigrateError::Engine(e.to_string()))?
+        .map_err(|e| MigrateError::Refused(chain(&e)))?;
+    for d in &deleted {
+        send_deleted(&mut s, d).await?;
+    }
     let opts = SourceOptions {
         pid,
         dirty_tracker: req.dirty_tracker.clone(),
@@ -802,6 +811,29 @@ where
 }
 
 /// Sends the final image's files. Returns the bytes sent.
+/// One deleted file: its description, then its contents in chunks.
+async fn send_deleted(
+    s: &mut Session<'_>,
+    d: &floe_engine::migrate::preflight::DeletedContents,
+) -> Result<(), MigrateError> {
+    tracing::info!(path = %d.path, bytes = d.data.len(), "sending a deleted file the tree maps or runs");
+    let desc = pp::DeletedFile {
+        dev: d.id.0,
+        ino: d.id.1,
+        size: d.data.len() as u64,
+        blake3: blake3::hash(&d.data).as_bytes().to_vec(),
+        path: d.path.clone(),
+    };
+    s.send("deleted files", Msg::DeletedFile(desc)).await?;
+    let chunk = (s.max_frame as usize / 2).max(4096);
+    for (i, part) in d.data.chunks(chunk).enumerate() {
+        let msg =
+            Msg::FileChunk(pp::FileChunk { file: 2, offset: (i * chunk) as u64, data: part.to_vec(), zstd: false });
+        s.send("deleted files", msg).await?;
+    }
+    Ok(())
+}
+
 async fn send_final(
     s: &mut Session<'_>,
     dir: &std::path::Path,

@@ -421,6 +421,8 @@ async fn apply_stream(
     // 16 MiB allocation (and its page faults) per batch.
     let (pool_tx, pool_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     to_verifier(vtx, Verify::Cmd(TgtCmd::Pool(pool_tx))).await?;
+    // Deleted files the tree maps or runs, sent before the first pass.
+    let mut deleted: HashMap<(u64, u64), Vec<u8>> = HashMap::new();
     loop {
         let mut buf = pool_rx.try_recv().unwrap_or_default();
         let (kind, len) = wire::read_frame_into(&mut st.recv, st.max, &mut buf).await?;
@@ -441,11 +443,16 @@ async fn apply_stream(
                     ..Default::default()
                 };
                 let (tx, rx) = oneshot::channel();
-                to_verifier(vtx, Verify::Cmd(TgtCmd::Create(Box::new(m), opts, tx))).await?;
+                let files = std::mem::take(&mut deleted);
+                to_verifier(vtx, Verify::Cmd(TgtCmd::Create(Box::new(m), opts, files, tx))).await?;
                 let writer = rx.await.map_err(|_| failed("engine thread stopped"))?.map_err(TargetError::Failed)?;
                 // Before any page of the pass: nothing else is read meanwhile.
                 to_verifier(vtx, Verify::Writer(writer)).await?;
                 pass_t = Instant::now();
+            }
+            Some(Msg::DeletedFile(d)) => {
+                let data = receive_deleted(st, &d, deleted.values().map(|v| v.len() as u64).sum()).await?;
+                deleted.insert((d.dev, d.ino), data);
             }
             Some(Msg::Layout(l)) => {
                 if l.pass == 1 {
@@ -607,6 +614,45 @@ async fn apply_stream(
             }
         }
     }
+}
+
+/// All deleted files of one migration together: at most this many bytes.
+const MAX_DELETED_TOTAL: u64 = 4 << 30;
+
+/// Receives the contents of the deleted file `d` (FileChunks with file 2)
+/// and checks them; `before` bytes of other deleted files came already.
+async fn receive_deleted(st: &mut Stream, d: &pp::DeletedFile, before: u64) -> Result<Vec<u8>, TargetError> {
+    let max = floe_engine::dump::MAX_DELETED_FILE;
+    if d.size > max || before + d.size > MAX_DELETED_TOTAL {
+        return Err(failed(format!(
+            "deleted file {} of {} bytes is too large (at most {} MiB each, {} MiB in all)",
+            d.path,
+            d.size,
+            max >> 20,
+            MAX_DELETED_TOTAL >> 20
+        )));
+    }
+    let mut data = Vec::with_capacity(d.size as usize);
+    while (data.len() as u64) < d.size {
+        let f: pp::Frame = wire::read_control(&mut st.recv, st.max).await?;
+        match f.msg {
+            Some(Msg::FileChunk(c)) if c.file == 2 && !c.zstd => {
+                if c.offset != data.len() as u64 || data.len() as u64 + c.data.len() as u64 > d.size {
+                    return Err(failed(format!("deleted file {}: chunk out of order or too long", d.path)));
+                }
+                data.extend_from_slice(&c.data);
+            }
+            Some(Msg::Abort(a)) => return Err(failed(format!("the source aborted: {}", a.reason))),
+            other => {
+                let got = wire::frame_name(&pp::Frame { msg: other });
+                return Err(WireError::Unexpected { expected: "a chunk of a deleted file", got }.into());
+            }
+        }
+    }
+    if blake3::hash(&data).as_bytes()[..] != d.blake3[..] {
+        return Err(failed(format!("deleted file {} failed its checksum: corrupted in transit", d.path)));
+    }
+    Ok(data)
 }
 
 /// Receives the final image into a private directory.

@@ -107,6 +107,7 @@ pub fn frame_name(f: &floe_proto::peer::Frame) -> String {
         Some(Msg::Query(_)) => "query",
         Some(Msg::QueryReply(_)) => "query reply",
         Some(Msg::Layout(_)) => "layout",
+        Some(Msg::DeletedFile(_)) => "deleted file",
     }
     .to_string()
 }

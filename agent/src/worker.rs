@@ -146,7 +146,14 @@ impl Drop for SourceWorker {
 /// Commands for the target's engine thread, in stream order.
 pub enum TgtCmd {
     /// Answers with a writer other threads may use during the first pass.
-    Create(Box<pb::Manifest>, RestoreOptions, oneshot::Sender<Result<Option<PageWriter>, String>>),
+    /// Pass 0's state, with the contents of the deleted files it maps or
+    /// runs by (dev, inode).
+    Create(
+        Box<pb::Manifest>,
+        RestoreOptions,
+        HashMap<(u64, u64), Vec<u8>>,
+        oneshot::Sender<Result<Option<PageWriter>, String>>,
+    ),
     /// Where to give frame buffers back once their pages are written.
     Pool(std::sync::mpsc::Sender<Vec<u8>>),
     Layout(Box<pb::Process>),
@@ -181,9 +188,9 @@ impl TargetWorker {
                 for cmd in rx {
                     match cmd {
                         TgtCmd::Pool(p) => pool = Some(p),
-                        TgtCmd::Create(m, opts, r) => {
+                        TgtCmd::Create(m, opts, deleted, r) => {
                             let t = std::time::Instant::now();
-                            let res = Staged::create(&m, &opts).map_err(|e| chain(&e));
+                            let res = Staged::create(&m, &opts, &deleted).map_err(|e| chain(&e));
                             if res.is_ok() {
                                 let ms = t.elapsed().as_secs_f64() * 1000.0;
                                 tracing::info!(pid = m.root_pid, create_ms = ms, "staged tree created");

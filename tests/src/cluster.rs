@@ -215,11 +215,27 @@ impl Cluster {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.path().join(format!("w{n}"));
         std::fs::create_dir_all(&dir)?;
+        let args = [dir.join("log").into_os_string(), mib.to_string().into(), dir.clone().into_os_string()];
+        let env = [("MIGCOUNTER_DIRTY_MIBS", dirty_mibs.to_string())];
+        let pid = self.spawn_in(i, exe, &args, &env, &dir, &dir.join("ready"))?;
+        Ok(Workload { pid, dir })
+    }
+
+    /// Starts `exe ARGS` in host `i`'s network namespace, in a session of
+    /// its own, with stdout and stderr in `dir`, and waits (60 s at most)
+    /// for it to create `ready`. Returns its pid; the process is not waited on.
+    pub fn spawn_in(
+        &self,
+        i: usize,
+        exe: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, String)],
+        dir: &Path,
+        ready: &Path,
+    ) -> io::Result<i32> {
         let mut cmd = self.host(i).command_setns(exe)?;
-        cmd.arg(dir.join("log"))
-            .arg(mib.to_string())
-            .arg(&dir)
-            .env("MIGCOUNTER_DIRTY_MIBS", dirty_mibs.to_string())
+        cmd.args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("out"))?)
             .stderr(std::fs::File::create(dir.join("err"))?);
@@ -232,14 +248,14 @@ impl Cluster {
             });
         }
         let mut child = cmd.spawn()?;
-        if !wait_for_file(&dir.join("ready"), Duration::from_secs(60)) {
+        if !wait_for_file(ready, Duration::from_secs(60)) {
             let _ = child.kill();
-            return Err(io::Error::other("migcounter did not become ready"));
+            return Err(io::Error::other(format!("{} did not become ready", exe.display())));
         }
         let pid = child.id() as i32;
         // Reaped by whoever ends up its parent; this handle is not waited on.
         std::mem::forget(child);
-        Ok(Workload { pid, dir })
+        Ok(pid)
     }
 
     /// Host pids of the migcounter processes running in host `i` (zombies excluded).

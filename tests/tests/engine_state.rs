@@ -1014,9 +1014,16 @@ fn deleted_executable_and_mapped_file_are_recreated() {
     };
     let before = fx.report();
     ok(&before, "before the dump");
-    // A live migration refuses it in its pre-flight, before anything stops.
-    let refused = floe_engine::migrate::preflight::gather(fx.pid(), false, &[]).map(|_| ()).unwrap_err().to_string();
-    assert_mentions(&refused, &["deleted", "live migration cannot move deleted files"], "migration pre-flight");
+    // What a live migration sends before its first pass: both files, once.
+    let sent = floe_engine::migrate::preflight::deleted_files(fx.pid()).unwrap();
+    let mut names: Vec<(String, usize)> = sent.iter().map(|d| (d.path.clone(), d.data.len())).collect();
+    names.sort();
+    let exe_len = fs::metadata(fixture_path("deleted_maps")).unwrap().len() as usize;
+    assert_eq!(
+        names,
+        vec![(data.display().to_string(), 8 * 4096), (exe.display().to_string(), exe_len)],
+        "deleted files a migration sends"
+    );
     let img = td.join("img");
     dump_and_reap(&mut fx.fx, &img, &[]);
     restore_and_adopt(&mut fx.fx, &img, &[], Stdio::null());

@@ -329,3 +329,50 @@ fn vm_flags_changed_during_precopy_are_exact_after_migration() {
     let (n, bad) = stats(&w);
     assert_eq!(bad, 0, "after {n} checks the migrated workload found flags it had not set");
 }
+
+/// A process whose executable and a mapped file were deleted while it ran
+/// (a package upgrade replaced them) migrates: the source sends both files
+/// before the first pass, and the target maps them in its staged tree. The
+/// moved process reads the same bytes through its private, copy-on-write
+/// and shared mappings, and its descriptor and shared mapping are one file.
+#[test]
+fn deleted_executable_and_mapped_file_migrate() {
+    require_root!();
+    let mut c = Cluster::new("del", FAST_FAIL).unwrap();
+    c.start().unwrap();
+    let dir = c.dir.path().join("deleted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("deleted_maps.copy");
+    std::fs::copy(fixture_path("deleted_maps"), &exe).unwrap();
+    let (ready, report) = (dir.join("ready"), dir.join("report"));
+    let args: Vec<std::ffi::OsString> = vec![
+        "--ready".into(),
+        ready.clone().into(),
+        "--report".into(),
+        report.clone().into(),
+        "--data".into(),
+        dir.join("data.bin").into(),
+        "--self".into(),
+        exe.clone().into(),
+    ];
+    let pid = c.spawn_in(0, &exe, &args, &[], &dir, &ready).unwrap();
+    let log = dir.join("err");
+    let ok = |r: &Report, what: &str| {
+        for k in ["ro_ok", "cow_ok", "sh_ok", "fd_sees_sh", "sh_to_fd"] {
+            assert_eq!(r[k], "1", "{what}: {k} in {r:?}");
+        }
+        assert_eq!(r["nlink"], "0", "{what}: {r:?}");
+        assert!(r["exe"].ends_with(" (deleted)"), "{what}: exe link {:?}", r["exe"]);
+    };
+    ok(&request_report(pid, &report, libc::SIGUSR1, &log), "before the migration");
+    let out = c.migrate_ok(pid, &[]);
+    assert!(Cluster::events(&out).iter().any(|e| e["event"] == "report"), "no report");
+    assert!(wait_until(Duration::from_secs(5), || !pid_alive(pid)), "the source copy still runs");
+    let comm = |p: &i32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+    let moved: Vec<i32> =
+        c.host(1).pids().unwrap().into_iter().filter(|p| comm(p).starts_with("deleted_maps")).collect();
+    assert_eq!(moved.len(), 1, "copies in host b: {moved:?}");
+    let _ = std::fs::remove_file(&report);
+    ok(&request_report(moved[0], &report, libc::SIGUSR1, &log), "after the migration");
+    assert!(c.agent_log(0).contains("sending a deleted file"), "source did not send the deleted files");
+}

@@ -67,6 +67,9 @@ pub struct FileTable {
     /// A file open, mapped or run by several processes is saved once and
     /// restored as one file.
     deleted: HashMap<(u64, u64), i32>,
+    /// Deleted files that are mapped or run are only marked (`-1` blobs):
+    /// a live migration sends their contents another way.
+    pub mapped_deleted_elsewhere: bool,
 }
 
 impl FileTable {

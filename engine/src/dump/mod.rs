@@ -12,7 +12,7 @@ pub(crate) mod freeze;
 pub(crate) mod memory;
 mod parasite;
 
-pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX};
+pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX, MAX_DELETED_FILE};
 pub use memory::{
     is_vdso_part, is_zero, ChunkConsumer, PageChunk, Recycler, StreamItem, NONZERO_MARK,
     STREAM_BATCH as STREAM_BATCH_BYTES,
@@ -576,6 +576,9 @@ pub(crate) fn dump_frozen(
     let mut files = files::FileTable::new(&pids);
     files.ext_unix_sk = opts.ext_unix_sk;
     files.tcp_established = opts.tcp_established;
+    // A migration's target gets mapped deleted files before the first pass
+    // (the agents send them): not read again inside a freeze.
+    files.mapped_deleted_elsewhere = !matches!(out, Output::Image(_));
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());
@@ -1186,7 +1189,8 @@ fn collect_process(
     })?;
     let mut vmas = memory::classify(pid, &maps, shmem)?;
     let fds = files.collect(pid, opts.shell_job, opts.file_locks, blobs)?;
-    for v in vmas.iter_mut().filter(|v| v.pb.deleted) {
+    let elsewhere = files.mapped_deleted_elsewhere;
+    for v in vmas.iter_mut().filter(|v| v.pb.deleted && !elsewhere) {
         let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", v.pb.start, v.pb.end));
         let saved = std::fs::metadata(&mf).and_then(|meta| files.save_deleted(&mf, &meta, blobs));
         v.pb.deleted_blob = saved.map_err(|source| DumpError::Io {
@@ -1198,12 +1202,10 @@ fn collect_process(
     let mut p = build_process(pid, pre, opts, &sf, &par)?;
     if p.exe_path.ends_with(" (deleted)") {
         let exe = procfs::path(pid, "exe");
-        let saved = std::fs::metadata(&exe).and_then(|meta| {
-            if meta.nlink() == 0 {
-                files.save_deleted(&exe, &meta, blobs).map(Some)
-            } else {
-                Ok(None)
-            }
+        let saved = std::fs::metadata(&exe).and_then(|meta| match meta.nlink() {
+            0 if files.mapped_deleted_elsewhere => Ok(Some(-1)),
+            0 => files.save_deleted(&exe, &meta, blobs).map(Some),
+            _ => Ok(None),
         });
         let blob = saved.map_err(|source| DumpError::Io {
             pid,

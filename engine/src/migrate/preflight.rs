@@ -67,6 +67,63 @@ fn status_kb(pid: i32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A deleted file that a process of the tree maps or runs, read whole.
+pub struct DeletedContents {
+    /// (dev, inode): how the state names it.
+    pub id: (u64, u64),
+    /// Where it was.
+    pub path: String,
+    pub data: Vec<u8>,
+}
+
+/// The deleted files (unlinked while mapped: a binary or library that a
+/// package upgrade replaced) that the tree maps or runs, each once, read
+/// through /proc while the tree runs. A migration sends them before the
+/// first pass, so that the target can map them in its staged tree.
+pub fn deleted_files(root: i32) -> Result<Vec<DeletedContents>, DumpError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out: Vec<DeletedContents> = Vec::new();
+    for (pid, _) in crate::dump::freeze::walk(root) {
+        let Ok(maps) = procfs::maps(pid, false) else { continue }; // a zombie
+        let mut places: Vec<(String, std::path::PathBuf)> = Vec::new();
+        if let Ok(exe) = std::fs::read_link(procfs::path(pid, "exe")) {
+            let exe = exe.to_string_lossy().into_owned();
+            if let Some(orig) = exe.strip_suffix(" (deleted)") {
+                places.push((orig.to_string(), procfs::path(pid, "exe")));
+            }
+        }
+        for m in &maps {
+            let special = ["/dev/zero", "/memfd:", "/SYSV", "/anon_hugepage"].iter().any(|p| m.path.starts_with(p));
+            if let Some(orig) = m.path.strip_suffix(" (deleted)").filter(|_| m.path.starts_with('/') && !special) {
+                let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
+                places.push((orig.to_string(), mf));
+            }
+        }
+        for (path, place) in places {
+            let refuse = |what: String| DumpError::Refused { pid, what: format!("deleted file {path}: {what}") };
+            let meta = std::fs::metadata(&place).map_err(proc_err(pid, "map_files"))?;
+            let id = (meta.dev(), meta.ino());
+            // Not a regular file, or other links left: the dump refuses it with the reason.
+            if !meta.is_file() || meta.nlink() != 0 || out.iter().any(|d| d.id == id) {
+                continue;
+            }
+            if meta.size() > crate::dump::MAX_DELETED_FILE {
+                return Err(refuse(format!(
+                    "it holds {} bytes; floe saves deleted files of up to {} MiB",
+                    meta.size(),
+                    crate::dump::MAX_DELETED_FILE >> 20
+                )));
+            }
+            let mut data = Vec::with_capacity(meta.size() as usize);
+            std::fs::File::open(&place)
+                .and_then(|mut f| f.read_to_end(&mut data))
+                .map_err(|e| refuse(format!("cannot read it ({e})")))?;
+            out.push(DeletedContents { id, path, data });
+        }
+    }
+    Ok(out)
+}
+
 /// Everything the target must check, read from /proc while the tree runs.
 pub fn gather(root: i32, new_pidns: bool, moving: &[String]) -> Result<pp::Preflight, DumpError> {
     if !std::path::Path::new(&format!("/proc/{root}")).exists() {
@@ -93,33 +150,16 @@ pub fn gather(root: i32, new_pidns: bool, moving: &[String]) -> Result<pp::Prefl
                 out.socket_addresses.push(s);
             }
         }
-        let Ok(maps) = procfs::maps(pid, false) else { continue }; // a zombie
-                                                                   // Deleted files would have to travel with the first pass's state:
-                                                                   // refused here, before anything stops.
-        let no_deleted = |what: String| DumpError::Refused {
-            pid,
-            what: format!(
-                "{what} was deleted; a live migration cannot move deleted files yet (floe dump and floe restore can)"
-            ),
-        };
+        // A zombie has no maps. A deleted executable or mapped file is sent
+        // beside the state ([`deleted_files`]), not looked for on the target.
+        let Ok(maps) = procfs::maps(pid, false) else { continue };
         if let Ok(exe) = std::fs::read_link(procfs::path(pid, "exe")) {
             let exe = exe.to_string_lossy().into_owned();
-            if exe.ends_with(" (deleted)") {
-                return Err(no_deleted(format!("its executable {}", exe.trim_end_matches(" (deleted)"))));
+            if !exe.ends_with(" (deleted)") {
+                files.entry(exe).or_insert((format!("executable of {pid}"), false, true));
             }
-            files.entry(exe).or_insert((format!("executable of {pid}"), false, true));
         }
         for m in &maps {
-            let deleted_file = m.path.starts_with('/')
-                && m.path.ends_with(" (deleted)")
-                && !["/dev/zero", "/memfd:", "/SYSV", "/anon_hugepage"].iter().any(|p| m.path.starts_with(p));
-            if deleted_file {
-                return Err(no_deleted(format!(
-                    "the file {} mapped at {:#x}",
-                    m.path.trim_end_matches(" (deleted)"),
-                    m.start
-                )));
-            }
             let special = m.path.ends_with(" (deleted)")
                 || m.path.starts_with("/dev/")
                 || m.path.starts_with("/memfd:")

@@ -28,8 +28,12 @@ fn refused(what: String) -> RestoreError {
 impl Staged {
     /// Checks the state of pass 0 against this host and builds the stopped
     /// tree with every mapping (restore stage a).
-    pub fn create(m0: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
-        let pre = Preflight::check_manifest(m0, opts)?;
+    pub fn create(
+        m0: &pb::Manifest,
+        opts: &RestoreOptions,
+        deleted: &HashMap<(u64, u64), Vec<u8>>,
+    ) -> Result<Self, RestoreError> {
+        let pre = Preflight::check_manifest(m0, opts, deleted)?;
         let mut tree = Tree::create(m0, &pre)?;
         tree.park_installers(m0)?;
         // Pass 0 brings every page and the stubs have none yet.

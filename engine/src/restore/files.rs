@@ -100,12 +100,14 @@ impl OpenFiles {
                     task::open_raw(&p, flags).map_err(|e| ferr(&p, format!("cannot reopen floe's terminal ({e})")))?
                 }
                 pb::FdKind::DeletedFile => {
-                    let tmp = match deleted.get(&f.blob) {
+                    // One file per deleted file, shared with its mappings.
+                    let id = f.file.as_ref().map(|i| (i.dev, i.ino)).unwrap_or_default();
+                    let tmp = match deleted.get(&id) {
                         Some(t) => t.clone(),
                         None => {
                             let data = img.read_blob(f.blob as usize)?;
                             let t = std::sync::Arc::new(recreate_deleted(&f.path, &data, 0o600)?);
-                            deleted.insert(f.blob, t.clone());
+                            deleted.insert(id, t.clone());
                             t
                         }
                     };
@@ -205,9 +207,9 @@ impl OpenFiles {
         Ok(Self { fds, held, deleted })
     }
 
-    /// The recreated deleted file of blob `blob`.
-    pub fn deleted(&self, blob: i32) -> Option<&std::fs::File> {
-        self.deleted.get(&blob).map(|f| f.as_ref())
+    /// The recreated deleted file that was (dev, inode) `id` at the dump.
+    pub fn deleted(&self, id: (u64, u64)) -> Option<&std::fs::File> {
+        self.deleted.get(&id).map(|f| f.as_ref())
     }
 
     pub fn get(&self, idx: u32) -> Option<&OwnedFd> {

@@ -484,8 +484,9 @@ impl Stub {
         let mm = p.mm.clone().unwrap_or_default();
         let sc = self.scratch;
         let exe = match p.exe_blob {
-            Some(blob) => {
-                let f = files.deleted(blob).ok_or_else(|| RestoreError::File {
+            Some(_) => {
+                let id = p.exe_id.as_ref().map(|f| (f.dev, f.ino)).unwrap_or_default();
+                let f = files.deleted(id).ok_or_else(|| RestoreError::File {
                     path: p.exe_path.clone(),
                     what: "was deleted, and its contents were not recreated".into(),
                 })?;

@@ -23,24 +23,36 @@ pub struct Preflight {
     /// Restored connections stay in repair mode until the tree is released.
     pub tcp_hold: bool,
     /// Deleted files that processes map or run, recreated (unlinked) from
-    /// the image, by blob index.
+    /// the image or from what a migration's source sent, by (dev, inode) at
+    /// the dump.
     pub deleted: DeletedFiles,
 }
 
-/// Recreated deleted files by blob index (see [`Preflight::deleted`]).
-pub type DeletedFiles = std::collections::HashMap<i32, std::sync::Arc<std::fs::File>>;
+/// Recreated deleted files (see [`Preflight::deleted`]).
+pub type DeletedFiles = std::collections::HashMap<(u64, u64), std::sync::Arc<std::fs::File>>;
 
-/// Where the image's processes map or run a deleted file: (blob, where it
-/// was, its mode at the dump).
-fn deleted_files_of(m: &pb::Manifest) -> Vec<(i32, &str, u32)> {
-    let mut out: Vec<(i32, &str, u32)> = Vec::new();
+/// A deleted file that the image's processes map or run.
+pub struct DeletedNeed<'m> {
+    /// (dev, inode) at the dump.
+    pub id: (u64, u64),
+    /// Index into the manifest's blobs (-1: not in the image).
+    pub blob: i32,
+    /// Where it was.
+    pub path: &'m str,
+    pub mode: u32,
+    pub size: u64,
+}
+
+/// The deleted files the image's processes map or run, each once.
+pub fn deleted_files_of(m: &pb::Manifest) -> Vec<DeletedNeed<'_>> {
+    let mut out: Vec<DeletedNeed<'_>> = Vec::new();
     for p in m.processes.iter().filter(|p| !p.zombie) {
-        let mode = |id: Option<&pb::FileId>| id.map(|i| i.mode).unwrap_or(0o600);
-        let vmas =
-            p.vmas.iter().filter(|v| v.deleted).map(|v| (v.deleted_blob, v.path.as_str(), mode(v.file.as_ref())));
-        for (blob, path, mode) in vmas.chain(p.exe_blob.map(|b| (b, p.exe_path.as_str(), mode(p.exe_id.as_ref())))) {
-            if !out.iter().any(|o| o.0 == blob) {
-                out.push((blob, path, mode));
+        let vmas = p.vmas.iter().filter(|v| v.deleted).map(|v| (v.deleted_blob, v.path.as_str(), v.file.as_ref()));
+        let exe = p.exe_blob.map(|b| (b, p.exe_path.as_str(), p.exe_id.as_ref()));
+        for (blob, path, id) in vmas.chain(exe) {
+            let id = id.cloned().unwrap_or_default();
+            if !out.iter().any(|o| o.id == (id.dev, id.ino)) {
+                out.push(DeletedNeed { id: (id.dev, id.ino), blob, path, mode: id.mode & 0o7777, size: id.size });
             }
         }
     }
@@ -59,30 +71,36 @@ impl Preflight {
     /// its processes map or run (unlinked: they vanish with the restore if it fails).
     pub fn check(img: &ImageReader, opts: &RestoreOptions) -> Result<Self, RestoreError> {
         let mut pre = Self::check_state(&img.manifest, opts)?;
-        for (blob, path, mode) in deleted_files_of(&img.manifest) {
-            let data = img.read_blob(blob as usize)?;
-            let f = super::files::recreate_deleted(path, &data, mode & 0o7777)?;
-            // Kept read-only: a file open for writing cannot become an
-            // executable (PR_SET_MM_MAP's exe_fd); the stubs open it anew.
-            let ro = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)))
-                .map_err(|e| file_err(path, format!("cannot reopen the recreated deleted file ({e})")))?;
-            pre.deleted.insert(blob, std::sync::Arc::new(ro));
+        for d in deleted_files_of(&img.manifest) {
+            check_deleted(&img.manifest, d.path, d.blob)?;
+            let data = img.read_blob(d.blob as usize)?;
+            pre.deleted.insert(d.id, recreate(d.path, &data, d.mode)?);
         }
         Ok(pre)
     }
 
     /// [`Preflight::check`] on a manifest (live migration: the state sent
-    /// by the source before any page). Deleted files cannot come this way.
-    pub fn check_manifest(m: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
-        if let Some((_, path, _)) = deleted_files_of(m).first() {
-            return Err(RestoreError::Refused {
-                what: format!(
-                    "a process maps or runs the deleted file {path}; a live migration cannot move deleted files yet \
-                     (floe dump and floe restore can)"
-                ),
-            });
+    /// by the source before any page), with the contents of the deleted
+    /// files its processes map or run, by (dev, inode), sent beside it.
+    pub fn check_manifest(
+        m: &pb::Manifest,
+        opts: &RestoreOptions,
+        deleted: &std::collections::HashMap<(u64, u64), Vec<u8>>,
+    ) -> Result<Self, RestoreError> {
+        let mut pre = Self::check_state(m, opts)?;
+        for d in deleted_files_of(m) {
+            let data = deleted
+                .get(&d.id)
+                .ok_or_else(|| file_err(d.path, "was deleted, and its contents did not come with the process state"))?;
+            if data.len() as u64 != d.size {
+                return Err(file_err(
+                    d.path,
+                    format!("was deleted, and {} bytes of it came, not {}", data.len(), d.size),
+                ));
+            }
+            pre.deleted.insert(d.id, recreate(d.path, data, d.mode)?);
         }
-        Self::check_state(m, opts)
+        Ok(pre)
     }
 
     fn check_state(m: &pb::Manifest, opts: &RestoreOptions) -> Result<Self, RestoreError> {
@@ -152,18 +170,15 @@ impl Preflight {
             }
             // Files the process maps must be here, unchanged; deleted ones
             // are recreated in the directory they were in.
+            // (Deleted ones are checked and recreated by the callers.)
             for v in &p.vmas {
-                if v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32 {
-                    if v.deleted {
-                        check_deleted(m, &v.path, v.deleted_blob)?;
-                    } else {
-                        check_file(&v.path, v.file.as_ref(), true)?;
-                    }
+                let file = v.kind == pb::VmaKind::FilePrivate as i32 || v.kind == pb::VmaKind::FileShared as i32;
+                if file && !v.deleted {
+                    check_file(&v.path, v.file.as_ref(), true)?;
                 }
             }
-            match p.exe_blob {
-                Some(blob) => check_deleted(m, &p.exe_path, blob)?,
-                None => check_file(&p.exe_path, p.exe_id.as_ref(), true)?,
+            if p.exe_blob.is_none() {
+                check_file(&p.exe_path, p.exe_id.as_ref(), true)?;
             }
             for (what, path) in [("working directory", &p.cwd), ("root directory", &p.root)] {
                 if !std::path::Path::new(path).is_dir() {
@@ -234,17 +249,26 @@ impl Preflight {
     }
 }
 
-/// A deleted file the image holds: its blob exists and the directory it was
-/// in is here (it is recreated there, unlinked).
+/// A deleted file the image holds: its blob exists.
 fn check_deleted(m: &pb::Manifest, path: &str, blob: i32) -> Result<(), RestoreError> {
     if blob < 0 || blob as usize >= m.blobs.len() {
         return Err(file_err(path, "was deleted, and the image does not hold its contents"));
     }
+    Ok(())
+}
+
+/// Recreates a deleted file (unlinked, in the directory it was in) and
+/// keeps it read-only: a file open for writing cannot become an executable
+/// (PR_SET_MM_MAP's exe_fd); the stubs open it anew.
+fn recreate(path: &str, data: &[u8], mode: u32) -> Result<std::sync::Arc<std::fs::File>, RestoreError> {
     let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
     if !dir.is_dir() {
         return Err(file_err(path, "was deleted, and the directory to recreate it in is missing"));
     }
-    Ok(())
+    let f = super::files::recreate_deleted(path, data, mode)?;
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&f)))
+        .map_err(|e| file_err(path, format!("cannot reopen the recreated deleted file ({e})")))?;
+    Ok(std::sync::Arc::new(ro))
 }
 
 fn check_file(path: &str, id: Option<&pb::FileId>, exact: bool) -> Result<(), RestoreError> {

@@ -587,7 +587,8 @@ impl Stub {
                     // A deleted file is opened through floe's descriptor of the recreated one.
                     let path = match v.deleted {
                         true => {
-                            let f = shm.deleted.get(&v.deleted_blob).ok_or_else(|| RestoreError::File {
+                            let id = v.file.as_ref().map(|f| (f.dev, f.ino)).unwrap_or_default();
+                            let f = shm.deleted.get(&id).ok_or_else(|| RestoreError::File {
                                 path: v.path.clone(),
                                 what: "was deleted, and its contents were not recreated".into(),
                             })?;
