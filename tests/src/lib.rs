@@ -69,6 +69,15 @@ macro_rules! require_root {
     };
 }
 
+/// Copies the program `src` to `dst` (executable) with cp(1): a copy made by
+/// this process would hold `dst` open for writing, and a child forked by
+/// another test meanwhile would inherit that descriptor until it execs,
+/// making the copy fail to run with ETXTBSY ("Text file busy").
+pub fn copy_program(src: &Path, dst: &Path) {
+    let st = Command::new("cp").arg(src).arg(dst).status().unwrap_or_else(|e| panic!("cannot run cp: {e}"));
+    assert!(st.success(), "cp {} {} failed: {st}", src.display(), dst.display());
+}
+
 /// Path of a compiled fixture, e.g. `fixture_path("memstate")`.
 pub fn fixture_path(name: &str) -> PathBuf {
     let p = Path::new(FIXTURE_DIR).join(name);

@@ -980,13 +980,14 @@ fn mappings_keep_their_madvise_flags() {
 /// (what a package upgrade does to a server's binary and libraries) is
 /// dumped with both files' contents and restored with both recreated,
 /// unlinked, in their directory: one file behind its descriptor and its
-/// private, copy-on-write and shared mappings.
+/// private, copy-on-write and shared mappings. Its working directory was
+/// removed too, and it is back in a removed directory of that name.
 #[test]
 fn deleted_executable_and_mapped_file_are_recreated() {
     require_root!();
     let td = TestDir::new("deleted-maps");
     let exe = td.join("deleted_maps.copy");
-    fs::copy(fixture_path("deleted_maps"), &exe).unwrap();
+    copy_program(&fixture_path("deleted_maps"), &exe);
     let (ready, report_path, data) = (td.join("dm.ready"), td.join("dm.report"), td.join("data.bin"));
     let fx = Spawn::program("deleted_maps", &exe, td.path())
         .arg("--ready")
@@ -997,6 +998,8 @@ fn deleted_executable_and_mapped_file_are_recreated() {
         .arg(&data)
         .arg("--self")
         .arg(&exe)
+        .arg("--cwd")
+        .arg(td.join("gone"))
         .ready_file(&ready)
         .spawn();
     let mut fx = Fx { fx, ready, report_path };
@@ -1006,6 +1009,8 @@ fn deleted_executable_and_mapped_file_are_recreated() {
         }
         assert_eq!(r["nlink"], "0", "{what}: the mapped file has links again: {r:?}");
         let dir = td.path().to_str().unwrap();
+        assert_eq!(r["cwd"], format!("{dir}/gone (deleted)"), "{what}: working directory");
+        assert_eq!(r["cwd_create"], libc::ENOENT.to_string(), "{what}: a file could be made in the removed directory");
         assert!(
             r["exe"].starts_with(&format!("{dir}/")) && r["exe"].ends_with(" (deleted)"),
             "{what}: exe link {:?} is not a deleted file in {dir}",
@@ -1037,7 +1042,9 @@ fn deleted_executable_and_mapped_file_are_recreated() {
     let left: Vec<String> =
         fs::read_dir(td.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(
-        !left.iter().any(|n| n == "data.bin" || n == "deleted_maps.copy" || n.starts_with(".floe-deleted")),
+        !left
+            .iter()
+            .any(|n| ["data.bin", "deleted_maps.copy", "gone"].contains(&n.as_str()) || n.starts_with(".floe-")),
         "a deleted file came back with a name: {left:?}"
     );
 }

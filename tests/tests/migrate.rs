@@ -226,7 +226,7 @@ fn file_missing_on_target_is_refused_before_freezing() {
     let bin = c.dir.path().join("only-on-a");
     std::fs::create_dir_all(&bin).unwrap();
     let exe = bin.join("migcounter");
-    std::fs::copy(fixture_path("migcounter"), &exe).unwrap();
+    copy_program(&fixture_path("migcounter"), &exe);
     c.start_agent(0, &[]).unwrap();
     let hide = format!("mount -t tmpfs none {} && exec \"$@\"", bin.display());
     c.start_agent_with(1, &[], &["unshare", "-m", "--propagation", "private", "sh", "-c", &hide, "sh"]).unwrap();
@@ -334,7 +334,8 @@ fn vm_flags_changed_during_precopy_are_exact_after_migration() {
 /// (a package upgrade replaced them) migrates: the source sends both files
 /// before the first pass, and the target maps them in its staged tree. The
 /// moved process reads the same bytes through its private, copy-on-write
-/// and shared mappings, and its descriptor and shared mapping are one file.
+/// and shared mappings, its descriptor and shared mapping are one file, and
+/// it is still in a removed working directory.
 #[test]
 fn deleted_executable_and_mapped_file_migrate() {
     require_root!();
@@ -343,7 +344,7 @@ fn deleted_executable_and_mapped_file_migrate() {
     let dir = c.dir.path().join("deleted");
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("deleted_maps.copy");
-    std::fs::copy(fixture_path("deleted_maps"), &exe).unwrap();
+    copy_program(&fixture_path("deleted_maps"), &exe);
     let (ready, report) = (dir.join("ready"), dir.join("report"));
     let args: Vec<std::ffi::OsString> = vec![
         "--ready".into(),
@@ -354,6 +355,8 @@ fn deleted_executable_and_mapped_file_migrate() {
         dir.join("data.bin").into(),
         "--self".into(),
         exe.clone().into(),
+        "--cwd".into(),
+        dir.join("gone").into(),
     ];
     let pid = c.spawn_in(0, &exe, &args, &[], &dir, &ready).unwrap();
     let log = dir.join("err");
@@ -363,6 +366,7 @@ fn deleted_executable_and_mapped_file_migrate() {
         }
         assert_eq!(r["nlink"], "0", "{what}: {r:?}");
         assert!(r["exe"].ends_with(" (deleted)"), "{what}: exe link {:?}", r["exe"]);
+        assert_eq!(r["cwd"], format!("{}/gone (deleted)", dir.display()), "{what}: working directory");
     };
     ok(&request_report(pid, &report, libc::SIGUSR1, &log), "before the migration");
     let out = c.migrate_ok(pid, &[]);

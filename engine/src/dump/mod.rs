@@ -1326,9 +1326,11 @@ fn build_process(
     let exe_path = procfs::readlink(pid, "exe").map_err(proc_err(pid, "exe"))?;
     // A deleted executable keeps its suffix here: collect_process saves it.
     let exe_meta = std::fs::metadata(procfs::path(pid, "exe")).map_err(proc_err(pid, "exe"))?;
-    let cwd = procfs::readlink(pid, "cwd").map_err(proc_err(pid, "cwd"))?;
-    if cwd.ends_with(" (deleted)") {
-        return Err(DumpError::Refused { pid, what: format!("its working directory {cwd} was deleted") });
+    let mut cwd = procfs::readlink(pid, "cwd").map_err(proc_err(pid, "cwd"))?;
+    // A removed directory is empty and has no name: restore makes one like it.
+    let cwd_deleted = cwd.ends_with(" (deleted)");
+    if cwd_deleted {
+        cwd.truncate(cwd.len() - " (deleted)".len());
     }
     let root = procfs::readlink(pid, "root").map_err(proc_err(pid, "root"))?;
     let comm = std::fs::read_to_string(procfs::path(pid, "comm"))
@@ -1382,6 +1384,7 @@ fn build_process(
         exe_path,
         exe_id: Some(files::file_id(&exe_meta)),
         cwd,
+        cwd_deleted,
         root,
         uid: st.uids[0],
         euid: st.uids[1],

@@ -173,7 +173,16 @@ pub fn gather(root: i32, new_pidns: bool, moving: &[String]) -> Result<pp::Prefl
         }
         for (what, link) in [("working directory", "cwd"), ("root directory", "root")] {
             if let Ok(p) = std::fs::read_link(procfs::path(pid, link)) {
-                files.entry(p.to_string_lossy().into_owned()).or_insert((format!("{what} of {pid}"), true, false));
+                let p = p.to_string_lossy().into_owned();
+                // A removed directory is made anew, in the directory it was in.
+                let (p, what) = match p.strip_suffix(" (deleted)") {
+                    Some(gone) => {
+                        let parent = std::path::Path::new(gone).parent().unwrap_or(std::path::Path::new("/"));
+                        (parent.to_string_lossy().into_owned(), format!("directory of the removed {what} of {pid}"))
+                    }
+                    None => (p, format!("{what} of {pid}")),
+                };
+                files.entry(p).or_insert((what, true, false));
             }
         }
         if let Ok(fds) = std::fs::read_dir(procfs::path(pid, "fd")) {

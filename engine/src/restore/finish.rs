@@ -309,8 +309,12 @@ impl Stub {
             self.leader().call(libc::SYS_prctl, [libc::PR_SET_DUMPABLE as u64, 0, 0, 0, 0, 0])?;
         }
         self.leader().call(libc::SYS_umask, [p.umask, 0, 0, 0, 0, 0])?;
-        let cwd = self.put_str(0, &p.cwd)?;
-        self.leader().call(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
+        if p.cwd_deleted {
+            self.chdir_removed(&p.cwd)?;
+        } else {
+            let cwd = self.put_str(0, &p.cwd)?;
+            self.leader().call(libc::SYS_chdir, [cwd, 0, 0, 0, 0, 0])?;
+        }
         if p.root != "/" {
             let root = self.put_str(0, &p.root)?;
             self.leader().call(libc::SYS_chroot, [root, 0, 0, 0, 0, 0])?;
@@ -477,6 +481,32 @@ impl Stub {
             None => self.leader().call(libc::SYS_rt_sigqueueinfo, [pid, sig, sc, 0, 0, 0])?,
         };
         Ok(())
+    }
+
+    /// Moves the stub into a removed directory like the one the process
+    /// was in (`path`): floe creates one at `path` (or, if that name is
+    /// taken again, beside it), the stub enters it, and floe removes it.
+    fn chdir_removed(&mut self, path: &str) -> Result<(), RestoreError> {
+        let dir = std::path::Path::new(path);
+        let parent = dir.parent().unwrap_or(std::path::Path::new("/"));
+        let err = |e: std::io::Error| RestoreError::File {
+            path: path.to_string(),
+            what: format!("cannot recreate the removed working directory ({e})"),
+        };
+        let made = match std::fs::create_dir(dir) {
+            Ok(()) => dir.to_path_buf(),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let other = parent.join(format!(".floe-cwd-{}-{}", self.pid, std::process::id()));
+                std::fs::create_dir(&other).map_err(err)?;
+                other
+            }
+            Err(e) => return Err(err(e)),
+        };
+        let at = self.put_str(0, &made.to_string_lossy());
+        let entered = at.and_then(|at| self.leader().call(libc::SYS_chdir, [at, 0, 0, 0, 0, 0]).map_err(Into::into));
+        let removed = std::fs::remove_dir(&made);
+        entered?;
+        removed.map_err(err)
     }
 
     /// PR_SET_MM_MAP: code/data/brk/stack/args/env bounds, auxv and exe link.
