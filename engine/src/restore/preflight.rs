@@ -180,17 +180,19 @@ impl Preflight {
             if p.exe_blob.is_none() {
                 check_file(&p.exe_path, p.exe_id.as_ref(), true)?;
             }
-            for (what, path) in [("working directory", &p.cwd), ("root directory", &p.root)] {
-                if !std::path::Path::new(path).is_dir() && !(p.cwd_deleted && std::ptr::eq(path, &p.cwd)) {
-                    return Err(file_err(path, format!("{what} of process {} is missing", p.pid)));
-                }
-            }
+            // A removed working directory is made anew in the directory it was in.
             let parent = std::path::Path::new(&p.cwd).parent().unwrap_or(std::path::Path::new("/"));
             if p.cwd_deleted && !parent.is_dir() {
                 return Err(file_err(
                     &p.cwd,
                     format!("removed working directory of process {}: the directory it was in is missing", p.pid),
                 ));
+            }
+            let cwd = Some(("working directory", &p.cwd)).filter(|_| !p.cwd_deleted);
+            for (what, path) in cwd.into_iter().chain([("root directory", &p.root)]) {
+                if !std::path::Path::new(path).is_dir() {
+                    return Err(file_err(path, format!("{what} of process {} is missing", p.pid)));
+                }
             }
             let vd = p
                 .vdso
