@@ -31,7 +31,7 @@ use floe_tests::*;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -1047,4 +1047,55 @@ fn deleted_executable_and_mapped_file_are_recreated() {
             .any(|n| ["data.bin", "deleted_maps.copy", "gone"].contains(&n.as_str()) || n.starts_with(".floe-")),
         "a deleted file came back with a name: {left:?}"
     );
+}
+
+// ---------------------------------------------------------------------------
+// FIFOs
+
+/// A FIFO (`fifo`, mode 0640, beside the ready file) open twice: a
+/// non-blocking reader and a blocking writer, with bytes queued. On SIGUSR1
+/// the process writes more, reads everything, and reports what it read and
+/// each descriptor's O_NONBLOCK in `fifo.report`.
+const PY_FIFO: &str = "import fcntl, os, signal, sys, time\n\
+                       d = os.path.dirname(sys.argv[1])\n\
+                       p = os.path.join(d, 'fifo')\n\
+                       os.mkfifo(p, 0o640)\n\
+                       r = os.open(p, os.O_RDONLY | os.O_NONBLOCK)\n\
+                       w = os.open(p, os.O_WRONLY)\n\
+                       os.write(w, b'queued-at-dump')\n\
+                       def report(sig, frame):\n\
+                       \x20   os.write(w, b'|later')\n\
+                       \x20   data = os.read(r, 100)\n\
+                       \x20   nb = lambda fd: int(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK != 0)\n\
+                       \x20   t = os.path.join(d, 'fifo.report.tmp')\n\
+                       \x20   open(t, 'w').write('data=%s\\nr_nonblock=%d\\nw_nonblock=%d\\n' % (data.decode(), nb(r), nb(w)))\n\
+                       \x20   os.rename(t, os.path.join(d, 'fifo.report'))\n\
+                       signal.signal(signal.SIGUSR1, report)\n\
+                       open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
+                       while True: time.sleep(0.05)\n";
+
+/// A FIFO is refused while a process outside the tree has it open (its
+/// buffer would outlive the dump, and the saved bytes would be queued
+/// twice). Otherwise its descriptors, their flags and its queued bytes come
+/// back, and the FIFO itself is made again (same mode) if it was removed.
+#[test]
+fn fifo_keeps_queued_bytes_and_flags() {
+    require_root!();
+    let td = TestDir::new("fifo");
+    let (mut fx, _) = python_until_ready(&td, "python-fifo", PY_FIFO);
+    let fifo = td.join("fifo");
+    let outside = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
+    let err = refused_dump(fx.pid, &td.join("refused"), &[], "dump with the FIFO open outside the tree");
+    assert_mentions(&err, &["fifo", "outside the dumped tree", &std::process::id().to_string()], "FIFO refusal");
+    drop(outside);
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    fs::remove_file(&fifo).unwrap();
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let meta = fs::metadata(&fifo).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()), "{} is not a FIFO again", fifo.display());
+    assert_eq!(meta.mode() & 0o7777, 0o640, "mode of the FIFO made again");
+    let r = request_report(fx.pid, &td.join("fifo.report"), libc::SIGUSR1, &fx.log);
+    assert_eq!(r["data"], "queued-at-dump|later", "bytes read from the FIFO after the restore");
+    assert_eq!((r["r_nonblock"].as_str(), r["w_nonblock"].as_str()), ("1", "0"), "O_NONBLOCK of reader, writer");
 }

@@ -192,6 +192,30 @@ impl FileTable {
         Ok(())
     }
 
+    /// Refuses FIFOs that a process outside the tree has open too: it would
+    /// keep the FIFO's buffer alive, and restoring the saved bytes would
+    /// queue them twice. Run after every process was collected.
+    pub fn check_fifos(&self) -> Result<(), DumpError> {
+        let mut seen = HashSet::new();
+        for (f, (pid, fd, _)) in self.files.iter().zip(&self.owners) {
+            if f.kind != pb::FdKind::Fifo as i32 || !seen.insert(f.pipe_id) {
+                continue;
+            }
+            if let Some(holder) = outside_holder(&f.path, &self.tree) {
+                return Err(DumpError::Refused {
+                    pid: *pid,
+                    what: format!(
+                        "fd {fd} (FIFO {}): {} outside the dumped tree has it open too; its buffered data cannot \
+                         move with the tree",
+                        f.path,
+                        procfs::describe(holder)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn describe(
         &mut self,
         pid: i32,
@@ -282,15 +306,20 @@ impl FileTable {
                 )));
             }
         } else if ft.is_fifo() {
-            return Err(refuse("FIFOs are not supported yet".into()));
+            if link.ends_with(" (deleted)") {
+                return Err(refuse("the FIFO was removed from the filesystem; nothing could open it again".into()));
+            }
+            check_same_file(&link, &meta).map_err(refuse)?;
+            d.kind = pb::FdKind::Fifo as i32;
+            d.pipe_id = meta.ino();
+            self.save_pipe(pid, fd, &mut d, blobs)
+                .map_err(|e| refuse(format!("cannot read its buffered data ({e})")))?;
         } else {
             return Err(refuse("this kind of file is not supported".into()));
         }
         Ok(d)
     }
 
-    /// Saves a pipe's buffered bytes without consuming them: a second read
-    /// end is opened through /proc and tee(2)'d into a private pipe.
     /// The blob holding the contents of the deleted file `meta` (opened
     /// through `path`, a /proc link), saved now if no other descriptor or
     /// mapping of the tree saved it already.
@@ -318,6 +347,8 @@ impl FileTable {
         Ok(b)
     }
 
+    /// Saves a pipe's buffered bytes without consuming them: a second read
+    /// end is opened through /proc and tee(2)'d into a private pipe.
     fn save_pipe(&mut self, pid: i32, fd: i32, d: &mut pb::FileDesc, blobs: &mut Vec<Vec<u8>>) -> std::io::Result<()> {
         let reader = std::fs::OpenOptions::new()
             .read(true)

@@ -615,6 +615,7 @@ pub(crate) fn dump_frozen(
     }
     drop(pin);
     files.check_pipes()?;
+    files.check_fifos()?;
     timings.collect_ms = ms(t_collect.elapsed());
     timings.tcp_repair_ms = files.repaired.ms;
 

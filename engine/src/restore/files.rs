@@ -64,6 +64,7 @@ impl OpenFiles {
     ) -> Result<Self, RestoreError> {
         let me = std::process::id();
         let mut pipes: HashMap<u64, PipePair> = HashMap::new();
+        let mut fifos: HashMap<u64, OwnedFd> = HashMap::new();
         let mut fds: Vec<Option<OwnedFd>> = Vec::with_capacity(img.manifest.files.len());
         let mut stash = HashMap::new();
         let mut held = Vec::new();
@@ -170,7 +171,30 @@ impl OpenFiles {
                         .map_err(|e| ferr(&name, format!("cannot set status flags ({e})")))?;
                     fd
                 }
-                pb::FdKind::Fifo | pb::FdKind::Unspecified => {
+                pb::FdKind::Fifo => {
+                    // One reader-writer per FIFO keeps it open (so that no
+                    // open blocks and the refilled bytes stay) until every
+                    // description of it is made.
+                    let keeper = match fifos.entry(f.pipe_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(open_fifo(f)?),
+                    };
+                    if f.blob >= 0 {
+                        let data = img.read_blob(f.blob as usize)?;
+                        let mut w = std::fs::File::from(
+                            keeper.try_clone().map_err(|e| ferr(&f.path, format!("dup failed ({e})")))?,
+                        );
+                        w.write_all(&data)
+                            .map_err(|e| ferr(&f.path, format!("cannot refill {} buffered bytes ({e})", data.len())))?;
+                    }
+                    let p = format!("/proc/{me}/fd/{}", keeper.as_raw_fd());
+                    let fd = task::open_raw(&p, (flags & libc::O_ACCMODE) | libc::O_NONBLOCK)
+                        .map_err(|e| ferr(&f.path, format!("cannot open the FIFO ({e})")))?;
+                    task::fcntl_int(&fd, libc::F_SETFL, flags & SETFL_MASK)
+                        .map_err(|e| ferr(&f.path, format!("cannot set status flags ({e})")))?;
+                    fd
+                }
+                pb::FdKind::Unspecified => {
                     return Err(RestoreError::Refused {
                         what: format!("{}: this kind of descriptor cannot be restored", f.path),
                     })
@@ -215,6 +239,29 @@ impl OpenFiles {
     pub fn get(&self, idx: u32) -> Option<&OwnedFd> {
         self.fds.get(idx as usize).and_then(Option::as_ref)
     }
+}
+
+/// Opens the FIFO of `f` read-write without blocking (made again with its
+/// old mode if it is gone), with the pipe size it had.
+fn open_fifo(f: &pb::FileDesc) -> Result<OwnedFd, RestoreError> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(&f.path).is_err() {
+        let mode = f.file.as_ref().map(|i| i.mode & 0o7777).unwrap_or(0o600);
+        task::mkfifo(&f.path, mode).map_err(|e| ferr(&f.path, format!("cannot make the FIFO again ({e})")))?;
+    }
+    let k = task::open_raw(&f.path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .map_err(|e| ferr(&f.path, format!("cannot open the FIFO ({e})")))?;
+    let meta = std::fs::File::from(k.try_clone().map_err(|e| ferr(&f.path, format!("dup failed ({e})")))?)
+        .metadata()
+        .map_err(|e| ferr(&f.path, format!("cannot stat the FIFO ({e})")))?;
+    if !meta.file_type().is_fifo() {
+        return Err(ferr(&f.path, "the process had a FIFO open here; now it is not a FIFO".into()));
+    }
+    if f.pipe_size > 0 {
+        task::fcntl_int(&k, libc::F_SETPIPE_SZ, f.pipe_size as i32)
+            .map_err(|e| ferr(&f.path, format!("cannot set pipe size {} ({e})", f.pipe_size)))?;
+    }
+    Ok(k)
 }
 
 /// Creates an unlinked file with `data` and permission bits `mode` in the

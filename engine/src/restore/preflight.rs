@@ -4,7 +4,7 @@ use crate::image::ImageReader;
 use crate::procfs;
 use crate::sys::memory::{read_remote, Range};
 use floe_proto::image as pb;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::time::{Duration, Instant};
 
 /// What preflight learned that the later stages use.
@@ -141,7 +141,18 @@ impl Preflight {
                 | pb::FdKind::Memfd
                 | pb::FdKind::UnixSocket
                 | pb::FdKind::InetSocket => {}
-                pb::FdKind::Fifo | pb::FdKind::Unspecified => {
+                pb::FdKind::Fifo => match std::fs::symlink_metadata(&f.path) {
+                    Ok(m) if m.file_type().is_fifo() => {}
+                    Ok(_) => return Err(file_err(&f.path, "the process had a FIFO open here; now it is not a FIFO")),
+                    // Made again (mkfifo) where it was.
+                    Err(_) => {
+                        let dir = std::path::Path::new(&f.path).parent().unwrap_or(std::path::Path::new("/"));
+                        if !dir.is_dir() {
+                            return Err(file_err(&f.path, "the FIFO is missing, and so is its directory"));
+                        }
+                    }
+                },
+                pb::FdKind::Unspecified => {
                     return Err(RestoreError::Refused {
                         what: format!("{}: this kind of descriptor cannot be restored", f.path),
                     })

@@ -208,6 +208,17 @@ pub fn open_raw(path: &str, flags: i32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r) })
 }
 
+/// mkfifo(2) with permission bits `mode` (the umask still applies, so
+/// they are set again with chmod).
+pub fn mkfifo(path: &str, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let c = std::ffi::CString::new(path).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    let r = unsafe { libc::mkfifo(c.as_ptr(), mode as libc::mode_t) };
+    cvt(r as libc::c_long)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 /// lseek(fd, pos, SEEK_SET).
 pub fn seek_to(fd: &impl std::os::fd::AsRawFd, pos: i64) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
