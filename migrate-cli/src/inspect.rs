@@ -26,7 +26,11 @@ fn kind(k: i32) -> &'static str {
 fn fd_kind_name(img: &ImageReader, r: &pb::FdRef) -> (&'static str, String, u32, i64) {
     match img.manifest.files.get(r.file as usize) {
         Some(f) => {
-            let path = if f.kind == pb::FdKind::Pipe as i32 { format!("pipe:[{}]", f.pipe_id) } else { f.path.clone() };
+            let path = match (&f.netlink_socket, f.kind == pb::FdKind::Pipe as i32) {
+                (Some(n), _) => format!("netlink protocol {} port {}", n.protocol, n.portid),
+                (None, true) => format!("pipe:[{}]", f.pipe_id),
+                (None, false) => f.path.clone(),
+            };
             (fd_kind(f.kind), path, f.flags, f.pos)
         }
         None => ("missing", String::new(), 0, 0),
@@ -50,6 +54,7 @@ fn fd_kind(k: i32) -> &'static str {
         pb::FdKind::Memfd => "memfd",
         pb::FdKind::UnixSocket => "unix-socket",
         pb::FdKind::InetSocket => "inet-socket",
+        pb::FdKind::NetlinkSocket => "netlink-socket",
         pb::FdKind::Unspecified => "unknown",
     }
 }

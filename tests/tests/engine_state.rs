@@ -1099,3 +1099,89 @@ fn fifo_keeps_queued_bytes_and_flags() {
     assert_eq!(r["data"], "queued-at-dump|later", "bytes read from the FIFO after the restore");
     assert_eq!((r["r_nonblock"].as_str(), r["w_nonblock"].as_str()), ("1", "0"), "O_NONBLOCK of reader, writer");
 }
+
+// ---------------------------------------------------------------------------
+// netlink sockets
+
+/// Two netlink sockets: NETLINK_ROUTE bound by the kernel (port id chosen on
+/// bind) with RTMGRP_LINK and group 5 (RTNLGRP_IPV4_IFADDR) joined, and an
+/// unbound NETLINK_KOBJECT_UEVENT datagram socket. SIGUSR2 sends a link
+/// dump request and leaves the answer unread; SIGUSR1 reads whatever is
+/// waiting, then asks for the links and reads the answer (through to
+/// NLMSG_DONE), and reports in `netlink.report` the route socket's port id
+/// and group mask (getsockname), its memberships (NETLINK_LIST_MEMBERSHIPS),
+/// the links counted, whether the answer was addressed to its port id, and
+/// the uevent socket's port id.
+const PY_NETLINK: &str = "import os, signal, socket, struct, sys, time\n\
+                          d = os.path.dirname(sys.argv[1])\n\
+                          s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)\n\
+                          s.bind((0, 1))\n\
+                          s.setsockopt(270, 1, 5)\n\
+                          u = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)\n\
+                          def ask(seq):\n\
+                          \x20   s.send(struct.pack('=IHHII', 32, 18, 0x301, seq, 0) + bytes(16))\n\
+                          def usr2(sig, frame):\n\
+                          \x20   ask(7)\n\
+                          def usr1(sig, frame):\n\
+                          \x20   s.setblocking(False)\n\
+                          \x20   try:\n\
+                          \x20       while s.recv(65536): pass\n\
+                          \x20   except BlockingIOError: pass\n\
+                          \x20   s.setblocking(True)\n\
+                          \x20   ask(9)\n\
+                          \x20   links, to_us, done = 0, 1, False\n\
+                          \x20   while not done:\n\
+                          \x20       buf = s.recv(65536)\n\
+                          \x20       at = 0\n\
+                          \x20       while at + 16 <= len(buf):\n\
+                          \x20           ln, ty, fl, seq, pid = struct.unpack_from('=IHHII', buf, at)\n\
+                          \x20           if seq == 9:\n\
+                          \x20               to_us &= int(pid == s.getsockname()[0])\n\
+                          \x20               links += ty == 16\n\
+                          \x20               done = done or ty == 3\n\
+                          \x20           at += (ln + 3) & ~3\n\
+                          \x20   mem = struct.unpack_from('=I', s.getsockopt(270, 9, 64), 0)[0]\n\
+                          \x20   port, groups = s.getsockname()\n\
+                          \x20   t = os.path.join(d, 'netlink.report.tmp')\n\
+                          \x20   open(t, 'w').write('port=%d\\ngroups=%d\\nmemberships=%d\\nlinks=%d\\nto_us=%d\\nuevent_port=%d\\n' \
+                          % (port, groups, mem, links, to_us, u.getsockname()[0]))\n\
+                          \x20   os.rename(t, os.path.join(d, 'netlink.report'))\n\
+                          signal.signal(signal.SIGUSR1, usr1)\n\
+                          signal.signal(signal.SIGUSR2, usr2)\n\
+                          open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
+                          while True: time.sleep(0.05)\n";
+
+/// Netlink sockets keep their port id, multicast groups and type, and
+/// answer requests after the restore; one with an unread answer waiting is
+/// refused (the answer cannot be put back).
+#[test]
+fn netlink_sockets_keep_port_id_and_groups() {
+    require_root!();
+    let td = TestDir::new("netlink");
+    let (mut fx, _) = python_until_ready(&td, "python-netlink", PY_NETLINK);
+    let report = td.join("netlink.report");
+    let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_ne!(before["port"], "0", "the route socket has no port id: {before:?}");
+    assert_eq!(before["memberships"], (1 | 1 << 4).to_string(), "groups joined: {before:?}");
+    assert_eq!(before["uevent_port"], "0", "{before:?}");
+    send_signal(fx.pid, libc::SIGUSR2).unwrap();
+    let refused = td.join("refused");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let out = dump(fx.pid, &refused, &[]);
+            !out.status.success() && stderr_text(&out).contains("waiting to be read")
+        }),
+        "a netlink socket with an unread answer was not refused"
+    );
+    assert!(pid_alive(fx.pid), "the refused dump killed the process");
+    // SIGUSR1 drains it.
+    let drained = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(drained["port"], before["port"]);
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(after, before, "netlink sockets after the restore");
+    assert_ne!(after["links"], "0", "no link in the answer: {after:?}");
+    assert_eq!(after["to_us"], "1", "the answer was not addressed to the restored port id: {after:?}");
+}

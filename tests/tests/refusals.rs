@@ -259,12 +259,12 @@ fn socket_refusal(kind: &str) {
     h.assert_unharmed(&r1, 1, &format!("after the refused {what}"));
 }
 
-/// Unix socketpairs and UDP sockets are supported now (tests/fd_socket.rs);
-/// a netlink socket is still refused.
+/// Unix socketpairs, UDP and netlink sockets are supported now
+/// (tests/fd_socket.rs, engine_state.rs); a packet socket is still refused.
 #[test]
-fn dump_refuses_netlink_socket() {
+fn dump_refuses_packet_socket() {
     require_root!();
-    socket_refusal("netlink");
+    socket_refusal("packet");
 }
 
 /// A seccomp filter is saved and installed again: the restored process

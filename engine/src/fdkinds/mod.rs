@@ -81,7 +81,7 @@ pub fn dump(kind: pb::FdKind, ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result
         pb::FdKind::Epoll => epoll::dump(ctx, d),
         pb::FdKind::Inotify => inotify::dump(ctx, d),
         pb::FdKind::Memfd => memfd::dump(ctx, d),
-        pb::FdKind::UnixSocket | pb::FdKind::InetSocket => socket::dump(ctx, d),
+        pb::FdKind::UnixSocket | pb::FdKind::InetSocket | pb::FdKind::NetlinkSocket => socket::dump(ctx, d),
         _ => Err("this kind of descriptor is not supported".into()),
     }
 }
@@ -100,7 +100,7 @@ pub fn restore(kind: pb::FdKind, d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Resu
         pb::FdKind::Epoll => epoll::restore(d, ctx),
         pb::FdKind::Inotify => inotify::restore(d, ctx),
         pb::FdKind::Memfd => memfd::restore(d, ctx),
-        pb::FdKind::UnixSocket | pb::FdKind::InetSocket => socket::restore(d, ctx),
+        pb::FdKind::UnixSocket | pb::FdKind::InetSocket | pb::FdKind::NetlinkSocket => socket::restore(d, ctx),
         _ => Err("this kind of descriptor cannot be restored".into()),
     }
 }

@@ -140,7 +140,8 @@ impl Preflight {
                 | pb::FdKind::Inotify
                 | pb::FdKind::Memfd
                 | pb::FdKind::UnixSocket
-                | pb::FdKind::InetSocket => {}
+                | pb::FdKind::InetSocket
+                | pb::FdKind::NetlinkSocket => {}
                 pb::FdKind::Fifo => match std::fs::symlink_metadata(&f.path) {
                     Ok(m) if m.file_type().is_fifo() => {}
                     Ok(_) => return Err(file_err(&f.path, "the process had a FIFO open here; now it is not a FIFO")),

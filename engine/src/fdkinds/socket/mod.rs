@@ -1,5 +1,6 @@
-//! Socket descriptors: AF_UNIX (unix.rs) and AF_INET/AF_INET6 TCP and UDP
-//! (inet.rs). Everything else (netlink, packet, raw, ...) is refused.
+//! Socket descriptors: AF_UNIX (unix.rs), AF_INET/AF_INET6 TCP and UDP
+//! (inet.rs) and AF_NETLINK (netlink.rs). Everything else (packet, raw,
+//! ...) is refused.
 //!
 //! Dump looks at the socket through a copy of the descriptor taken with
 //! pidfd_getfd: the copy shares the open file description, so socket
@@ -19,6 +20,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 mod inet;
+mod netlink;
 mod tcp_repair;
 mod unix;
 
@@ -101,7 +103,7 @@ pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
             d.kind = pb::FdKind::InetSocket as i32;
             inet::dump(ctx, domain, &sock, d)
         }
-        libc::AF_NETLINK => Err("netlink sockets are not supported yet".into()),
+        libc::AF_NETLINK => netlink::dump(ino, &sock, d),
         libc::AF_PACKET => Err("packet sockets are not supported yet".into()),
         other => Err(format!("sockets of address family {other} are not supported")),
     }
@@ -111,6 +113,7 @@ pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String
     let fd = match pb::FdKind::try_from(d.kind) {
         Ok(pb::FdKind::UnixSocket) => unix::restore(d, ctx)?,
         Ok(pb::FdKind::InetSocket) => inet::restore(d, ctx)?,
+        Ok(pb::FdKind::NetlinkSocket) => netlink::restore(d)?,
         _ => return Err("not a socket".into()),
     };
     let fl = if d.flags & libc::O_NONBLOCK as u32 != 0 { libc::O_NONBLOCK } else { 0 };
@@ -263,6 +266,7 @@ fn label(o: &pb::SockOpt) -> String {
         inet::IPV6_OPTS,
         inet::IPV6_MCAST_OPTS,
         inet::INET_OPTS,
+        netlink::NETLINK_OPTS,
     ];
     for l in lists {
         if let Some(Opt(_, _, name, _)) = l.iter().find(|Opt(lv, n, _, _)| *lv == o.level && *n == o.name) {
