@@ -1185,3 +1185,58 @@ fn netlink_sockets_keep_port_id_and_groups() {
     assert_ne!(after["links"], "0", "no link in the answer: {after:?}");
     assert_eq!(after["to_us"], "1", "the answer was not addressed to the restored port id: {after:?}");
 }
+
+// ---------------------------------------------------------------------------
+// ICMP (ping) datagram sockets
+
+/// A ping socket bound to 127.0.0.1 with ICMP identifier 4242. On SIGUSR1
+/// it sends an echo request to 127.0.0.1 and reports (`ping.report`)
+/// whether the answer came back to it, and its bound address and port.
+const PY_PING: &str = "import os, signal, socket, struct, sys, time\n\
+                       d = os.path.dirname(sys.argv[1])\n\
+                       s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)\n\
+                       s.bind(('127.0.0.1', 4242))\n\
+                       s.settimeout(5)\n\
+                       n = [0]\n\
+                       def usr1(sig, frame):\n\
+                       \x20   n[0] += 1\n\
+                       \x20   s.sendto(struct.pack('!BBHHH', 8, 0, 0, 0, n[0]) + b'floe', ('127.0.0.1', 0))\n\
+                       \x20   data = s.recv(100)\n\
+                       \x20   ty, code, ck, ident, seq = struct.unpack_from('!BBHHH', data)\n\
+                       \x20   t = os.path.join(d, 'ping.report.tmp')\n\
+                       \x20   open(t, 'w').write('reply=%d\\nseq_ok=%d\\nbound=%s:%d\\n' % (ty == 0, seq == n[0], *s.getsockname()))\n\
+                       \x20   os.rename(t, os.path.join(d, 'ping.report'))\n\
+                       signal.signal(signal.SIGUSR1, usr1)\n\
+                       open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
+                       while True: time.sleep(0.05)\n";
+
+/// Puts net.ipv4.ping_group_range back as it was.
+struct PingGroupRange(String);
+
+impl Drop for PingGroupRange {
+    fn drop(&mut self) {
+        let _ = fs::write("/proc/sys/net/ipv4/ping_group_range", &self.0);
+    }
+}
+
+/// An ICMP datagram ("ping") socket keeps its address and identifier, and
+/// its echo answers still reach it after the restore.
+#[test]
+fn ping_socket_keeps_its_identifier() {
+    require_root!();
+    let sysctl = "/proc/sys/net/ipv4/ping_group_range";
+    let _restore = PingGroupRange(fs::read_to_string(sysctl).unwrap());
+    // Ping sockets need the creator's group in this range (root's here).
+    fs::write(sysctl, "0 0").unwrap();
+    let td = TestDir::new("ping-socket");
+    let (mut fx, _) = python_until_ready(&td, "python-ping", PY_PING);
+    let report = td.join("ping.report");
+    let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!((before["reply"].as_str(), before["seq_ok"].as_str()), ("1", "1"), "{before:?}");
+    assert_eq!(before["bound"], "127.0.0.1:4242");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(after, before, "ping socket after the restore");
+}

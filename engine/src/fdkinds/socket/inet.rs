@@ -75,6 +75,8 @@ pub(super) const IP_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IP, libc::IP_PKTINFO, "IP_PKTINFO", INT),
     Opt(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, "IP_MTU_DISCOVER", INT),
     Opt(libc::IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, "IP_BIND_ADDRESS_NO_PORT", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_RECVTTL, "IP_RECVTTL", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_RECVTOS, "IP_RECVTOS", INT),
 ];
 
 /// Multicast options: datagram sockets only (TCP sockets refuse to set them).
@@ -91,7 +93,23 @@ pub(super) const IPV6_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, "IPV6_MTU_DISCOVER", INT),
     Opt(libc::IPPROTO_IPV6, IPV6_FREEBIND, "IPV6_FREEBIND", INT),
     Opt(libc::IPPROTO_IPV6, IPV6_TRANSPARENT, "IPV6_TRANSPARENT", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_RECVERR, "IPV6_RECVERR", INT),
+    Opt(libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, "IPV6_RECVHOPLIMIT", INT),
 ];
+
+/// Raw sockets: the ICMP type filters, header inclusion and the IPv6
+/// checksum offset.
+pub(super) const RAW_OPTS: &[Opt] = &[
+    Opt(SOL_RAW, ICMP_FILTER, "ICMP_FILTER", INT),
+    Opt(libc::IPPROTO_IP, libc::IP_HDRINCL, "IP_HDRINCL", INT),
+    Opt(libc::IPPROTO_ICMPV6, ICMPV6_FILTER, "ICMPV6_FILTER", 32),
+    Opt(libc::IPPROTO_IPV6, IPV6_CHECKSUM, "IPV6_CHECKSUM", INT),
+];
+// <linux/icmp.h>, <linux/icmpv6.h>, <linux/in6.h>
+const SOL_RAW: i32 = 255;
+const ICMP_FILTER: i32 = 1;
+const ICMPV6_FILTER: i32 = 1;
+const IPV6_CHECKSUM: i32 = 7;
 
 pub(super) const IPV6_MCAST_OPTS: &[Opt] = &[
     Opt(libc::IPPROTO_IPV6, libc::IPV6_MULTICAST_HOPS, "IPV6_MULTICAST_HOPS", INT),
@@ -193,14 +211,14 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
     let ty = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_TYPE).map_err(err("type"))?;
     let protocol = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).map_err(err("protocol"))?;
     let fam = if family == libc::AF_INET { "IPv4" } else { "IPv6" };
-    match (ty, protocol) {
-        (libc::SOCK_STREAM, libc::IPPROTO_TCP) | (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => {}
-        (libc::SOCK_RAW, _) => return Err(format!("raw {fam} sockets are not supported yet")),
-        (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => {
-            return Err(format!("{fam} ICMP (ping) sockets are not supported yet"))
-        }
+    // How the datagram kinds are named in messages.
+    let kind = match (ty, protocol) {
+        (libc::SOCK_STREAM, libc::IPPROTO_TCP) => "TCP socket".to_string(),
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => "UDP socket".to_string(),
+        (libc::SOCK_DGRAM, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6) => format!("{fam} ICMP (ping) socket"),
+        (libc::SOCK_RAW, p) => format!("raw {fam} socket (protocol {p})"),
         _ => return Err(format!("{fam} sockets of type {ty}, protocol {protocol} are not supported yet")),
-    }
+    };
     let local_raw = fd_socket::getsockname(sock).map_err(err("local address"))?;
     let local = parse_addr(family, &local_raw).ok_or("cannot parse its local address")?;
     let peer = fd_socket::getpeername(sock).ok().and_then(|raw| parse_addr(family, &raw));
@@ -208,7 +226,8 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
         family,
         r#type: ty,
         protocol,
-        bound: local.port != 0,
+        // A raw socket reports its protocol as its port: bound only to an address.
+        bound: if ty == libc::SOCK_RAW { local.ip.iter().any(|b| *b != 0) } else { local.port != 0 },
         local_addr: local.ip.clone(),
         local_port: local.port as u32,
         local_scope_id: local.scope_id,
@@ -292,7 +311,7 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
         match fd_socket::peek(sock, &mut none, libc::MSG_TRUNC) {
             Ok(p) => {
                 return Err(format!(
-                    "UDP socket {} has datagrams waiting to be read (the next is {} bytes); queued datagrams \
+                    "{kind} {} has datagrams waiting to be read (the next is {} bytes); queued datagrams \
                      cannot be checkpointed yet",
                     show(&local),
                     p.len
@@ -315,7 +334,7 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
             s.remote_scope_id = p.scope_id;
             s.remote_flowinfo = p.flowinfo;
         }
-        lists.push(UDP_OPTS);
+        lists.push(if ty == libc::SOCK_RAW { RAW_OPTS } else { UDP_OPTS });
         lists.push(if family == libc::AF_INET { IP_MCAST_OPTS } else { IPV6_MCAST_OPTS });
     }
     save_opts(sock, &lists, &mut s.opts);
@@ -351,8 +370,15 @@ fn restore_socket(
     blob: &dyn Fn(i32) -> Result<Vec<u8>, String>,
 ) -> Result<(OwnedFd, Option<Vec<u8>>), String> {
     let s = d.inet_socket.as_ref().ok_or("the image has no socket state for this descriptor")?;
-    let sock =
-        fd_socket::socket(s.family, s.r#type, s.protocol).map_err(|e| format!("cannot create the socket ({e})"))?;
+    let sock = fd_socket::socket(s.family, s.r#type, s.protocol).map_err(|e| {
+        let ping = s.r#type == libc::SOCK_DGRAM && matches!(s.protocol, libc::IPPROTO_ICMP | libc::IPPROTO_ICMPV6);
+        let hint = match e.raw_os_error() {
+            Some(libc::EACCES) if ping => "; floe's group must be in net.ipv4.ping_group_range",
+            Some(libc::EPERM) if s.r#type == libc::SOCK_RAW => "; raw sockets need CAP_NET_RAW",
+            _ => "",
+        };
+        format!("cannot create the socket ({e}){hint}")
+    })?;
     apply_opts(&sock, &s.opts)?;
     if let Some(t) = &s.tcp {
         if tcp_close {

@@ -1,6 +1,6 @@
-//! Socket descriptors: AF_UNIX (unix.rs), AF_INET/AF_INET6 TCP and UDP
-//! (inet.rs) and AF_NETLINK (netlink.rs). Everything else (packet, raw,
-//! ...) is refused.
+//! Socket descriptors: AF_UNIX (unix.rs), AF_INET/AF_INET6 TCP, UDP, ICMP
+//! (ping) and raw (inet.rs) and AF_NETLINK (netlink.rs). Everything else
+//! (packet, ...) is refused.
 //!
 //! Dump looks at the socket through a copy of the descriptor taken with
 //! pidfd_getfd: the copy shares the open file description, so socket
@@ -266,6 +266,7 @@ fn label(o: &pb::SockOpt) -> String {
         inet::IPV6_OPTS,
         inet::IPV6_MCAST_OPTS,
         inet::INET_OPTS,
+        inet::RAW_OPTS,
         netlink::NETLINK_OPTS,
     ];
     for l in lists {
