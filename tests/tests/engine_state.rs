@@ -863,6 +863,24 @@ fn python_until_ready(td: &TestDir, name: &str, script: &str) -> (Fixture, PathB
     (fx, ready)
 }
 
+/// What [`python_reporting`] puts around a script: `d` (the test dir) and
+/// `report(name, text)` (writes `d/name` atomically) before it, the ready
+/// file and an idle loop (signal handlers do the work) after it.
+const PY_REPORT_HEAD: &str = "import os, signal, sys, time\n\
+                              d = os.path.dirname(sys.argv[1])\n\
+                              def report(name, text):\n\
+                              \x20   t = os.path.join(d, name + '.tmp')\n\
+                              \x20   open(t, 'w').write(text)\n\
+                              \x20   os.rename(t, os.path.join(d, name))\n";
+const PY_REPORT_TAIL: &str = "open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
+                              while True: time.sleep(0.05)\n";
+
+/// `body` as a python process with [`PY_REPORT_HEAD`] and [`PY_REPORT_TAIL`],
+/// once it is ready.
+fn python_reporting(td: &TestDir, name: &str, body: &str) -> Fixture {
+    python_until_ready(td, name, &format!("{PY_REPORT_HEAD}{body}{PY_REPORT_TAIL}")).0
+}
+
 /// Per thread of `pid`: (tid, sched_getscheduler with flags, rt priority, nice, Cpus_allowed_list, ioprio).
 fn sched_state(pid: i32) -> Vec<(i32, i32, u64, i64, String, i64)> {
     tids_of(pid)
@@ -1056,23 +1074,18 @@ fn deleted_executable_and_mapped_file_are_recreated() {
 /// non-blocking reader and a blocking writer, with bytes queued. On SIGUSR1
 /// the process writes more, reads everything, and reports what it read and
 /// each descriptor's O_NONBLOCK in `fifo.report`.
-const PY_FIFO: &str = "import fcntl, os, signal, sys, time\n\
-                       d = os.path.dirname(sys.argv[1])\n\
+const PY_FIFO: &str = "import fcntl\n\
                        p = os.path.join(d, 'fifo')\n\
                        os.mkfifo(p, 0o640)\n\
                        r = os.open(p, os.O_RDONLY | os.O_NONBLOCK)\n\
                        w = os.open(p, os.O_WRONLY)\n\
                        os.write(w, b'queued-at-dump')\n\
-                       def report(sig, frame):\n\
+                       def usr1(sig, frame):\n\
                        \x20   os.write(w, b'|later')\n\
                        \x20   data = os.read(r, 100)\n\
                        \x20   nb = lambda fd: int(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK != 0)\n\
-                       \x20   t = os.path.join(d, 'fifo.report.tmp')\n\
-                       \x20   open(t, 'w').write('data=%s\\nr_nonblock=%d\\nw_nonblock=%d\\n' % (data.decode(), nb(r), nb(w)))\n\
-                       \x20   os.rename(t, os.path.join(d, 'fifo.report'))\n\
-                       signal.signal(signal.SIGUSR1, report)\n\
-                       open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
-                       while True: time.sleep(0.05)\n";
+                       \x20   report('fifo.report', 'data=%s\\nr_nonblock=%d\\nw_nonblock=%d\\n' % (data.decode(), nb(r), nb(w)))\n\
+                       signal.signal(signal.SIGUSR1, usr1)\n";
 
 /// A FIFO is refused while a process outside the tree has it open (its
 /// buffer would outlive the dump, and the saved bytes would be queued
@@ -1082,7 +1095,7 @@ const PY_FIFO: &str = "import fcntl, os, signal, sys, time\n\
 fn fifo_keeps_queued_bytes_and_flags() {
     require_root!();
     let td = TestDir::new("fifo");
-    let (mut fx, _) = python_until_ready(&td, "python-fifo", PY_FIFO);
+    let mut fx = python_reporting(&td, "python-fifo", PY_FIFO);
     let fifo = td.join("fifo");
     let outside = OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).unwrap();
     let err = refused_dump(fx.pid, &td.join("refused"), &[], "dump with the FIFO open outside the tree");
@@ -1112,8 +1125,7 @@ fn fifo_keeps_queued_bytes_and_flags() {
 /// and group mask (getsockname), its memberships (NETLINK_LIST_MEMBERSHIPS),
 /// the links counted, whether the answer was addressed to its port id, and
 /// the uevent socket's port id.
-const PY_NETLINK: &str = "import os, signal, socket, struct, sys, time\n\
-                          d = os.path.dirname(sys.argv[1])\n\
+const PY_NETLINK: &str = "import socket, struct\n\
                           s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)\n\
                           s.bind((0, 1))\n\
                           s.setsockopt(270, 1, 5)\n\
@@ -1142,14 +1154,10 @@ const PY_NETLINK: &str = "import os, signal, socket, struct, sys, time\n\
                           \x20           at += (ln + 3) & ~3\n\
                           \x20   mem = struct.unpack_from('=I', s.getsockopt(270, 9, 64), 0)[0]\n\
                           \x20   port, groups = s.getsockname()\n\
-                          \x20   t = os.path.join(d, 'netlink.report.tmp')\n\
-                          \x20   open(t, 'w').write('port=%d\\ngroups=%d\\nmemberships=%d\\nlinks=%d\\nto_us=%d\\nuevent_port=%d\\n' \
-                          % (port, groups, mem, links, to_us, u.getsockname()[0]))\n\
-                          \x20   os.rename(t, os.path.join(d, 'netlink.report'))\n\
+                          \x20   report('netlink.report', 'port=%d\\ngroups=%d\\nmemberships=%d\\nlinks=%d\\nto_us=%d\\n\
+                          uevent_port=%d\\n' % (port, groups, mem, links, to_us, u.getsockname()[0]))\n\
                           signal.signal(signal.SIGUSR1, usr1)\n\
-                          signal.signal(signal.SIGUSR2, usr2)\n\
-                          open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
-                          while True: time.sleep(0.05)\n";
+                          signal.signal(signal.SIGUSR2, usr2)\n";
 
 /// Netlink sockets keep their port id, multicast groups and type, and
 /// answer requests after the restore; one with an unread answer waiting is
@@ -1158,7 +1166,7 @@ const PY_NETLINK: &str = "import os, signal, socket, struct, sys, time\n\
 fn netlink_sockets_keep_port_id_and_groups() {
     require_root!();
     let td = TestDir::new("netlink");
-    let (mut fx, _) = python_until_ready(&td, "python-netlink", PY_NETLINK);
+    let mut fx = python_reporting(&td, "python-netlink", PY_NETLINK);
     let report = td.join("netlink.report");
     let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
     assert_ne!(before["port"], "0", "the route socket has no port id: {before:?}");
@@ -1192,8 +1200,7 @@ fn netlink_sockets_keep_port_id_and_groups() {
 /// A ping socket bound to 127.0.0.1 with ICMP identifier 4242. On SIGUSR1
 /// it sends an echo request to 127.0.0.1 and reports (`ping.report`)
 /// whether the answer came back to it, and its bound address and port.
-const PY_PING: &str = "import os, signal, socket, struct, sys, time\n\
-                       d = os.path.dirname(sys.argv[1])\n\
+const PY_PING: &str = "import socket, struct\n\
                        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)\n\
                        s.bind(('127.0.0.1', 4242))\n\
                        s.settimeout(5)\n\
@@ -1203,12 +1210,8 @@ const PY_PING: &str = "import os, signal, socket, struct, sys, time\n\
                        \x20   s.sendto(struct.pack('!BBHHH', 8, 0, 0, 0, n[0]) + b'floe', ('127.0.0.1', 0))\n\
                        \x20   data = s.recv(100)\n\
                        \x20   ty, code, ck, ident, seq = struct.unpack_from('!BBHHH', data)\n\
-                       \x20   t = os.path.join(d, 'ping.report.tmp')\n\
-                       \x20   open(t, 'w').write('reply=%d\\nseq_ok=%d\\nbound=%s:%d\\n' % (ty == 0, seq == n[0], *s.getsockname()))\n\
-                       \x20   os.rename(t, os.path.join(d, 'ping.report'))\n\
-                       signal.signal(signal.SIGUSR1, usr1)\n\
-                       open(sys.argv[1], 'w').write('pid=%d\\n' % os.getpid())\n\
-                       while True: time.sleep(0.05)\n";
+                       \x20   report('ping.report', 'reply=%d\\nseq_ok=%d\\nbound=%s:%d\\n' % (ty == 0, seq == n[0], *s.getsockname()))\n\
+                       signal.signal(signal.SIGUSR1, usr1)\n";
 
 /// Puts net.ipv4.ping_group_range back as it was.
 struct PingGroupRange(String);
@@ -1229,7 +1232,7 @@ fn ping_socket_keeps_its_identifier() {
     // Ping sockets need the creator's group in this range (root's here).
     fs::write(sysctl, "0 0").unwrap();
     let td = TestDir::new("ping-socket");
-    let (mut fx, _) = python_until_ready(&td, "python-ping", PY_PING);
+    let mut fx = python_reporting(&td, "python-ping", PY_PING);
     let report = td.join("ping.report");
     let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
     assert_eq!((before["reply"].as_str(), before["seq_ok"].as_str()), ("1", "1"), "{before:?}");
