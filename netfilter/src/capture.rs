@@ -281,7 +281,7 @@ pub(crate) fn parse_packet(p: &[u8]) -> Option<Segment> {
 const TCP_SYN: u8 = 0x02;
 
 /// One's-complement sum of `data` as big-endian 16-bit words, added to `sum`.
-fn sum16(mut sum: u32, data: &[u8]) -> u32 {
+pub(crate) fn sum16(mut sum: u32, data: &[u8]) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -292,7 +292,7 @@ fn sum16(mut sum: u32, data: &[u8]) -> u32 {
     sum
 }
 
-fn fold(mut sum: u32) -> u16 {
+pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }

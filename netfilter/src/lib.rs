@@ -90,6 +90,7 @@
 //! network namespace, and the `nf_tables` module.
 
 mod capture;
+mod datagram;
 mod error;
 mod msg;
 mod netlink;
@@ -98,6 +99,7 @@ pub mod rtnl;
 mod sys;
 
 pub use capture::{reinject, Capture, Segment};
+pub use datagram::{deliver_udp, udp_packet, Datagram};
 pub use error::{Errno, NetfilterError};
 pub use nft::PRIORITY;
 

@@ -1243,3 +1243,83 @@ fn ping_socket_keeps_its_identifier() {
     let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
     assert_eq!(after, before, "ping socket after the restore");
 }
+
+// ---------------------------------------------------------------------------
+// UDP sockets with datagrams waiting
+
+/// Three UDP sockets whose ports go to `ports`: `a` on 0.0.0.0, `b` on [::]
+/// (IPv4 too), `c` on 127.0.0.1 with IP_PKTINFO on. Nothing is read until
+/// SIGUSR1, which reads everything waiting in `a` and `b` and reports each
+/// datagram as "first bytes:length|sender address|sender port|address it
+/// was sent to"; SIGUSR2 empties `c`.
+const PY_UDP_QUEUE: &str = "import socket\n\
+                            a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                            a.bind(('0.0.0.0', 0))\n\
+                            b = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+                            b.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n\
+                            b.bind(('::', 0))\n\
+                            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                            c.bind(('127.0.0.1', 0))\n\
+                            c.setsockopt(socket.IPPROTO_IP, 8, 1)\n\
+                            def drain(s, v6):\n\
+                            \x20   s.setblocking(False)\n\
+                            \x20   s.setsockopt(socket.IPPROTO_IP, 8, 1)\n\
+                            \x20   if v6: s.setsockopt(socket.IPPROTO_IPV6, 49, 1)\n\
+                            \x20   out = []\n\
+                            \x20   while True:\n\
+                            \x20       try: d, anc, fl, addr = s.recvmsg(70000, 200)\n\
+                            \x20       except BlockingIOError: return out\n\
+                            \x20       dst = '?'\n\
+                            \x20       for lvl, ty, x in anc:\n\
+                            \x20           if lvl == socket.IPPROTO_IP and ty == 8: dst = socket.inet_ntoa(x[8:12])\n\
+                            \x20           if lvl == socket.IPPROTO_IPV6 and ty == 50: dst = socket.inet_ntop(socket.AF_INET6, x[:16])\n\
+                            \x20       out.append('%s:%d|%s|%d|%s' % (d[:8].decode(), len(d), addr[0], addr[1], dst))\n\
+                            def usr1(sig, frame):\n\
+                            \x20   report('udp.report', 'a=%s\\nb=%s\\n' % (','.join(drain(a, False)), ','.join(drain(b, True))))\n\
+                            signal.signal(signal.SIGUSR1, usr1)\n\
+                            signal.signal(signal.SIGUSR2, lambda sig, frame: drain(c, False))\n\
+                            report('ports', 'a=%d\\nb=%d\\nc=%d\\n' % (a.getsockname()[1], b.getsockname()[1], c.getsockname()[1]))\n";
+
+/// Datagrams waiting in UDP sockets come back, in order, with their
+/// senders, the address each was sent to and their whole payload (one of
+/// 60000 bytes), on IPv4 and dual-stack IPv6 sockets. A socket that asks
+/// for IP_PKTINFO with each datagram has its waiting datagrams refused
+/// (they would arrive again on the loopback device).
+#[test]
+fn udp_datagrams_waiting_are_delivered_again() {
+    require_root!();
+    let td = TestDir::new("udp-queue");
+    let mut fx = python_reporting(&td, "python-udp", PY_UDP_QUEUE);
+    let ports = read_report(&td.join("ports"));
+    let port = |k: &str| ports[k].parse::<u16>().unwrap();
+    let send = |from: &str, to: String, payload: &[u8]| {
+        let s = std::net::UdpSocket::bind(from).unwrap();
+        s.send_to(payload, &to).unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let (a, b) = (port("a"), port("b"));
+    let p1 = send("127.0.0.1:0", format!("127.0.0.1:{a}"), b"one");
+    let p2 = send("127.0.0.3:0", format!("127.0.0.2:{a}"), b"two");
+    let p3 = send("127.0.0.1:0", format!("127.0.0.1:{a}"), &[b'x'; 60000]);
+    let p4 = send("127.0.0.1:0", format!("127.0.0.1:{b}"), b"four");
+    let p5 = send("[::1]:0", format!("[::1]:{b}"), b"five");
+    let want_a = format!(
+        "one:3|127.0.0.1|{p1}|127.0.0.1,two:3|127.0.0.3|{p2}|127.0.0.2,xxxxxxxx:60000|127.0.0.1|{p3}|127.0.0.1"
+    );
+    let want_b = format!("four:4|::ffff:127.0.0.1|{p4}|127.0.0.1,five:4|::1|{p5}|::1");
+
+    send("127.0.0.1:0", format!("127.0.0.1:{}", port("c")), b"c");
+    let err = refused_dump(fx.pid, &td.join("refused"), &[], "dump with a datagram waiting on an IP_PKTINFO socket");
+    assert_mentions(&err, &["ip_pktinfo", "waiting"], "IP_PKTINFO refusal");
+    send_signal(fx.pid, libc::SIGUSR2).unwrap();
+    let img = td.join("img");
+    assert!(
+        wait_until(Duration::from_secs(5), || dump(fx.pid, &img, &[]).status.success()),
+        "the dump is still refused once the IP_PKTINFO socket is empty"
+    );
+    fx.reap(Duration::from_secs(10));
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let r = request_report(fx.pid, &td.join("udp.report"), libc::SIGUSR1, &fx.log);
+    assert_eq!(r["a"], want_a, "datagrams of the IPv4 socket after the restore");
+    assert_eq!(r["b"], want_b, "datagrams of the dual-stack socket after the restore");
+}

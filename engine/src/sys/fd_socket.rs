@@ -197,6 +197,9 @@ pub struct Peeked {
     pub passed_fds: usize,
     /// The kernel had more ancillary data than fit (MSG_CTRUNC).
     pub control_truncated: bool,
+    /// Where the datagram was sent (4 or 16 bytes) when IP_PKTINFO or
+    /// IPV6_RECVPKTINFO is on; empty otherwise.
+    pub dst: Vec<u8>,
 }
 
 /// recvmsg(MSG_PEEK | MSG_DONTWAIT | `flags`): looks at queued data without
@@ -224,11 +227,13 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8], flags: i32) -> io::Result<Peeked>
         name: storage_bytes(&ss, msg.msg_namelen),
         passed_fds: 0,
         control_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        dst: Vec::new(),
     };
     let int = std::mem::size_of::<libc::c_int>();
     // SAFETY: the kernel filled msg_control with msg_controllen bytes of
-    // well-formed cmsg headers; CMSG_FIRSTHDR/NXTHDR stay within them, and
-    // SCM_RIGHTS payloads are arrays of ints read unaligned. Each descriptor
+    // well-formed cmsg headers; CMSG_FIRSTHDR/NXTHDR stay within them,
+    // SCM_RIGHTS payloads are arrays of ints read unaligned, and a pktinfo
+    // payload is read as the bytes its cmsg_len covers. Each descriptor
     // was just installed in this process for us and is owned by nobody else.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
@@ -241,6 +246,15 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8], flags: i32) -> io::Result<Peeked>
                     drop(OwnedFd::from_raw_fd(raw));
                     out.passed_fds += 1;
                 }
+            }
+            let data = libc::CMSG_DATA(c);
+            let payload = (*c).cmsg_len as usize - (data as usize - c as usize);
+            let bytes = std::slice::from_raw_parts(data, payload);
+            // in_pktinfo: ifindex, spec_dst, addr; in6_pktinfo: addr, ifindex.
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) if payload >= 12 => out.dst = bytes[8..12].to_vec(),
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) if payload >= 20 => out.dst = bytes[..16].to_vec(),
+                _ => {}
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }

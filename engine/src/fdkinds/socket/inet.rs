@@ -309,6 +309,12 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
     } else {
         let mut none = [0u8; 0];
         match fd_socket::peek(sock, &mut none, libc::MSG_TRUNC) {
+            Ok(_) if protocol == libc::IPPROTO_UDP => {
+                let (queued, data) = super::udp_queue::peek_all(sock, family, &format!("{kind} {}", show(&local)))?;
+                s.queued = queued;
+                s.queue_blob = Some(ctx.blobs.len() as i32);
+                ctx.blobs.push(data);
+            }
             Ok(p) => {
                 return Err(format!(
                     "{kind} {} has datagrams waiting to be read (the next is {} bytes); queued datagrams \
@@ -348,7 +354,7 @@ fn opt_corked(sock: &OwnedFd) -> bool {
 
 pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String> {
     let img = ctx.img;
-    let blob = |i: i32| img.read_blob(i as usize).map_err(|e| format!("cannot read a TCP queue ({e})"));
+    let blob = |i: i32| img.read_blob(i as usize).map_err(|e| format!("cannot read a saved socket queue ({e})"));
     let (sock, unsent) = restore_socket(d, ctx.tcp_close, &blob)?;
     if let Some(unsent) = unsent {
         let dup = sock.try_clone().map_err(|e| format!("cannot keep the restored connection ({e})"))?;
@@ -444,6 +450,10 @@ fn restore_socket(
         };
         let raw = build_addr(s.family, &remote)?;
         fd_socket::connect(&sock, &raw).map_err(|e| format!("cannot connect to {} ({e})", show(&remote)))?;
+    }
+    if !s.queued.is_empty() {
+        let data = blob(s.queue_blob.unwrap_or(-1))?;
+        super::udp_queue::deliver(&sock, local.port, &s.queued, &data).map_err(|e| format!("{}: {e}", show(&local)))?;
     }
     Ok((sock, None))
 }

@@ -22,6 +22,7 @@ use std::os::unix::fs::MetadataExt;
 mod inet;
 mod netlink;
 mod tcp_repair;
+mod udp_queue;
 mod unix;
 
 pub use inet::{bound_addresses, tcp_tuples};
