@@ -70,6 +70,9 @@ pub struct FileTable {
     /// Deleted files that are mapped or run are only marked (`-1` blobs):
     /// a live migration sends their contents another way.
     pub mapped_deleted_elsewhere: bool,
+    /// Descriptors are read again at the final freeze (see
+    /// [`crate::fdkinds::DumpCtx::passing_ok`]).
+    pub passing_ok: bool,
 }
 
 impl FileTable {
@@ -265,6 +268,7 @@ impl FileTable {
                 ext_unix_sk: self.ext_unix_sk,
                 tcp_established: self.tcp_established,
                 repaired: &mut self.repaired,
+                passing_ok: self.passing_ok,
             };
             crate::fdkinds::dump(kind, &mut ctx, &mut d).map_err(refuse)?;
         } else if link.starts_with("pipe:") {

@@ -579,6 +579,8 @@ pub(crate) fn dump_frozen(
     // A migration's target gets mapped deleted files before the first pass
     // (the agents send them): not read again inside a freeze.
     files.mapped_deleted_elsewhere = !matches!(out, Output::Image(_));
+    // A migration's first pass: the final freeze reads the descriptors again.
+    files.passing_ok = matches!(out, Output::Stream { .. });
     let mut blobs: Vec<Vec<u8>> = Vec::new();
     let mut processes = Vec::with_capacity(frozen.procs.len());
     let mut plans = Vec::with_capacity(frozen.procs.len());

@@ -37,6 +37,10 @@ pub struct DumpCtx<'a> {
     pub tcp_established: bool,
     /// Sockets left in TCP repair mode by this dump (see [`socket::Repaired`]).
     pub repaired: &'a mut socket::Repaired,
+    /// The descriptors are only checked now (a migration's first pass) and
+    /// read again at the final freeze: states that pass (connections
+    /// waiting to be accepted, messages waiting to be read) are let through.
+    pub passing_ok: bool,
 }
 
 /// What a kind's `restore` gets.

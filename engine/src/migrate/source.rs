@@ -3,6 +3,7 @@ use crate::dump::checks;
 use crate::dump::freeze::FrozenTree;
 use crate::dump::memory::{ChunkConsumer, Incremental, PageLoc, PAGE};
 use crate::dump::{dump_frozen, pre_dump_frozen, Base, DumpError, DumpOptions, DumpReport, DumpTimings, Output};
+use crate::fdkinds::socket::ListenerGate;
 use crate::image::ImageWriter;
 use crate::track::Tracker;
 use floe_proto::image as pb;
@@ -64,6 +65,8 @@ pub struct Source {
     /// repair mode: both end with the tree (kill) or before it runs again.
     lock: Option<floe_netfilter::Lock>,
     repaired: crate::fdkinds::socket::Repaired,
+    /// The final freeze's closed listeners (see [`ListenerGate`]).
+    gate: Option<ListenerGate>,
     /// Counts the tree's syscalls that can change a mapping's VmFlags
     /// without changing /proc/PID/maps (None: eBPF unavailable).
     watch: Option<crate::sys::syscall_watch::SyscallWatch>,
@@ -73,6 +76,12 @@ pub struct Source {
     last_maps: std::sync::Arc<HashMap<i32, Vec<crate::procfs::MapEntry>>>,
     passes: u32,
 }
+
+/// At the final freeze, how long the tree first runs to accept the
+/// connections waiting in its listeners' accept queues (doubled at each
+/// further run), and how many runs it gets: 2 + 4 + ... + 64 = 126 ms.
+const ACCEPT_THAW: std::time::Duration = std::time::Duration::from_millis(2);
+const ACCEPT_THAWS: u32 = 6;
 
 fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
@@ -121,6 +130,7 @@ impl Source {
             frozen: None,
             parked: false,
             lock: None,
+            gate: None,
             repaired: Default::default(),
             watch: None,
             no_watch: false,
@@ -336,11 +346,45 @@ impl Source {
                 what: "final freeze before any pre-copy pass".into(),
             });
         }
-        let t0 = Instant::now();
+        let mut t0 = Instant::now();
         let mut timings = DumpTimings::default();
-        let t_freeze = Instant::now();
+        let mut t_freeze = Instant::now();
         let mut frozen = self.freeze()?;
         timings.freeze_ms = ms(t_freeze);
+        // Listeners take no new connection from here on; connections already
+        // waiting in an accept queue are accepted by the process in short thaws.
+        let gate = ListenerGate::close(&self.pids).map_err(|what| DumpError::Refused { pid: self.opts.pid, what })?;
+        let mut thaws = 0;
+        let waiting_at_freeze = gate.waiting();
+        while gate.waiting() > 0 {
+            if thaws == ACCEPT_THAWS {
+                let n = gate.waiting();
+                return Err(DumpError::Refused {
+                    pid: self.opts.pid,
+                    what: format!(
+                        "{n} connection(s) still wait in its listeners' accept queues after it ran {} ms (in \
+                         {thaws} runs) to accept them; connections not yet accepted cannot be moved",
+                        ACCEPT_THAW.as_millis() * ((1 << thaws) - 1)
+                    ),
+                });
+            }
+            frozen.resume_in_place()?;
+            std::thread::sleep(ACCEPT_THAW * (1 << thaws));
+            t0 = Instant::now();
+            t_freeze = Instant::now();
+            frozen = self.freeze()?;
+            thaws += 1;
+        }
+        if gate.closed() > 0 || gate.open > 0 {
+            tracing::info!(
+                closed = gate.closed(),
+                waiting_at_freeze,
+                thaws,
+                left_open = gate.open,
+                "listeners closed for the final freeze (thaws: runs to accept waiting connections; left open: \
+                 listeners with a socket filter of their own)"
+            );
+        }
 
         if let Some(l) = &lock {
             let conns = crate::dump::tree_connections(&frozen);
@@ -377,6 +421,7 @@ impl Source {
         report.timings.total_ms = ms(t0);
         self.repaired = std::mem::take(&mut report.repaired);
         self.lock = lock;
+        self.gate = Some(gate);
         self.frozen = Some(frozen);
         Ok(report)
     }
@@ -410,8 +455,10 @@ impl Source {
                     f.signal_all(libc::SIGCONT)?;
                     self.parked = false;
                 }
-                // Connections leave repair mode silently before the tree runs.
+                // Connections leave repair mode silently, and listeners take
+                // connections again, before the tree runs.
                 drop(std::mem::take(&mut self.repaired));
+                drop(self.gate.take());
                 f.resume()
             }
             None => Ok(()),
@@ -433,6 +480,9 @@ impl Source {
     pub fn kill(&mut self) -> Result<(), DumpError> {
         // Its connections stay in repair mode: they close without a FIN or RST.
         std::mem::take(&mut self.repaired).keep();
+        if let Some(g) = self.gate.take() {
+            g.keep();
+        }
         let r = match self.frozen.take() {
             Some(f) => f.kill(),
             None => {

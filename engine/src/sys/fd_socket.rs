@@ -262,6 +262,69 @@ pub fn peek(fd: &impl AsRawFd, buf: &mut [u8], flags: i32) -> io::Result<Peeked>
     Ok(out)
 }
 
+/// One classic BPF instruction (struct sock_filter).
+#[repr(C)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+const _: () = assert!(std::mem::size_of::<SockFilter>() == 8);
+
+/// struct sock_fprog.
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const SockFilter,
+}
+const _: () = assert!(std::mem::size_of::<SockFprog>() == 16);
+
+/// Attaches a socket filter that drops every packet (`ret #0`).
+pub fn attach_drop_filter(fd: &impl AsRawFd) -> io::Result<()> {
+    let drop_all = [SockFilter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
+    let prog = SockFprog { len: 1, filter: drop_all.as_ptr() };
+    // SAFETY: `prog` points at `drop_all`, both live for the call; the kernel copies the program.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const SockFprog).cast(),
+            std::mem::size_of::<SockFprog>() as libc::socklen_t,
+        )
+    };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// Removes a socket's filter.
+pub fn detach_filter(fd: &impl AsRawFd) -> io::Result<()> {
+    let zero: libc::c_int = 0;
+    // SAFETY: SO_DETACH_FILTER ignores its value; `zero` is a live int.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_FILTER,
+            (&zero as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(r as libc::c_long).map(drop)
+}
+
+/// Instructions of the socket's filter (0: none).
+pub fn filter_len(fd: &impl AsRawFd) -> io::Result<u32> {
+    let mut len: libc::socklen_t = 0;
+    // SAFETY: with a zero length SO_GET_FILTER writes nothing to the
+    // (null) buffer and stores the filter's length in `len`.
+    let r = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_GET_FILTER, std::ptr::null_mut(), &mut len)
+    };
+    cvt(r as libc::c_long)?;
+    Ok(len)
+}
+
 /// An ioctl that writes one int (SIOCINQ, SIOCOUTQ, SIOCOUTQNSD).
 pub fn ioctl_int(fd: &impl AsRawFd, req: libc::c_ulong) -> io::Result<i32> {
     let mut v: libc::c_int = 0;

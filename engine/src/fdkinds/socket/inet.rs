@@ -240,7 +240,7 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
         s.state = st.state as u32;
         match st.state {
             TCP_LISTEN => {
-                if st.accept_queue > 0 {
+                if st.accept_queue > 0 && !ctx.passing_ok {
                     return Err(format!(
                         "TCP listener {} has {} connection(s) waiting in its accept queue; \
                          connections not yet accepted cannot be checkpointed",
@@ -287,6 +287,8 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
                 ctx.repaired.push(dup);
                 s.tcp = Some(t);
             }
+            // Read again at the final freeze.
+            TCP_SYN_SENT if ctx.passing_ok => {}
             TCP_SYN_SENT => {
                 let remote = peer.as_ref().map(show).unwrap_or_else(|| "?".into());
                 return Err(format!(
@@ -309,6 +311,8 @@ pub fn dump(ctx: &mut DumpCtx, family: i32, sock: &OwnedFd, d: &mut pb::FileDesc
     } else {
         let mut none = [0u8; 0];
         match fd_socket::peek(sock, &mut none, libc::MSG_TRUNC) {
+            // Read again at the final freeze.
+            Ok(_) if ctx.passing_ok => {}
             Ok(_) if protocol == libc::IPPROTO_UDP => {
                 let (queued, data) = super::udp_queue::peek_all(sock, family, &format!("{kind} {}", show(&local)))?;
                 s.queued = queued;
@@ -476,6 +480,18 @@ fn inet_sockets(pid: i32) -> Vec<(OwnedFd, i32)> {
         }
     }
     out
+}
+
+/// The TCP listeners among `pid`'s descriptors (dups of them).
+pub(super) fn tcp_listeners(pid: i32) -> Vec<OwnedFd> {
+    inet_sockets(pid)
+        .into_iter()
+        .map(|(sock, _)| sock)
+        .filter(|sock| {
+            fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).is_ok_and(|p| p == libc::IPPROTO_TCP)
+                && fd_socket::tcp_state(sock).is_ok_and(|st| st.state == TCP_LISTEN)
+        })
+        .collect()
 }
 
 /// The established TCP connections among `pid`'s descriptors, as

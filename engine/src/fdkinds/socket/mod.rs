@@ -19,12 +19,14 @@ use std::collections::HashSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
+mod gate;
 mod inet;
 mod netlink;
 mod tcp_repair;
 mod udp_queue;
 mod unix;
 
+pub use gate::ListenerGate;
 pub use inet::{bound_addresses, tcp_tuples};
 
 /// Sockets a dump put in TCP repair mode (dups of the process's). Dropped
@@ -104,7 +106,7 @@ pub fn dump(ctx: &mut DumpCtx, d: &mut pb::FileDesc) -> Result<(), String> {
             d.kind = pb::FdKind::InetSocket as i32;
             inet::dump(ctx, domain, &sock, d)
         }
-        libc::AF_NETLINK => netlink::dump(ino, &sock, d),
+        libc::AF_NETLINK => netlink::dump(ino, &sock, d, ctx.passing_ok),
         libc::AF_PACKET => Err("packet sockets are not supported yet".into()),
         other => Err(format!("sockets of address family {other} are not supported")),
     }

@@ -60,7 +60,8 @@ fn queue_state(ino: u64) -> Option<(u64, u64)> {
     })
 }
 
-pub(super) fn dump(ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc) -> Result<(), String> {
+/// `passing_ok`: messages waiting are let through (they are looked at again).
+pub(super) fn dump(ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc, passing_ok: bool) -> Result<(), String> {
     let int = |level, name, what: &str| {
         fd_socket::getsockopt_int(sock, level, name).map_err(|e| format!("cannot read its {what} ({e})"))
     };
@@ -70,6 +71,7 @@ pub(super) fn dump(ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc) -> Result<(),
     let name = fd_socket::getsockname(sock).map_err(|e| format!("{what}: cannot read its address ({e})"))?;
     let (portid, _) = parse_nl(&name).ok_or_else(|| format!("{what}: short address"))?;
     match queue_state(ino) {
+        Some(_) if passing_ok => {}
         Some((rmem, _)) if rmem > 0 => {
             return Err(format!("{what}: {rmem} bytes of messages are waiting to be read; they cannot be put back"))
         }
