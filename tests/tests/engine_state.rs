@@ -1323,3 +1323,87 @@ fn udp_datagrams_waiting_are_delivered_again() {
     assert_eq!(r["a"], want_a, "datagrams of the IPv4 socket after the restore");
     assert_eq!(r["b"], want_b, "datagrams of the dual-stack socket after the restore");
 }
+
+// ---------------------------------------------------------------------------
+// listeners with connections waiting to be accepted
+
+/// A TCP server on 127.0.0.1 (port in `port`) that, every 30 ms, accepts
+/// what waits in its accept queue, but only once the file `go` exists, and
+/// echoes what its connections send, uppercased.
+const PY_ROUNDS: &str = "import socket, threading\n\
+                         l = socket.socket()\n\
+                         l.bind(('127.0.0.1', 0))\n\
+                         l.listen(16)\n\
+                         l.setblocking(False)\n\
+                         conns = []\n\
+                         def rounds():\n\
+                         \x20   while True:\n\
+                         \x20       time.sleep(0.03)\n\
+                         \x20       while os.path.exists(os.path.join(d, 'go')):\n\
+                         \x20           try: c, _ = l.accept()\n\
+                         \x20           except BlockingIOError: break\n\
+                         \x20           c.setblocking(False)\n\
+                         \x20           conns.append(c)\n\
+                         \x20       for c in conns:\n\
+                         \x20           try: data = c.recv(100)\n\
+                         \x20           except BlockingIOError: continue\n\
+                         \x20           if data: c.sendall(data.upper())\n\
+                         threading.Thread(target=rounds, daemon=True).start()\n\
+                         report('port', 'port=%d\\n' % l.getsockname()[1])\n";
+
+/// `TracerPid:` of `pid` (0: not traced).
+fn tracer_of(pid: i32) -> i32 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Connections waiting in a listener's accept queue no longer fail a dump:
+/// the listener takes no new connection while the tree is frozen, and the
+/// server runs briefly until it has accepted them; they are then dumped
+/// (with --tcp-established) and answer after the restore. A server that
+/// does not accept them within the allowed runs is refused, and runs on.
+#[test]
+fn connections_waiting_to_be_accepted_are_accepted_before_the_dump() {
+    require_root!();
+    let td = TestDir::new("accept-queue");
+    let mut fx = python_reporting(&td, "python-rounds", PY_ROUNDS);
+    let port = read_report(&td.join("port"))["port"].parse::<u16>().unwrap();
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+
+    // Not accepting yet: connections wait, and the dump is refused.
+    let stuck = [connect(), connect()];
+    let err = refused_dump(fx.pid, &td.join("refused"), &["--tcp-established"], "dump of a server not accepting");
+    assert_mentions(&err, &["2 connection(s) still wait", "accept queue"], "accept-queue refusal");
+    assert!(pid_alive(fx.pid), "the refused dump killed the server");
+    drop(stuck);
+
+    // Connections wait at the freeze; the server accepts them once floe
+    // holds it (it may accept only in floe's short runs).
+    let mut conns: Vec<std::net::TcpStream> = (0..3).map(|_| connect()).collect();
+    let (pid, img) = (fx.pid, td.join("img"));
+    let dumping = {
+        let img = img.clone();
+        std::thread::spawn(move || dump(pid, &img, &["--tcp-established", "--log-level", "info"]))
+    };
+    // Watched closely: floe lets the server run (untraced) for a few ms at a time.
+    let t = std::time::Instant::now();
+    while tracer_of(pid) == 0 && !dumping.is_finished() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    fs::write(td.join("go"), "").unwrap();
+    let out = dumping.join().unwrap();
+    assert_ok(&out, "dump of the server with connections waiting");
+    fx.reap(Duration::from_secs(10));
+    let log = stderr_text(&out);
+    let line = log.lines().find(|l| l.contains("listeners closed")).unwrap_or_default();
+    assert!(!line.contains("waiting_at_freeze=0") && !line.contains("thaws=0"), "no wait at the freeze:\n{log}");
+    restore_and_adopt(&mut fx, &img, &["--tcp-established"], Stdio::null());
+    for (i, c) in conns.iter_mut().enumerate() {
+        use std::io::{Read, Write};
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(format!("conn{i}").as_bytes()).unwrap();
+        let mut got = [0u8; 5];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, format!("CONN{i}").as_bytes(), "answer on connection {i} after the restore");
+    }
+}

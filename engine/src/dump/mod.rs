@@ -184,6 +184,57 @@ pub(crate) fn tree_connections(frozen: &FrozenTree) -> Vec<floe_netfilter::ConnT
         .collect()
 }
 
+/// At a final freeze, how long the tree first runs to accept the
+/// connections waiting in its listeners' accept queues (doubled at each
+/// further run), and how many runs it gets: 2 + 4 + ... + 64 = 126 ms.
+const ACCEPT_THAW: Duration = Duration::from_millis(2);
+const ACCEPT_THAWS: u32 = 6;
+
+/// Closes the TCP listeners of the frozen tree of `root` to new connections
+/// ([`crate::fdkinds::socket::ListenerGate`]), then, while connections wait
+/// in their accept queues, lets the tree run briefly to accept them and
+/// freezes it again with `refreeze`. Returns the gate (dropped, it opens
+/// the listeners again) and how often the tree ran.
+pub(crate) fn close_listeners(
+    root: i32,
+    frozen: &mut FrozenTree,
+    refreeze: &mut dyn FnMut() -> Result<FrozenTree, DumpError>,
+) -> Result<(crate::fdkinds::socket::ListenerGate, u32), DumpError> {
+    let pids: Vec<i32> = frozen.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
+    let gate =
+        crate::fdkinds::socket::ListenerGate::close(&pids).map_err(|what| DumpError::Refused { pid: root, what })?;
+    let waiting_at_freeze = gate.waiting();
+    let mut thaws = 0;
+    while gate.waiting() > 0 {
+        if thaws == ACCEPT_THAWS {
+            return Err(DumpError::Refused {
+                pid: root,
+                what: format!(
+                    "{} connection(s) still wait in its listeners' accept queues after it ran {} ms (in {thaws} runs) \
+                     to accept them; connections not yet accepted cannot be checkpointed",
+                    gate.waiting(),
+                    ACCEPT_THAW.as_millis() * ((1 << thaws) - 1)
+                ),
+            });
+        }
+        frozen.resume_in_place()?;
+        std::thread::sleep(ACCEPT_THAW * (1 << thaws));
+        *frozen = refreeze()?;
+        thaws += 1;
+    }
+    if gate.closed() > 0 || gate.open > 0 {
+        tracing::info!(
+            closed = gate.closed(),
+            waiting_at_freeze,
+            thaws,
+            left_open = gate.open,
+            "listeners closed for the final freeze (thaws: runs to accept waiting connections; left open: \
+             listeners with a socket filter of their own)"
+        );
+    }
+    Ok((gate, thaws))
+}
+
 pub(crate) fn proc_err(pid: i32, path: &str) -> impl FnOnce(std::io::Error) -> DumpError + '_ {
     move |source| {
         if source.kind() == std::io::ErrorKind::NotFound && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
@@ -295,6 +346,25 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
             return Err(e);
         }
     };
+    let mut t_freeze = t_freeze;
+    // Listeners take no new connection while the tree is dumped; those
+    // already waiting are accepted by the tree itself in short runs.
+    let gate = if opts.pre_dump {
+        None
+    } else {
+        match close_listeners(pid, &mut frozen, &mut || FrozenTree::freeze(pid)) {
+            Ok((g, thaws)) => {
+                if thaws > 0 {
+                    t_freeze = Instant::now();
+                }
+                Some(g)
+            }
+            Err(e) => {
+                writer.abort();
+                return Err(e);
+            }
+        }
+    };
     if let Some(l) = &lock {
         let conns = tree_connections(&frozen);
         match l.lock(&conns) {
@@ -325,8 +395,10 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
     if frozen.released() {
         // Pre-dump: the processes ran on since the state was collected.
     } else if opts.leave_running || opts.pre_dump {
-        // Connections leave repair mode silently, then the tree runs on.
+        // Connections leave repair mode silently and listeners take
+        // connections again, then the tree runs on.
         drop(std::mem::take(&mut report.repaired));
+        drop(gate);
         frozen.resume()?;
         timings.frozen_ms = ms(t_freeze.elapsed());
         if let Some(l) = lock.take() {
@@ -337,6 +409,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         // and the lock stays until restore removes it (the peers' packets
         // are dropped meanwhile, not answered with a reset).
         std::mem::take(&mut report.repaired).keep();
+        if let Some(g) = gate {
+            g.keep();
+        }
         if let Some(l) = lock.take() {
             l.persist();
         }

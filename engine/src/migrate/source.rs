@@ -77,12 +77,6 @@ pub struct Source {
     passes: u32,
 }
 
-/// At the final freeze, how long the tree first runs to accept the
-/// connections waiting in its listeners' accept queues (doubled at each
-/// further run), and how many runs it gets: 2 + 4 + ... + 64 = 126 ms.
-const ACCEPT_THAW: std::time::Duration = std::time::Duration::from_millis(2);
-const ACCEPT_THAWS: u32 = 6;
-
 fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     if let Ok(b) = std::fs::read("/proc/sys/kernel/random/uuid") {
@@ -353,39 +347,12 @@ impl Source {
         timings.freeze_ms = ms(t_freeze);
         // Listeners take no new connection from here on; connections already
         // waiting in an accept queue are accepted by the process in short thaws.
-        let gate = ListenerGate::close(&self.pids).map_err(|what| DumpError::Refused { pid: self.opts.pid, what })?;
-        let mut thaws = 0;
-        let waiting_at_freeze = gate.waiting();
-        while gate.waiting() > 0 {
-            if thaws == ACCEPT_THAWS {
-                let n = gate.waiting();
-                return Err(DumpError::Refused {
-                    pid: self.opts.pid,
-                    what: format!(
-                        "{n} connection(s) still wait in its listeners' accept queues after it ran {} ms (in \
-                         {thaws} runs) to accept them; connections not yet accepted cannot be moved",
-                        ACCEPT_THAW.as_millis() * ((1 << thaws) - 1)
-                    ),
-                });
-            }
-            frozen.resume_in_place()?;
-            std::thread::sleep(ACCEPT_THAW * (1 << thaws));
-            t0 = Instant::now();
-            t_freeze = Instant::now();
-            frozen = self.freeze()?;
-            thaws += 1;
+        let pid = self.opts.pid;
+        let (gate, thaws) = crate::dump::close_listeners(pid, &mut frozen, &mut || self.freeze())?;
+        if thaws > 0 {
+            // The tree ran meanwhile: the downtime starts at the last freeze.
+            (t0, t_freeze) = (Instant::now(), Instant::now());
         }
-        if gate.closed() > 0 || gate.open > 0 {
-            tracing::info!(
-                closed = gate.closed(),
-                waiting_at_freeze,
-                thaws,
-                left_open = gate.open,
-                "listeners closed for the final freeze (thaws: runs to accept waiting connections; left open: \
-                 listeners with a socket filter of their own)"
-            );
-        }
-
         if let Some(l) = &lock {
             let conns = crate::dump::tree_connections(&frozen);
             timings.lock_ms = ms_of(l.lock(&conns)?);
