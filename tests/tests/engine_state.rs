@@ -1407,3 +1407,54 @@ fn connections_waiting_to_be_accepted_are_accepted_before_the_dump() {
         assert_eq!(&got, format!("CONN{i}").as_bytes(), "answer on connection {i} after the restore");
     }
 }
+
+/// A netlink route socket whose answers the process reads in rounds, every
+/// 30 ms, once the file `go` exists. SIGUSR2 asks for the links; SIGUSR1
+/// reports (`nl.report`) how many answer bytes it has read.
+const PY_NETLINK_ROUNDS: &str = "import socket, struct, threading\n\
+                                 s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)\n\
+                                 s.bind((0, 0))\n\
+                                 s.setblocking(False)\n\
+                                 got = [0]\n\
+                                 def rounds():\n\
+                                 \x20   while True:\n\
+                                 \x20       time.sleep(0.03)\n\
+                                 \x20       if not os.path.exists(os.path.join(d, 'go')): continue\n\
+                                 \x20       try:\n\
+                                 \x20           while True: got[0] += len(s.recv(65536))\n\
+                                 \x20       except BlockingIOError: pass\n\
+                                 threading.Thread(target=rounds, daemon=True).start()\n\
+                                 signal.signal(signal.SIGUSR2, lambda sig, frame: \
+                                 s.send(struct.pack('=IHHII', 32, 18, 0x301, 1, 0) + bytes(16)))\n\
+                                 signal.signal(signal.SIGUSR1, lambda sig, frame: report('nl.report', 'got=%d\\n' % got[0]))\n";
+
+/// Messages waiting in a netlink socket at the freeze, which a dump cannot
+/// save, no longer fail it when the process reads them soon: the tree runs
+/// briefly until they are read, then the dump goes on.
+#[test]
+fn passing_states_at_the_freeze_are_let_go() {
+    require_root!();
+    let td = TestDir::new("settle");
+    let mut fx = python_reporting(&td, "python-nl-rounds", PY_NETLINK_ROUNDS);
+    let pid = fx.pid;
+    send_signal(pid, libc::SIGUSR2).unwrap();
+    let img = td.join("img");
+    let dumping = {
+        let img = img.clone();
+        std::thread::spawn(move || dump(pid, &img, &["--log-level", "info"]))
+    };
+    // The process reads only once floe holds it (in floe's short runs).
+    let t = std::time::Instant::now();
+    while tracer_of(pid) == 0 && !dumping.is_finished() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    fs::write(td.join("go"), "").unwrap();
+    let out = dumping.join().unwrap();
+    assert_ok(&out, "dump with a netlink answer waiting at the freeze");
+    let log = stderr_text(&out);
+    assert!(log.contains("netlink messages waiting") && !log.contains("thaws=0"), "no run to read them:\n{log}");
+    fx.reap(Duration::from_secs(10));
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let r = request_report(pid, &td.join("nl.report"), libc::SIGUSR1, &fx.log);
+    assert_ne!(r["got"], "0", "the answer was not read before the dump: {r:?}");
+}

@@ -11,6 +11,7 @@ mod files;
 pub(crate) mod freeze;
 pub(crate) mod memory;
 mod parasite;
+mod settle;
 
 pub use files::{simple_device, LOCK_FLOCK, LOCK_OFD, LOCK_POSIX, MAX_DELETED_FILE};
 pub use memory::{
@@ -184,52 +185,64 @@ pub(crate) fn tree_connections(frozen: &FrozenTree) -> Vec<floe_netfilter::ConnT
         .collect()
 }
 
-/// At a final freeze, how long the tree first runs to accept the
-/// connections waiting in its listeners' accept queues (doubled at each
-/// further run), and how many runs it gets: 2 + 4 + ... + 64 = 126 ms.
-const ACCEPT_THAW: Duration = Duration::from_millis(2);
-const ACCEPT_THAWS: u32 = 6;
+/// At a freeze, how long the tree first runs to accept the connections
+/// waiting in its listeners' accept queues, or to let other passing states
+/// go ([`settle`]) (doubled at each further run), and how many runs it
+/// gets: 2 + 4 + ... + 64 = 126 ms.
+const SETTLE_RUN: Duration = Duration::from_millis(2);
+const SETTLE_RUNS: u32 = 6;
 
 /// Closes the TCP listeners of the frozen tree of `root` to new connections
-/// ([`crate::fdkinds::socket::ListenerGate`]), then, while connections wait
-/// in their accept queues, lets the tree run briefly to accept them and
-/// freezes it again with `refreeze`. Returns the gate (dropped, it opens
-/// the listeners again) and how often the tree ran.
+/// ([`crate::fdkinds::socket::ListenerGate`]). Then, while connections wait
+/// in their accept queues or the tree holds another state that passes
+/// ([`settle::passing_states`]), lets the tree run briefly and freezes it
+/// again with `refreeze`. Connections still waiting after the last run are
+/// refused here; other passing states are left for the dump to refuse with
+/// its own message. Returns the gate (dropped, it opens the listeners
+/// again) and how often the tree ran.
 pub(crate) fn close_listeners(
     root: i32,
     frozen: &mut FrozenTree,
     refreeze: &mut dyn FnMut() -> Result<FrozenTree, DumpError>,
 ) -> Result<(crate::fdkinds::socket::ListenerGate, u32), DumpError> {
-    let pids: Vec<i32> = frozen.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect();
-    let gate =
-        crate::fdkinds::socket::ListenerGate::close(&pids).map_err(|what| DumpError::Refused { pid: root, what })?;
+    let pids = |f: &FrozenTree| -> Vec<i32> { f.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect() };
+    let gate = crate::fdkinds::socket::ListenerGate::close(&pids(frozen))
+        .map_err(|what| DumpError::Refused { pid: root, what })?;
     let waiting_at_freeze = gate.waiting();
+    let mut passing = settle::passing_states(&pids(frozen));
     let mut thaws = 0;
-    while gate.waiting() > 0 {
-        if thaws == ACCEPT_THAWS {
+    while gate.waiting() > 0 || !passing.is_empty() {
+        if thaws == SETTLE_RUNS {
+            if gate.waiting() == 0 {
+                break;
+            }
             return Err(DumpError::Refused {
                 pid: root,
                 what: format!(
                     "{} connection(s) still wait in its listeners' accept queues after it ran {} ms (in {thaws} runs) \
                      to accept them; connections not yet accepted cannot be checkpointed",
                     gate.waiting(),
-                    ACCEPT_THAW.as_millis() * ((1 << thaws) - 1)
+                    SETTLE_RUN.as_millis() * ((1 << thaws) - 1)
                 ),
             });
         }
+        if thaws == 0 && !passing.is_empty() {
+            tracing::info!(states = ?passing, "letting the tree run briefly: states that pass were found at the freeze");
+        }
         frozen.resume_in_place()?;
-        std::thread::sleep(ACCEPT_THAW * (1 << thaws));
+        std::thread::sleep(SETTLE_RUN * (1 << thaws));
         *frozen = refreeze()?;
+        passing = settle::passing_states(&pids(frozen));
         thaws += 1;
     }
-    if gate.closed() > 0 || gate.open > 0 {
+    if gate.closed() > 0 || gate.open > 0 || thaws > 0 {
         tracing::info!(
             closed = gate.closed(),
             waiting_at_freeze,
             thaws,
             left_open = gate.open,
-            "listeners closed for the final freeze (thaws: runs to accept waiting connections; left open: \
-             listeners with a socket filter of their own)"
+            "listeners closed for the final freeze (thaws: runs to accept waiting connections or let passing \
+             states go; left open: listeners with a socket filter of their own)"
         );
     }
     Ok((gate, thaws))

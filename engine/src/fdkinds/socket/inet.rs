@@ -23,7 +23,7 @@ use std::os::fd::OwnedFd;
 const INT: usize = 4;
 /// TCP states (include/net/tcp_states.h).
 const TCP_ESTABLISHED: u8 = 1;
-const TCP_SYN_SENT: u8 = 2;
+pub(super) const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
 const TCP_LISTEN: u8 = 10;
 /// Connections TCP_REPAIR saves: established, or half closed (a FIN sent,

@@ -124,6 +124,31 @@ pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String
     Ok(fd)
 }
 
+/// A state of socket `sock` (inode `ino`) that passes once its process
+/// runs a little, and that a dump would refuse: a TCP connection being set
+/// up, or messages waiting where they cannot be saved (netlink, ping and
+/// raw sockets, UDP sockets that ask for ancillary data with each
+/// datagram). None for anything else.
+pub fn passing_state(sock: &OwnedFd, ino: u64) -> Option<String> {
+    let int = |level, name| fd_socket::getsockopt_int(sock, level, name).ok();
+    let domain = int(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let (ty, protocol) = (int(libc::SOL_SOCKET, libc::SO_TYPE)?, int(libc::SOL_SOCKET, libc::SO_PROTOCOL)?);
+    match domain {
+        libc::AF_NETLINK => netlink::waiting(ino).map(|b| format!("{b} bytes of netlink messages waiting")),
+        libc::AF_INET | libc::AF_INET6 if protocol == libc::IPPROTO_TCP => {
+            let st = fd_socket::tcp_state(sock).ok()?;
+            (st.state == inet::TCP_SYN_SENT).then(|| "a TCP connection being set up".to_string())
+        }
+        libc::AF_INET | libc::AF_INET6 => {
+            let mut none = [0u8; 0];
+            fd_socket::peek(sock, &mut none, libc::MSG_TRUNC).ok()?;
+            let saved = ty == libc::SOCK_DGRAM && protocol == libc::IPPROTO_UDP && !udp_queue::telltale(sock);
+            (!saved).then(|| "datagrams waiting that cannot be saved".to_string())
+        }
+        _ => None,
+    }
+}
+
 /// "socket:[123]" -> 123.
 fn socket_ino(link: &str) -> Option<u64> {
     link.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()

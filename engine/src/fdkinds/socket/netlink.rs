@@ -61,6 +61,13 @@ fn queue_state(ino: u64) -> Option<(u64, u64)> {
 }
 
 /// `passing_ok`: messages waiting are let through (they are looked at again).
+/// Bytes waiting in netlink socket `ino`, or a dump the kernel is still
+/// answering (then at least 1); None when nothing waits.
+pub(super) fn waiting(ino: u64) -> Option<u64> {
+    let (rmem, dump) = queue_state(ino)?;
+    (rmem > 0 || dump != 0).then_some(rmem.max(1))
+}
+
 pub(super) fn dump(ino: u64, sock: &OwnedFd, d: &mut pb::FileDesc, passing_ok: bool) -> Result<(), String> {
     let int = |level, name, what: &str| {
         fd_socket::getsockopt_int(sock, level, name).map_err(|e| format!("cannot read its {what} ({e})"))

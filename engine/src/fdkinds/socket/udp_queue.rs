@@ -54,6 +54,12 @@ impl Drop for PeekState<'_> {
     }
 }
 
+/// Whether `sock` asks for ancillary data with each datagram that a
+/// datagram delivered again could not carry ([`TELLTALE`]).
+pub(super) fn telltale(sock: &OwnedFd) -> bool {
+    TELLTALE.iter().any(|(level, name, _)| fd_socket::getsockopt_int(sock, *level, *name).is_ok_and(|v| v != 0))
+}
+
 /// The sender of a datagram, from its raw sockaddr (an IPv4 sender of an
 /// IPv6 socket comes as ::ffff:a.b.c.d, and is kept as IPv4).
 fn sender(raw: &[u8]) -> Option<SocketAddr> {
