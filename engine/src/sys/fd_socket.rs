@@ -280,11 +280,12 @@ struct SockFprog {
 }
 const _: () = assert!(std::mem::size_of::<SockFprog>() == 16);
 
-/// Attaches a socket filter that drops every packet (`ret #0`).
-pub fn attach_drop_filter(fd: &impl AsRawFd) -> io::Result<()> {
-    let drop_all = [SockFilter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
-    let prog = SockFprog { len: 1, filter: drop_all.as_ptr() };
-    // SAFETY: `prog` points at `drop_all`, both live for the call; the kernel copies the program.
+/// Attaches the one-instruction socket filter `ret #keep`: 0 drops every
+/// packet, u32::MAX keeps every packet whole.
+pub fn attach_filter(fd: &impl AsRawFd, keep: u32) -> io::Result<()> {
+    let program = [SockFilter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: keep }];
+    let prog = SockFprog { len: 1, filter: program.as_ptr() };
+    // SAFETY: `prog` points at `program`, both live for the call; the kernel copies the program.
     let r = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),

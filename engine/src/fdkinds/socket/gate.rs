@@ -30,17 +30,23 @@ impl ListenerGate {
     pub fn close(pids: &[i32]) -> Result<Self, String> {
         let mut gate = ListenerGate { closed: Vec::new(), open: 0, kept: false };
         for pid in pids {
-            for l in tcp_listeners(*pid) {
-                if fd_socket::filter_len(&l).unwrap_or(1) > 0 {
-                    gate.open += 1;
-                    continue;
-                }
-                fd_socket::attach_drop_filter(&l)
-                    .map_err(|e| format!("cannot close a TCP listener of process {pid} to new connections ({e})"))?;
-                gate.closed.push(l);
-            }
+            gate.close_these(tcp_listeners(*pid))
+                .map_err(|e| format!("cannot close a TCP listener of process {pid} to new connections ({e})"))?;
         }
         Ok(gate)
+    }
+
+    /// Closes `listeners` (dups of listening sockets), but those with a filter of their own.
+    fn close_these(&mut self, listeners: Vec<OwnedFd>) -> std::io::Result<()> {
+        for l in listeners {
+            if fd_socket::filter_len(&l).unwrap_or(1) > 0 {
+                self.open += 1;
+                continue;
+            }
+            fd_socket::attach_filter(&l, 0)?;
+            self.closed.push(l);
+        }
+        Ok(())
     }
 
     /// How many listeners floe closed.
@@ -69,5 +75,50 @@ impl Drop for ListenerGate {
                 tracing::error!(error = %e, "cannot open a TCP listener again after an aborted migration");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsFd;
+    use std::time::Duration;
+
+    /// Whether a connection to `addr` completes within `ms`.
+    fn connects(addr: std::net::SocketAddr, ms: u64) -> bool {
+        TcpStream::connect_timeout(&addr, Duration::from_millis(ms)).is_ok()
+    }
+
+    fn gate_for(l: &TcpListener) -> ListenerGate {
+        let mut gate = ListenerGate { closed: Vec::new(), open: 0, kept: false };
+        let dup = l.as_fd().try_clone_to_owned().expect("dup");
+        gate.close_these(vec![dup]).expect("close");
+        gate
+    }
+
+    #[test]
+    fn a_closed_listener_completes_no_handshake_until_the_gate_goes() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("address");
+        let gate = gate_for(&l);
+        assert_eq!((gate.closed(), gate.open), (1, 0));
+        assert!(!connects(addr, 300), "a handshake completed on a closed listener");
+        assert_eq!(gate.waiting(), 0, "a connection got into the accept queue");
+        drop(gate);
+        assert!(connects(addr, 2000), "the listener takes no connection after the gate went");
+    }
+
+    #[test]
+    fn a_listener_with_its_own_filter_is_left_open() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("address");
+        // The process's own filter: accept every packet whole.
+        fd_socket::attach_filter(&l, u32::MAX).expect("attach");
+        let gate = gate_for(&l);
+        assert_eq!((gate.closed(), gate.open), (0, 1));
+        assert!(connects(addr, 2000), "a listener with its own filter was closed");
+        drop(gate);
+        assert_eq!(fd_socket::filter_len(&l).expect("filter"), 1, "the process's own filter is gone");
     }
 }
