@@ -1458,3 +1458,57 @@ fn passing_states_at_the_freeze_are_let_go() {
     let r = request_report(pid, &td.join("nl.report"), libc::SIGUSR1, &fx.log);
     assert_ne!(r["got"], "0", "the answer was not read before the dump: {r:?}");
 }
+
+// ---------------------------------------------------------------------------
+// memfds mapped privately
+
+/// Two memfds, 4 pages each, page i filled with 'A' + i, mapped privately;
+/// page 1 of each mapping is overwritten with 'p' (a private copy). The
+/// descriptor of `kept` stays open, that of `gone` is closed. SIGUSR1
+/// writes 'w' (then 'x', 'y', ... at the next ones) through `kept`'s
+/// descriptor to its page 2, then reports each mapping's pages (first byte
+/// of each) and its /proc/self/maps name.
+const PY_MEMFD_PRIVATE: &str = "import mmap, ctypes\n\
+                                maps = {}\n\
+                                for name in ('kept', 'gone'):\n\
+                                \x20   fd = os.memfd_create('floe-' + name)\n\
+                                \x20   os.write(fd, b''.join(bytes([65 + i]) * 4096 for i in range(4)))\n\
+                                \x20   m = mmap.mmap(fd, 4 * 4096, flags=mmap.MAP_PRIVATE)\n\
+                                \x20   m[4096:8192] = b'p' * 4096\n\
+                                \x20   maps[name] = (fd, m)\n\
+                                os.close(maps['gone'][0])\n\
+                                def where(m):\n\
+                                \x20   a = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
+                                \x20   for l in open('/proc/self/maps'):\n\
+                                \x20       if int(l.split('-')[0], 16) == a: return l.split(None, 5)[5].strip()\n\
+                                n = [0]\n\
+                                def usr1(sig, frame):\n\
+                                \x20   os.pwrite(maps['kept'][0], bytes([119 + n[0]]) * 4096, 2 * 4096)\n\
+                                \x20   n[0] += 1\n\
+                                \x20   out = ''\n\
+                                \x20   for name, (fd, m) in sorted(maps.items()):\n\
+                                \x20       out += '%s=%s|%s\\n' % (name, bytes(m[i * 4096] for i in range(4)).decode(), where(m))\n\
+                                \x20   report('memfd.report', out)\n\
+                                signal.signal(signal.SIGUSR1, usr1)\n";
+
+/// Memfds mapped privately come back as memfds of their name, with their
+/// copy-on-write pages; one whose descriptor is still open is the same
+/// object as that descriptor (a write through it shows in the mapping's
+/// pages that were never copied).
+#[test]
+fn memfds_mapped_privately_are_recreated() {
+    require_root!();
+    let td = TestDir::new("memfd-private");
+    let mut fx = python_reporting(&td, "python-memfd", PY_MEMFD_PRIVATE);
+    let report = td.join("memfd.report");
+    let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    let want = |name: &str| format!("ApwD|/memfd:floe-{name} (deleted)");
+    assert_eq!(before["kept"], want("kept"), "{before:?}");
+    assert_eq!(before["gone"], "ApCD|/memfd:floe-gone (deleted)", "{before:?}");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(after["gone"], before["gone"], "memfd mapped privately, its descriptor closed");
+    assert_eq!(after["kept"], "ApxD|/memfd:floe-kept (deleted)", "memfd mapped privately, its descriptor open");
+}

@@ -172,19 +172,23 @@ pub fn classify(pid: i32, maps: &[MapEntry], covered: &mut ShmemCoverage) -> Res
             if deleted.is_some() && m.path.starts_with("/SYSV") {
                 return Err(refuse("private attachments of System V shared memory are not supported".into()));
             }
-            if deleted.is_some() && m.path.starts_with("/memfd:") {
-                return Err(refuse("private mappings of a memfd are not supported yet".into()));
-            }
+
             let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
             let meta = std::fs::metadata(&mf).map_err(proc_err(pid, "map_files"))?;
             if !meta.file_type().is_file() {
                 return Err(refuse("only regular files can be mapped by a restorable process".into()));
             }
             match deleted {
-                // Its contents are saved with the rest of the state (collect_process).
+                // Its contents are saved with the rest of the state
+                // (collect_process). A memfd mapped privately is saved the
+                // same way and comes back as a memfd of its name.
                 Some(orig) if meta.nlink() == 0 => {
                     v.path = orig.to_string();
                     v.deleted = true;
+                    if let Some(name) = orig.strip_prefix("/memfd:") {
+                        v.memfd_name = name.to_string();
+                        v.shmem_id = meta.ino();
+                    }
                 }
                 Some(_) => {
                     return Err(refuse(

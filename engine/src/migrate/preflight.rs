@@ -93,7 +93,9 @@ pub fn deleted_files(root: i32) -> Result<Vec<DeletedContents>, DumpError> {
             }
         }
         for m in &maps {
-            let special = ["/dev/zero", "/memfd:", "/SYSV", "/anon_hugepage"].iter().any(|p| m.path.starts_with(p));
+            // Shared memory is sent as pages; a memfd mapped privately is a deleted file here.
+            let special = ["/dev/zero", "/SYSV", "/anon_hugepage"].iter().any(|p| m.path.starts_with(p))
+                || (m.path.starts_with("/memfd:") && m.shared);
             if let Some(orig) = m.path.strip_suffix(" (deleted)").filter(|_| m.path.starts_with('/') && !special) {
                 let mf = procfs::path(pid, &format!("map_files/{:x}-{:x}", m.start, m.end));
                 places.push((orig.to_string(), mf));

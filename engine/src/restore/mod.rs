@@ -29,6 +29,7 @@ pub use preflight::Preflight;
 pub use stub::Stub;
 
 use floe_proto::image as pb;
+use std::os::fd::AsFd;
 
 /// The stopped process tree being restored.
 pub struct Tree {
@@ -206,7 +207,21 @@ impl Tree {
             op: "creating the descriptor-passing socket".into(),
             source,
         })?;
-        let shm = stub::Shmem { objects: std::collections::HashMap::new(), sender, deleted: pre.deleted.clone() };
+        // A memfd that is mapped privately is the same object as its
+        // descriptors and shared mappings, if any (by inode).
+        let mut objects = std::collections::HashMap::new();
+        for ((_, ino), f) in &pre.deleted {
+            let link = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(f.as_ref())));
+            if link.is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:")) {
+                let dup = f.as_fd().try_clone_to_owned().map_err(|source| RestoreError::Stub {
+                    pid: 0,
+                    op: "keeping a recreated memfd".into(),
+                    source,
+                })?;
+                objects.insert(*ino, dup);
+            }
+        }
+        let shm = stub::Shmem { objects, sender, deleted: pre.deleted.clone() };
         let mut tree = Tree {
             procs: vec![Stub::create_root(root.pid, pre, scratch, ns_init)?],
             finished: false,

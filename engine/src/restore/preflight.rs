@@ -282,6 +282,14 @@ fn check_deleted(m: &pb::Manifest, path: &str, blob: i32) -> Result<(), RestoreE
 /// keeps it read-only: a file open for writing cannot become an executable
 /// (PR_SET_MM_MAP's exe_fd); the stubs open it anew.
 fn recreate(path: &str, data: &[u8], mode: u32) -> Result<std::sync::Arc<std::fs::File>, RestoreError> {
+    if let Some(name) = path.strip_prefix("/memfd:") {
+        // A memfd mapped privately: a memfd of that name again.
+        let err = |e: std::io::Error| file_err(path, format!("cannot recreate the memfd ({e})"));
+        let fd = crate::sys::fd_memfd::memfd_create(name, false).map_err(err)?;
+        std::os::unix::fs::FileExt::write_all_at(&std::fs::File::from(fd.try_clone().map_err(err)?), data, 0)
+            .map_err(err)?;
+        return Ok(std::sync::Arc::new(std::fs::File::from(fd)));
+    }
     let dir = std::path::Path::new(path).parent().unwrap_or(std::path::Path::new("/"));
     if !dir.is_dir() {
         return Err(file_err(path, "was deleted, and the directory to recreate it in is missing"));
