@@ -292,6 +292,13 @@ pub(crate) fn sum16(mut sum: u32, data: &[u8]) -> u32 {
     sum
 }
 
+/// RFC 1071: the one's-complement sum of a header or packet with a right
+/// checksum (over the pseudo-header for TCP and UDP) is all ones.
+#[cfg(test)]
+pub(crate) fn verifies(pseudo: &[u8], data: &[u8]) -> bool {
+    fold(sum16(sum16(0, pseudo), data)) == 0
+}
+
 pub(crate) fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
@@ -400,12 +407,6 @@ mod tests {
         assert_eq!((s.seq, s.syn, &s.header[..], &s.payload[..]), (1000, false, &p[..40], &b"GET k\r\n"[..]));
         let syn = parse_packet(&v4_packet(5, 0x02, b"")).unwrap();
         assert!(syn.syn && syn.payload.is_empty());
-    }
-
-    /// RFC 1071: the one's-complement sum of a packet with a correct
-    /// checksum (over the pseudo-header for TCP) is all ones.
-    fn verifies(pseudo: &[u8], data: &[u8]) -> bool {
-        fold(sum16(sum16(0, pseudo), data)) == 0
     }
 
     #[test]

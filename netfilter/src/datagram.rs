@@ -98,11 +98,7 @@ pub fn deliver_udp(datagrams: &[Datagram]) -> Result<usize, NetfilterError> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// RFC 1071: summing a header with a right checksum gives all ones.
-    fn sums_to_ones(pseudo: &[u8], data: &[u8]) -> bool {
-        fold(sum16(sum16(0, pseudo), data)) == 0
-    }
+    use crate::capture::verifies as sums_to_ones;
 
     #[test]
     fn ipv4_packet_has_right_lengths_and_checksums() {
