@@ -1512,3 +1512,36 @@ fn memfds_mapped_privately_are_recreated() {
     assert_eq!(after["gone"], before["gone"], "memfd mapped privately, its descriptor closed");
     assert_eq!(after["kept"], "ApxD|/memfd:floe-kept (deleted)", "memfd mapped privately, its descriptor open");
 }
+
+/// A listener of the dumped process (`port` file) that a process outside
+/// the tree shares (as with socket activation) takes connections there
+/// again once the dump has killed the tree: floe's filter is gone.
+#[test]
+fn a_listener_shared_outside_the_tree_works_after_the_dump() {
+    require_root!();
+    let td = TestDir::new("shared-listener");
+    let body = "import socket\n\
+                l = socket.socket()\n\
+                l.bind(('127.0.0.1', 0))\n\
+                l.listen(8)\n\
+                report('port', 'port=%d\\nfd=%d\\n' % (l.getsockname()[1], l.fileno()))\n";
+    let mut fx = python_reporting(&td, "python-listener", body);
+    let info = read_report(&td.join("port"));
+    let (port, fd) = (info["port"].parse::<u16>().unwrap(), info["fd"].parse::<i32>().unwrap());
+    // The test takes its own descriptor of that listener.
+    // SAFETY: plain syscalls with integer arguments; the results are checked.
+    let shared = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, fx.pid, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open failed");
+        let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        libc::close(pidfd);
+        assert!(got >= 0, "pidfd_getfd failed");
+        <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(got)
+    };
+    dump_and_reap(&mut fx, &td.join("img"), &[]);
+    shared.set_nonblocking(false).unwrap();
+    let client = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(2));
+    assert!(client.is_ok(), "the shared listener takes no connection after the dump: {client:?}");
+    let (_, from) = shared.accept().unwrap();
+    assert_eq!(from, client.unwrap().local_addr().unwrap(), "the shared listener accepted another connection");
+}

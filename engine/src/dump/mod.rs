@@ -422,9 +422,6 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         // and the lock stays until restore removes it (the peers' packets
         // are dropped meanwhile, not answered with a reset).
         std::mem::take(&mut report.repaired).keep();
-        if let Some(g) = gate {
-            g.keep();
-        }
         if let Some(l) = lock.take() {
             l.persist();
         }
@@ -432,6 +429,9 @@ pub fn dump(opts: &DumpOptions) -> Result<DumpReport, DumpError> {
         // long the kernel takes to tear its memory down.
         timings.frozen_ms = ms(t_freeze.elapsed());
         frozen.kill()?;
+        // Only now: a listener that a process outside the tree shares (socket
+        // activation) takes connections there again, and no other is left.
+        drop(gate);
     }
     timings.release_ms = ms(t_release.elapsed());
     if opts.auto_dedup && opts.prev_images_dir.is_some() {

@@ -447,15 +447,15 @@ impl Source {
     pub fn kill(&mut self) -> Result<(), DumpError> {
         // Its connections stay in repair mode: they close without a FIN or RST.
         std::mem::take(&mut self.repaired).keep();
-        if let Some(g) = self.gate.take() {
-            g.keep();
-        }
         let r = match self.frozen.take() {
             Some(f) => f.kill(),
             None => {
                 Err(DumpError::Refused { pid: self.opts.pid, what: "the tree is not frozen; nothing killed".into() })
             }
         };
+        // After the kill: a listener shared with a process outside the tree
+        // (socket activation) takes connections there again.
+        drop(self.gate.take());
         self.unlock();
         r
     }

@@ -11,8 +11,11 @@
 //! in short thaws ([`crate::migrate::Source::freeze_final`]).
 //!
 //! A listener that has a filter of its own is left open (replacing the
-//! filter would lose it). Dropped, the gate removes its filters again; a
-//! tree that dies keeps them ([`ListenerGate::keep`]).
+//! filter would lose it). Dropped, the gate removes its filters again:
+//! before a tree that runs on is resumed, and after a tree that dies is
+//! killed (a listener it shared with a process outside the tree, as with
+//! socket activation, then takes connections there again; any other is
+//! closed once the gate's own descriptors go).
 use super::inet::tcp_listeners;
 use crate::sys::fd_socket;
 use std::os::fd::OwnedFd;
@@ -22,13 +25,12 @@ pub struct ListenerGate {
     closed: Vec<OwnedFd>,
     /// Listeners left open: they have a filter of their own.
     pub open: usize,
-    kept: bool,
 }
 
 impl ListenerGate {
     /// Closes the TCP listeners of `pids` (a frozen tree).
     pub fn close(pids: &[i32]) -> Result<Self, String> {
-        let mut gate = ListenerGate { closed: Vec::new(), open: 0, kept: false };
+        let mut gate = ListenerGate { closed: Vec::new(), open: 0 };
         for pid in pids {
             gate.close_these(tcp_listeners(*pid))
                 .map_err(|e| format!("cannot close a TCP listener of process {pid} to new connections ({e})"))?;
@@ -58,21 +60,13 @@ impl ListenerGate {
     pub fn waiting(&self) -> u32 {
         self.closed.iter().filter_map(|l| fd_socket::tcp_state(l).ok()).map(|st| st.accept_queue).sum()
     }
-
-    /// The tree dies with its listeners: nothing to undo.
-    pub fn keep(mut self) {
-        self.kept = true;
-    }
 }
 
 impl Drop for ListenerGate {
     fn drop(&mut self) {
-        if self.kept {
-            return;
-        }
         for l in &self.closed {
             if let Err(e) = fd_socket::detach_filter(l) {
-                tracing::error!(error = %e, "cannot open a TCP listener again after an aborted migration");
+                tracing::error!(error = %e, "cannot remove floe's filter from a TCP listener");
             }
         }
     }
@@ -91,7 +85,7 @@ mod tests {
     }
 
     fn gate_for(l: &TcpListener) -> ListenerGate {
-        let mut gate = ListenerGate { closed: Vec::new(), open: 0, kept: false };
+        let mut gate = ListenerGate { closed: Vec::new(), open: 0 };
         let dup = l.as_fd().try_clone_to_owned().expect("dup");
         gate.close_these(vec![dup]).expect("close");
         gate
