@@ -26,15 +26,42 @@ fn kind(k: i32) -> &'static str {
 fn fd_kind_name(img: &ImageReader, r: &pb::FdRef) -> (&'static str, String, u32, i64) {
     match img.manifest.files.get(r.file as usize) {
         Some(f) => {
-            let path = match (&f.netlink_socket, f.kind == pb::FdKind::Pipe as i32) {
-                (Some(n), _) => format!("netlink protocol {} port {}", n.protocol, n.portid),
-                (None, true) => format!("pipe:[{}]", f.pipe_id),
-                (None, false) => f.path.clone(),
+            let path = match (&f.netlink_socket, &f.inet_socket, f.kind == pb::FdKind::Pipe as i32) {
+                (Some(n), _, _) => format!("netlink protocol {} port {}", n.protocol, n.portid),
+                (_, Some(i), _) => inet_text(i),
+                (None, None, true) => format!("pipe:[{}]", f.pipe_id),
+                _ => f.path.clone(),
             };
             (fd_kind(f.kind), path, f.flags, f.pos)
         }
         None => ("missing", String::new(), 0, 0),
     }
+}
+
+/// "udp 0.0.0.0:53 (2 datagrams waiting)", "tcp 10.0.0.1:80 -> 10.0.0.9:4000", ...
+fn inet_text(i: &pb::InetSocket) -> String {
+    let ip = |b: &[u8]| match b.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(b).unwrap_or_default()).to_string(),
+        16 => format!("[{}]", std::net::IpAddr::from(<[u8; 16]>::try_from(b).unwrap_or_default())),
+        _ => "?".to_string(),
+    };
+    let kind = match (i.r#type, i.protocol) {
+        (libc::SOCK_STREAM, _) => "tcp",
+        (libc::SOCK_DGRAM, libc::IPPROTO_UDP) => "udp",
+        (libc::SOCK_DGRAM, _) => "ping",
+        _ => "raw",
+    };
+    let mut t = format!("{kind} {}:{}", ip(&i.local_addr), i.local_port);
+    if i.listening {
+        t.push_str(" listening");
+    }
+    if i.connected {
+        t.push_str(&format!(" -> {}:{}", ip(&i.remote_addr), i.remote_port));
+    }
+    if !i.queued.is_empty() {
+        t.push_str(&format!(" ({} datagrams waiting)", i.queued.len()));
+    }
+    t
 }
 
 fn fd_kind(k: i32) -> &'static str {

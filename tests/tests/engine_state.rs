@@ -1318,6 +1318,8 @@ fn udp_datagrams_waiting_are_delivered_again() {
         "the dump is still refused once the IP_PKTINFO socket is empty"
     );
     fx.reap(Duration::from_secs(10));
+    let shown = stdout_text(&inspect(&img, &[]));
+    assert!(shown.contains(&format!("udp 0.0.0.0:{a} (3 datagrams waiting)")), "floe inspect:\n{shown}");
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
     let r = request_report(fx.pid, &td.join("udp.report"), libc::SIGUSR1, &fx.log);
     assert_eq!(r["a"], want_a, "datagrams of the IPv4 socket after the restore");
