@@ -1547,3 +1547,25 @@ fn a_listener_shared_outside_the_tree_works_after_the_dump() {
     let (_, from) = shared.accept().unwrap();
     assert_eq!(from, client.unwrap().local_addr().unwrap(), "the shared listener accepted another connection");
 }
+
+/// A process that asked KSM to merge all its memory (PR_SET_MEMORY_MERGE)
+/// still has that after a restore.
+#[test]
+fn ksm_merge_any_survives_restore() {
+    require_root!();
+    if !Path::new("/proc/self/ksm_stat").exists() {
+        eprintln!("SKIPPED: this kernel has no KSM");
+        return;
+    }
+    let td = TestDir::new("ksm");
+    let body = "import ctypes\n\
+                assert ctypes.CDLL(None, use_errno=True).prctl(67, 1, 0, 0, 0) == 0\n";
+    let mut fx = python_reporting(&td, "python-ksm", body);
+    let merge_any =
+        |pid: i32| fs::read_to_string(format!("/proc/{pid}/ksm_stat")).unwrap().contains("ksm_merge_any: yes");
+    assert!(merge_any(fx.pid), "PR_SET_MEMORY_MERGE did not take before the dump");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    assert!(merge_any(fx.pid), "ksm_merge_any is gone after the restore");
+}

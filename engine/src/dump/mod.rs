@@ -1494,6 +1494,8 @@ fn build_process(
         pdeathsig: par.pdeathsig,
         child_subreaper: par.child_subreaper,
         thp_disabled: par.thp_disabled,
+        ksm_merge_any: std::fs::read_to_string(procfs::path(pid, "ksm_stat"))
+            .is_ok_and(|t| t.lines().any(|l| l.trim() == "ksm_merge_any: yes")),
         dumpable: par.dumpable,
         timerslack_ns,
         oom_score_adj,

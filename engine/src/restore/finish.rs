@@ -302,6 +302,13 @@ impl Stub {
         if p.child_subreaper {
             self.leader().call(libc::SYS_prctl, [libc::PR_SET_CHILD_SUBREAPER as u64, 1, 0, 0, 0, 0])?;
         }
+        if p.ksm_merge_any {
+            const PR_SET_MEMORY_MERGE: u64 = 67;
+            let r = self.leader().raw(libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0])?;
+            if r < 0 {
+                tracing::warn!(pid, error = %std::io::Error::from_raw_os_error(-r as i32), "KSM cannot merge every mapping of the restored process (PR_SET_MEMORY_MERGE); its memory is the same, only less of it may be shared");
+            }
+        }
         if p.thp_disabled {
             self.leader().call(libc::SYS_prctl, [libc::PR_SET_THP_DISABLE as u64, 1, 0, 0, 0, 0])?;
         }
