@@ -1569,3 +1569,36 @@ fn ksm_merge_any_survives_restore() {
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
     assert!(merge_any(fx.pid), "ksm_merge_any is gone after the restore");
 }
+
+/// After mlockall(MCL_CURRENT | MCL_FUTURE), a mapping made later is
+/// locked: also after a restore. SIGUSR1 maps a fresh page and reports
+/// (`mlock.report`) whether it came locked (VmFlags "lo").
+#[test]
+fn mlockall_future_survives_restore() {
+    require_root!();
+    let td = TestDir::new("mlockall");
+    let body = "import ctypes, mmap\n\
+                assert ctypes.CDLL(None, use_errno=True).mlockall(3) == 0\n\
+                keep = []\n\
+                def usr1(sig, frame):\n\
+                \x20   m = mmap.mmap(-1, 4096)\n\
+                \x20   keep.append(m)\n\
+                \x20   a = ctypes.addressof(ctypes.c_char.from_buffer(m))\n\
+                \x20   inside = False\n\
+                \x20   for l in open('/proc/self/smaps'):\n\
+                \x20       f = l.split()\n\
+                \x20       if '-' in f[0] and not f[0].endswith(':'): inside = int(f[0].split('-')[0], 16) == a\n\
+                \x20       elif inside and f[0] == 'VmFlags:': report('mlock.report', 'locked=%d\\n' % ('lo' in f))\n\
+                signal.signal(signal.SIGUSR1, usr1)\n";
+    let mut fx = python_reporting(&td, "python-mlockall", body);
+    let report = td.join("mlock.report");
+    assert_eq!(request_report(fx.pid, &report, libc::SIGUSR1, &fx.log)["locked"], "1", "before the dump");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    assert_eq!(
+        request_report(fx.pid, &report, libc::SIGUSR1, &fx.log)["locked"],
+        "1",
+        "a new mapping after the restore"
+    );
+}

@@ -1494,6 +1494,7 @@ fn build_process(
         pdeathsig: par.pdeathsig,
         child_subreaper: par.child_subreaper,
         thp_disabled: par.thp_disabled,
+        mlock_future: par.mlock_future,
         ksm_merge_any: std::fs::read_to_string(procfs::path(pid, "ksm_stat"))
             .is_ok_and(|t| t.lines().any(|l| l.trim() == "ksm_merge_any: yes")),
         dumpable: par.dumpable,

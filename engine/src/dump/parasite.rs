@@ -25,6 +25,30 @@ pub struct Collected {
     pub thp_disabled: bool,
     pub dumpable: i32,
     pub securebits: u32,
+    /// mlockall flags in force for future mappings: 0, MCL_FUTURE, or
+    /// MCL_FUTURE | MCL_ONFAULT (the scratch page came locked).
+    pub mlock_future: u32,
+}
+
+/// Locked memory of `pid` in kB (`VmLck:`).
+fn locked_kb(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(crate::procfs::path(pid, "status")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("VmLck:"))?.trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+/// The mlockall flags for future mappings, seen from the scratch page just
+/// mapped at `scratch`: locked on mapping means MCL_FUTURE (VmLck grew), and
+/// its VmFlags then say whether MCL_ONFAULT too (smaps is read only then).
+fn mlock_future(pid: i32, before_kb: Option<u64>, scratch: u64) -> u32 {
+    let grew = matches!((before_kb, locked_kb(pid)), (Some(b), Some(a)) if a > b);
+    if !grew {
+        return 0;
+    }
+    let onfault = crate::procfs::maps(pid, true)
+        .ok()
+        .and_then(|maps| maps.into_iter().find(|m| m.start == scratch))
+        .is_some_and(|m| m.has_flag("lf"));
+    (libc::MCL_FUTURE | if onfault { libc::MCL_ONFAULT } else { 0 }) as u32
 }
 
 const SCRATCH: u64 = 4096;
@@ -54,8 +78,11 @@ pub fn collect(
         let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
         // MAP_SHARED anonymous memory never merges with the process's own mappings.
         let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS) as u64;
+        let pid = injs[0].pid();
+        let before_kb = locked_kb(pid);
         let scratch = injs[0].call(libc::SYS_mmap, [0, SCRATCH, prot, flags, u64::MAX, 0])?;
-        let out = query(injs, scratch, timer_ids, sig_query);
+        let future = mlock_future(pid, before_kb, scratch);
+        let out = query(injs, scratch, timer_ids, sig_query).map(|c| Collected { mlock_future: future, ..c });
         let unmap = injs[0].call(libc::SYS_munmap, [scratch, SCRATCH, 0, 0, 0, 0]);
         let out = out?;
         unmap?;
@@ -150,5 +177,6 @@ fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32], sig_query: u64)
         thp_disabled,
         dumpable,
         securebits: inj.call(libc::SYS_prctl, [libc::PR_GET_SECUREBITS as u64, 0, 0, 0, 0, 0])? as u32,
+        mlock_future: 0,
     })
 }

@@ -274,6 +274,10 @@ impl Stub {
                 self.leader().call(libc::SYS_mprotect, [v.start, v.end - v.start, v.prot as u64, 0, 0, 0])?;
             }
         }
+        if p.mlock_future != 0 {
+            // Future mappings only: current ones were locked one by one ("lo").
+            self.leader().call(libc::SYS_mlockall, [p.mlock_future as u64, 0, 0, 0, 0, 0])?;
+        }
         mark("mprotect");
         // Signal dispositions: every signal, so nothing of floe's leaks through.
         for sig in 1..=64u32 {
