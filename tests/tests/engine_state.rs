@@ -1602,3 +1602,29 @@ fn mlockall_future_survives_restore() {
         "a new mapping after the restore"
     );
 }
+
+/// Shared anonymous memory between a process and its child: dumping the
+/// child alone (its parent, outside the dumped tree, shares the memory) is
+/// refused naming the parent, instead of a restore in which the two no
+/// longer share it; dumping the parent, with the child, works.
+#[test]
+fn shared_memory_with_a_process_outside_the_tree_is_refused() {
+    require_root!();
+    let td = TestDir::new("shared-outside");
+    let body = "import mmap\n\
+                m = mmap.mmap(-1, 4096)\n\
+                m[0:5] = b'hello'\n\
+                child = os.fork()\n\
+                if child == 0:\n\
+                \x20   os.setsid()\n\
+                \x20   while True: time.sleep(1)\n\
+                report('child', 'pid=%d\\n' % child)\n";
+    let mut fx = python_reporting(&td, "python-shared", body);
+    let child: i32 = read_report(&td.join("child"))["pid"].parse().unwrap();
+    let _child_guard = KillPidOnDrop::new(child);
+    let err = refused_dump(child, &td.join("refused"), &[], "dump of the child alone");
+    assert_mentions(&err, &["shared with", &fx.pid.to_string(), "outside the dumped tree"], "shared memory refusal");
+    assert!(pid_alive(child), "the refused dump killed the child");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+}

@@ -47,7 +47,69 @@ pub fn preflight(pid: i32, opts: &DumpOptions) -> Result<Preflight, DumpError> {
             ),
         });
     }
+    check_shared_outside(pid)?;
     Ok(Preflight { pgid, sid })
+}
+
+/// Refuses shared memory (an anonymous shared mapping or a memfd) that a
+/// process outside the tree maps or holds too: the restored tree would
+/// get an object of its own, and the two would silently stop sharing. (A
+/// System V segment is found again by its id, and is not checked here.)
+/// Costs nothing for a tree without shared memory; otherwise every other
+/// process's maps (and memfd descriptors) are read, before the freeze.
+fn check_shared_outside(root: i32) -> Result<(), DumpError> {
+    use std::os::unix::fs::MetadataExt;
+    let tree: Vec<i32> = super::freeze::walk(root).into_iter().map(|(p, _)| p).collect();
+    let shmem = |m: &procfs::MapEntry| {
+        m.shared
+            && m.inode != 0
+            && (m.path == "/dev/zero (deleted)" || m.path.starts_with("/memfd:") || m.path.starts_with("[anon_shmem:"))
+    };
+    // (device, inode) of each shared memory object -> (pid, mapping) of the tree.
+    let mut shared: HashMap<(u32, u32, u64), (i32, String)> = HashMap::new();
+    for &pid in &tree {
+        let Ok(maps) = procfs::maps(pid, false) else { continue };
+        for m in maps.iter().filter(|m| shmem(m)) {
+            let what = format!("{:#x}-{:#x} {}", m.start, m.end, m.path);
+            shared.entry((m.dev_major, m.dev_minor, m.inode)).or_insert((pid, what));
+        }
+    }
+    if shared.is_empty() {
+        return Ok(());
+    }
+    let me = std::process::id() as i32;
+    let Ok(all) = std::fs::read_dir("/proc") else { return Ok(()) };
+    for e in all.flatten() {
+        let Some(other) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if other == me || tree.contains(&other) {
+            continue;
+        }
+        let mut found = procfs::maps(other, false).ok().and_then(|maps| {
+            maps.into_iter().filter(|m| shmem(m)).find_map(|m| shared.get(&(m.dev_major, m.dev_minor, m.inode)))
+        });
+        if found.is_none() {
+            // A memfd held by descriptor.
+            let fds = std::fs::read_dir(procfs::path(other, "fd")).into_iter().flatten().flatten();
+            found = fds
+                .filter(|f| std::fs::read_link(f.path()).is_ok_and(|l| l.to_string_lossy().starts_with("/memfd:")))
+                .find_map(|f| {
+                    let m = std::fs::metadata(f.path()).ok()?;
+                    let (dev, ino) = (m.dev(), m.ino());
+                    shared.get(&(libc::major(dev), libc::minor(dev), ino))
+                });
+        }
+        if let Some((pid, what)) = found {
+            return Err(DumpError::Refused {
+                pid: *pid,
+                what: format!(
+                    "its shared memory {what} is shared with {} outside the dumped tree; the restored tree would \
+                     get a copy of its own and the two would no longer share it: dump the tree they both belong to",
+                    procfs::describe(other)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn check_process(pid: i32, st: &procfs::Status) -> Result<(), DumpError> {
