@@ -44,7 +44,15 @@ fn four(v: &str) -> [u32; 4] {
 }
 
 pub fn status(pid: i32) -> io::Result<Status> {
-    let text = fs::read_to_string(path(pid, "status"))?;
+    Ok(parse_status(&fs::read_to_string(path(pid, "status"))?))
+}
+
+/// /proc/PID/task/TID/status: one thread's view (its own credentials).
+pub fn task_status(pid: i32, tid: i32) -> io::Result<Status> {
+    Ok(parse_status(&fs::read_to_string(path(pid, &format!("task/{tid}/status")))?))
+}
+
+fn parse_status(text: &str) -> Status {
     let mut s = Status::default();
     for line in text.lines() {
         let Some((k, v)) = line.split_once(':') else {
@@ -79,7 +87,7 @@ pub fn status(pid: i32) -> io::Result<Status> {
             _ => {}
         }
     }
-    Ok(s)
+    s
 }
 
 /// One line of /proc/PID/smaps (header plus VmFlags).

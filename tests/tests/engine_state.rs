@@ -1628,3 +1628,41 @@ fn shared_memory_with_a_process_outside_the_tree_is_refused() {
     let img = td.join("img");
     dump_and_reap(&mut fx, &img, &[]);
 }
+
+/// A thread that changed its own credentials (raw setresgid/setresuid, as
+/// servers with per-thread identities do) keeps them across a restore,
+/// while the main thread stays root. SIGUSR1 reports each thread's
+/// Uid/Gid lines (`creds.report`).
+#[test]
+fn threads_keep_their_own_credentials() {
+    require_root!();
+    let td = TestDir::new("thread-creds");
+    let body = "import ctypes, threading\n\
+                libc = ctypes.CDLL(None, use_errno=True)\n\
+                ready = threading.Event()\n\
+                def worker():\n\
+                \x20   assert libc.syscall(119, 2000, 2000, 2000) == 0\n\
+                \x20   assert libc.syscall(117, 1000, 1000, 1000) == 0\n\
+                \x20   ready.set()\n\
+                \x20   while True: time.sleep(1)\n\
+                threading.Thread(target=worker, daemon=True).start()\n\
+                ready.wait()\n\
+                def usr1(sig, frame):\n\
+                \x20   out = ''\n\
+                \x20   for t in sorted(os.listdir('/proc/self/task')):\n\
+                \x20       st = open('/proc/self/task/%s/status' % t).read().splitlines()\n\
+                \x20       ids = [l.split()[1] for l in st if l.startswith(('Uid:', 'Gid:'))]\n\
+                \x20       out += 't%s=%s\\n' % (t, '/'.join(ids))\n\
+                \x20   report('creds.report', out)\n\
+                signal.signal(signal.SIGUSR1, usr1)\n";
+    let mut fx = python_reporting(&td, "python-creds", body);
+    let report = td.join("creds.report");
+    let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert!(before.values().any(|v| v == "1000/2000"), "no thread with its own credentials: {before:?}");
+    assert_eq!(before[&format!("t{}", fx.pid)], "0/0", "main thread: {before:?}");
+    let img = td.join("img");
+    dump_and_reap(&mut fx, &img, &[]);
+    restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(after, before, "credentials per thread after the restore");
+}

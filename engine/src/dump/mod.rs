@@ -1221,6 +1221,8 @@ fn collect_process(
         });
     }
     let mut threads = Vec::with_capacity(tids.len());
+    // Only a multi-threaded process can have threads with credentials of their own.
+    let main = if tids.len() > 1 { Some(procfs::status(pid).map_err(proc_err(pid, "status"))?) } else { None };
     for (i, &tid) in tids.iter().enumerate() {
         let pt = |op: &'static str| move |source| DumpError::Ptrace { pid: tid, op, source };
         let xstate = ptrace::get_xstate(tid).map_err(pt("getregset xstate"))?;
@@ -1253,7 +1255,9 @@ fn collect_process(
                 ),
             });
         }
+        let creds = thread_creds(pid, tid, main.as_ref())?;
         threads.push(pb::Thread {
+            creds,
             tid,
             gpregs: regs_to_bytes(&regs[i]),
             xstate,
@@ -1324,6 +1328,33 @@ fn collect_process(
     p.vdso = Some(vdso.pb);
     p.posix_timers = timers;
     Ok((p, vmas, maps))
+}
+
+/// A thread's own credentials, when they differ from those of the
+/// process's main thread (`main`, None for the main thread itself).
+fn thread_creds(pid: i32, tid: i32, main: Option<&procfs::Status>) -> Result<Option<pb::ThreadCreds>, DumpError> {
+    let Some(m) = main.filter(|_| tid != pid) else { return Ok(None) };
+    let t = procfs::task_status(pid, tid).map_err(proc_err(pid, "task status"))?;
+    let caps = |s: &procfs::Status| (s.cap_inh, s.cap_prm, s.cap_eff, s.cap_bnd, s.cap_amb);
+    if t.uids == m.uids && t.gids == m.gids && t.groups == m.groups && caps(&t) == caps(m) {
+        return Ok(None);
+    }
+    Ok(Some(pb::ThreadCreds {
+        uid: t.uids[0],
+        euid: t.uids[1],
+        suid: t.uids[2],
+        fsuid: t.uids[3],
+        gid: t.gids[0],
+        egid: t.gids[1],
+        sgid: t.gids[2],
+        fsgid: t.gids[3],
+        groups: t.groups,
+        cap_inh: t.cap_inh,
+        cap_prm: t.cap_prm,
+        cap_eff: t.cap_eff,
+        cap_bnd: t.cap_bnd,
+        cap_amb: t.cap_amb,
+    }))
 }
 
 /// A thread's CPU affinity (`cpus`, or read now; empty if it may use every

@@ -370,15 +370,28 @@ impl Stub {
                 inj.call(libc::SYS_prctl, [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0])?;
             }
         }
-        let needs_creds =
-            [p.uid, p.euid, p.suid, p.gid, p.egid, p.sgid].iter().any(|x| *x != 0) || !p.groups.is_empty();
-        if needs_creds {
-            let g: Vec<u8> = p.groups.iter().flat_map(|x| x.to_le_bytes()).collect();
-            self.leader().write_mem(sc + 8192, &g)?;
-        }
         self.restore_seccomp(p)?;
         for i in 0..self.threads.len() {
-            restore_caps(&mut self.threads[i], p, needs_creds, sc)?;
+            // Each thread its own credentials (raw syscalls set only the caller's).
+            let creds = match p.threads.get(i).and_then(|t| t.creds.clone()) {
+                Some(c) => c,
+                None => pb::ThreadCreds {
+                    uid: p.uid,
+                    euid: p.euid,
+                    suid: p.suid,
+                    gid: p.gid,
+                    egid: p.egid,
+                    sgid: p.sgid,
+                    groups: p.groups.clone(),
+                    cap_inh: p.cap_inh,
+                    cap_prm: p.cap_prm,
+                    cap_eff: p.cap_eff,
+                    cap_bnd: p.cap_bnd,
+                    cap_amb: p.cap_amb,
+                    ..Default::default()
+                },
+            };
+            restore_caps(&mut self.threads[i], &creds, p.securebits, sc)?;
         }
         mark("creds");
         let vmas = p.vmas.clone();
@@ -578,7 +591,14 @@ impl Stub {
 /// Bounding set, uids/gids, then permitted/effective/inheritable and
 /// ambient capabilities (in that order: changing uid clears capabilities).
 /// Credentials are per thread, so this runs in every thread.
-fn restore_caps(inj: &mut Injector, p: &pb::Process, needs_creds: bool, sc: u64) -> Result<(), RestoreError> {
+/// Sets one thread's credentials and capabilities (`p`), as the last of its
+/// privileged steps; `securebits` are the process's.
+fn restore_caps(inj: &mut Injector, p: &pb::ThreadCreds, securebits: u32, sc: u64) -> Result<(), RestoreError> {
+    let needs_creds = [p.uid, p.euid, p.suid, p.gid, p.egid, p.sgid].iter().any(|x| *x != 0) || !p.groups.is_empty();
+    if needs_creds {
+        let g: Vec<u8> = p.groups.iter().flat_map(|x| x.to_le_bytes()).collect();
+        inj.write_mem(sc + 8192, &g)?;
+    }
     let last_cap: u64 =
         std::fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40);
     for cap in 0..=last_cap.min(63) {
@@ -614,9 +634,9 @@ fn restore_caps(inj: &mut Injector, p: &pb::Process, needs_creds: bool, sc: u64)
             inj.call(libc::SYS_prctl, [libc::PR_CAP_AMBIENT as u64, PR_CAP_AMBIENT_RAISE, cap, 0, 0, 0])?;
         }
     }
-    if needs_creds && p.securebits & SECBIT_KEEP_CAPS == 0 {
+    if needs_creds && securebits & SECBIT_KEEP_CAPS == 0 {
         inj.call(libc::SYS_prctl, [libc::PR_SET_KEEPCAPS as u64, 0, 0, 0, 0, 0])?;
-    } else if !needs_creds && p.securebits & SECBIT_KEEP_CAPS != 0 {
+    } else if !needs_creds && securebits & SECBIT_KEEP_CAPS != 0 {
         inj.call(libc::SYS_prctl, [libc::PR_SET_KEEPCAPS as u64, 1, 0, 0, 0, 0])?;
     }
     Ok(())
