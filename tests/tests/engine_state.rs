@@ -1630,8 +1630,8 @@ fn shared_memory_with_a_process_outside_the_tree_is_refused() {
 }
 
 /// A thread that changed its own credentials (raw setresgid/setresuid, as
-/// servers with per-thread identities do) keeps them across a restore,
-/// while the main thread stays root. SIGUSR1 reports each thread's
+/// servers with per-thread identities do) and timer slack keeps them across
+/// a restore, while the main thread stays root. SIGUSR1 reports each thread's
 /// Uid/Gid lines (`creds.report`).
 #[test]
 fn threads_keep_their_own_credentials() {
@@ -1640,11 +1640,15 @@ fn threads_keep_their_own_credentials() {
     let body = "import ctypes, threading\n\
                 libc = ctypes.CDLL(None, use_errno=True)\n\
                 ready = threading.Event()\n\
+                slack = [0]\n\
                 def worker():\n\
                 \x20   assert libc.syscall(119, 2000, 2000, 2000) == 0\n\
+                \x20   assert libc.prctl(29, 123456, 0, 0, 0) == 0\n\
                 \x20   assert libc.syscall(117, 1000, 1000, 1000) == 0\n\
                 \x20   ready.set()\n\
-                \x20   while True: time.sleep(1)\n\
+                \x20   while True:\n\
+                \x20       slack[0] = libc.prctl(30, 0, 0, 0, 0)\n\
+                \x20       time.sleep(0.05)\n\
                 threading.Thread(target=worker, daemon=True).start()\n\
                 ready.wait()\n\
                 def usr1(sig, frame):\n\
@@ -1653,16 +1657,22 @@ fn threads_keep_their_own_credentials() {
                 \x20       st = open('/proc/self/task/%s/status' % t).read().splitlines()\n\
                 \x20       ids = [l.split()[1] for l in st if l.startswith(('Uid:', 'Gid:'))]\n\
                 \x20       out += 't%s=%s\\n' % (t, '/'.join(ids))\n\
-                \x20   report('creds.report', out)\n\
+                \x20   report('creds.report', out + 'worker_slack=%d\\n' % slack[0])\n\
+                \x20   slack[0] = 0\n\
                 signal.signal(signal.SIGUSR1, usr1)\n";
     let mut fx = python_reporting(&td, "python-creds", body);
     let report = td.join("creds.report");
+    std::thread::sleep(Duration::from_millis(300));
     let before = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
+    assert_eq!(before["worker_slack"], "123456", "{before:?}");
     assert!(before.values().any(|v| v == "1000/2000"), "no thread with its own credentials: {before:?}");
     assert_eq!(before[&format!("t{}", fx.pid)], "0/0", "main thread: {before:?}");
     let img = td.join("img");
     dump_and_reap(&mut fx, &img, &[]);
     restore_and_adopt(&mut fx, &img, &[], Stdio::null());
+    // The worker reads its timer slack again every 50 ms (the report zeroes it).
+    std::thread::sleep(Duration::from_millis(300));
     let after = request_report(fx.pid, &report, libc::SIGUSR1, &fx.log);
     assert_eq!(after, before, "credentials per thread after the restore");
+    assert_eq!(after["worker_slack"], "123456", "the worker's own timer slack after the restore");
 }

@@ -1258,6 +1258,7 @@ fn collect_process(
         let creds = thread_creds(pid, tid, main.as_ref())?;
         threads.push(pb::Thread {
             creds,
+            timerslack_ns: extra.timerslack_ns,
             tid,
             gpregs: regs_to_bytes(&regs[i]),
             xstate,

@@ -10,6 +10,8 @@ use floe_proto::image as pb;
 pub struct ThreadExtra {
     pub altstack: pb::Altstack,
     pub clear_child_tid: u64,
+    /// PR_GET_TIMERSLACK of the thread itself.
+    pub timerslack_ns: u64,
 }
 
 pub struct Collected {
@@ -112,7 +114,8 @@ fn thread_query(inj: &mut Injector, scratch: u64) -> Result<ThreadExtra, DumpErr
     const PR_GET_TID_ADDRESS: u64 = 40;
     inj.call(libc::SYS_prctl, [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0])?;
     inj.read_mem(scratch, &mut buf[..8])?;
-    Ok(ThreadExtra { altstack, clear_child_tid: u64_at(&buf, 0) })
+    let timerslack_ns = inj.call(libc::SYS_prctl, [libc::PR_GET_TIMERSLACK as u64, 0, 0, 0, 0, 0])?;
+    Ok(ThreadExtra { altstack, clear_child_tid: u64_at(&buf, 0), timerslack_ns })
 }
 
 fn query(injs: &mut [Injector], scratch: u64, timer_ids: &[i32], sig_query: u64) -> Result<Collected, DumpError> {

@@ -337,8 +337,10 @@ impl Stub {
             let at = self.put_str(0, &comm)?;
             let inj = &mut self.threads[i];
             inj.call(libc::SYS_prctl, [libc::PR_SET_NAME as u64, at, 0, 0, 0, 0])?;
-            if p.timerslack_ns != 0 {
-                inj.call(libc::SYS_prctl, [libc::PR_SET_TIMERSLACK as u64, p.timerslack_ns, 0, 0, 0, 0])?;
+            // The thread's own, or (older images) the process's.
+            let slack = if th.timerslack_ns != 0 { th.timerslack_ns } else { p.timerslack_ns };
+            if slack != 0 {
+                inj.call(libc::SYS_prctl, [libc::PR_SET_TIMERSLACK as u64, slack, 0, 0, 0, 0])?;
             }
             let alt = th.altstack.unwrap_or(pb::Altstack { sp: 0, flags: libc::SS_DISABLE, size: 0 });
             let mut ss = le(&[alt.sp]);
