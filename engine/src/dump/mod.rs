@@ -195,7 +195,7 @@ const SETTLE_RUNS: u32 = 6;
 /// Closes the TCP listeners of the frozen tree of `root` to new connections
 /// ([`crate::fdkinds::socket::ListenerGate`]). Then, while connections wait
 /// in their accept queues or the tree holds another state that passes
-/// ([`settle::passing_states`]), lets the tree run briefly and freezes it
+/// ([`settle::scan`], which finds the listeners too), lets the tree run briefly and freezes it
 /// again with `refreeze`. Connections still waiting after the last run are
 /// refused here; other passing states are left for the dump to refuse with
 /// its own message. Returns the gate (dropped, it opens the listeners
@@ -206,10 +206,13 @@ pub(crate) fn close_listeners(
     refreeze: &mut dyn FnMut() -> Result<FrozenTree, DumpError>,
 ) -> Result<(crate::fdkinds::socket::ListenerGate, u32), DumpError> {
     let pids = |f: &FrozenTree| -> Vec<i32> { f.procs.iter().filter(|p| !p.zombie).map(|p| p.pid).collect() };
-    let gate = crate::fdkinds::socket::ListenerGate::close(&pids(frozen))
-        .map_err(|what| DumpError::Refused { pid: root, what })?;
+    let found = settle::scan(&pids(frozen));
+    let gate = crate::fdkinds::socket::ListenerGate::close(found.listeners).map_err(|e| DumpError::Refused {
+        pid: root,
+        what: format!("cannot close a TCP listener of the tree to new connections ({e})"),
+    })?;
     let waiting_at_freeze = gate.waiting();
-    let mut passing = settle::passing_states(&pids(frozen));
+    let mut passing = found.passing;
     let mut thaws = 0;
     while gate.waiting() > 0 || !passing.is_empty() {
         if thaws == SETTLE_RUNS {
@@ -232,7 +235,8 @@ pub(crate) fn close_listeners(
         frozen.resume_in_place()?;
         std::thread::sleep(SETTLE_RUN * (1 << thaws));
         *frozen = refreeze()?;
-        passing = settle::passing_states(&pids(frozen));
+        // Listeners made meanwhile are not closed; the dump refuses one that has connections waiting.
+        passing = settle::scan(&pids(frozen)).passing;
         thaws += 1;
     }
     if gate.closed() > 0 || gate.open > 0 || thaws > 0 {

@@ -16,7 +16,6 @@
 //! killed (a listener it shared with a process outside the tree, as with
 //! socket activation, then takes connections there again; any other is
 //! closed once the gate's own descriptors go).
-use super::inet::tcp_listeners;
 use crate::sys::fd_socket;
 use std::os::fd::OwnedFd;
 
@@ -28,27 +27,19 @@ pub struct ListenerGate {
 }
 
 impl ListenerGate {
-    /// Closes the TCP listeners of `pids` (a frozen tree).
-    pub fn close(pids: &[i32]) -> Result<Self, String> {
+    /// Closes `listeners` (dups of a frozen tree's listening sockets, found
+    /// by [`super::at_freeze`]), but those with a filter of their own.
+    pub fn close(listeners: Vec<OwnedFd>) -> std::io::Result<Self> {
         let mut gate = ListenerGate { closed: Vec::new(), open: 0 };
-        for pid in pids {
-            gate.close_these(tcp_listeners(*pid))
-                .map_err(|e| format!("cannot close a TCP listener of process {pid} to new connections ({e})"))?;
-        }
-        Ok(gate)
-    }
-
-    /// Closes `listeners` (dups of listening sockets), but those with a filter of their own.
-    fn close_these(&mut self, listeners: Vec<OwnedFd>) -> std::io::Result<()> {
         for l in listeners {
             if fd_socket::filter_len(&l).unwrap_or(1) > 0 {
-                self.open += 1;
+                gate.open += 1;
                 continue;
             }
             fd_socket::attach_filter(&l, 0)?;
-            self.closed.push(l);
+            gate.closed.push(l);
         }
-        Ok(())
+        Ok(gate)
     }
 
     /// How many listeners floe closed.
@@ -85,10 +76,7 @@ mod tests {
     }
 
     fn gate_for(l: &TcpListener) -> ListenerGate {
-        let mut gate = ListenerGate { closed: Vec::new(), open: 0 };
-        let dup = l.as_fd().try_clone_to_owned().expect("dup");
-        gate.close_these(vec![dup]).expect("close");
-        gate
+        ListenerGate::close(vec![l.as_fd().try_clone_to_owned().expect("dup")]).expect("close")
     }
 
     #[test]

@@ -25,7 +25,7 @@ const INT: usize = 4;
 const TCP_ESTABLISHED: u8 = 1;
 pub(super) const TCP_SYN_SENT: u8 = 2;
 const TCP_CLOSE: u8 = 7;
-const TCP_LISTEN: u8 = 10;
+pub(super) const TCP_LISTEN: u8 = 10;
 /// Connections TCP_REPAIR saves: established, or half closed (a FIN sent,
 /// received, or both).
 fn repairable(state: u8) -> bool {
@@ -480,18 +480,6 @@ fn inet_sockets(pid: i32) -> Vec<(OwnedFd, i32)> {
         }
     }
     out
-}
-
-/// The TCP listeners among `pid`'s descriptors (dups of them).
-pub(super) fn tcp_listeners(pid: i32) -> Vec<OwnedFd> {
-    inet_sockets(pid)
-        .into_iter()
-        .map(|(sock, _)| sock)
-        .filter(|sock| {
-            fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PROTOCOL).is_ok_and(|p| p == libc::IPPROTO_TCP)
-                && fd_socket::tcp_state(sock).is_ok_and(|st| st.state == TCP_LISTEN)
-        })
-        .collect()
 }
 
 /// The established TCP connections among `pid`'s descriptors, as

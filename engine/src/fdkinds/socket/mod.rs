@@ -124,28 +124,45 @@ pub fn restore(d: &pb::FileDesc, ctx: &mut RestoreCtx) -> Result<OwnedFd, String
     Ok(fd)
 }
 
-/// A state of socket `sock` (inode `ino`) that passes once its process
-/// runs a little, and that a dump would refuse: a TCP connection being set
-/// up, or messages waiting where they cannot be saved (netlink, ping and
-/// raw sockets, UDP sockets that ask for ancillary data with each
-/// datagram). None for anything else.
-pub fn passing_state(sock: &OwnedFd, ino: u64) -> Option<String> {
+/// What the freeze looks for in a socket ([`at_freeze`]).
+pub enum AtFreeze {
+    /// A TCP listener (closed to new connections by a [`ListenerGate`]).
+    Listener,
+    /// A state that passes once its process runs a little, and that a dump
+    /// would refuse: a TCP connection being set up, or messages waiting
+    /// where they cannot be saved (netlink, ping and raw sockets, UDP
+    /// sockets that ask for ancillary data with each datagram).
+    Passing(String),
+    Other,
+}
+
+/// What the freeze makes of socket `sock` (inode `ino`).
+pub fn at_freeze(sock: &OwnedFd, ino: u64) -> AtFreeze {
     let int = |level, name| fd_socket::getsockopt_int(sock, level, name).ok();
-    let domain = int(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    let (ty, protocol) = (int(libc::SOL_SOCKET, libc::SO_TYPE)?, int(libc::SOL_SOCKET, libc::SO_PROTOCOL)?);
+    let (Some(domain), Some(ty), Some(protocol)) = (
+        int(libc::SOL_SOCKET, libc::SO_DOMAIN),
+        int(libc::SOL_SOCKET, libc::SO_TYPE),
+        int(libc::SOL_SOCKET, libc::SO_PROTOCOL),
+    ) else {
+        return AtFreeze::Other;
+    };
+    let passing = |what: Option<String>| what.map_or(AtFreeze::Other, AtFreeze::Passing);
     match domain {
-        libc::AF_NETLINK => netlink::waiting(ino).map(|b| format!("{b} bytes of netlink messages waiting")),
-        libc::AF_INET | libc::AF_INET6 if protocol == libc::IPPROTO_TCP => {
-            let st = fd_socket::tcp_state(sock).ok()?;
-            (st.state == inet::TCP_SYN_SENT).then(|| "a TCP connection being set up".to_string())
-        }
+        libc::AF_NETLINK => passing(netlink::waiting(ino).map(|b| format!("{b} bytes of netlink messages waiting"))),
+        libc::AF_INET | libc::AF_INET6 if protocol == libc::IPPROTO_TCP => match fd_socket::tcp_state(sock) {
+            Ok(st) if st.state == inet::TCP_LISTEN => AtFreeze::Listener,
+            Ok(st) if st.state == inet::TCP_SYN_SENT => AtFreeze::Passing("a TCP connection being set up".into()),
+            _ => AtFreeze::Other,
+        },
         libc::AF_INET | libc::AF_INET6 => {
             let mut none = [0u8; 0];
-            fd_socket::peek(sock, &mut none, libc::MSG_TRUNC).ok()?;
-            let saved = ty == libc::SOCK_DGRAM && protocol == libc::IPPROTO_UDP && !udp_queue::telltale(sock);
-            (!saved).then(|| "datagrams waiting that cannot be saved".to_string())
+            if fd_socket::peek(sock, &mut none, libc::MSG_TRUNC).is_err() {
+                return AtFreeze::Other;
+            }
+            let saved = ty == libc::SOCK_DGRAM && protocol == libc::IPPROTO_UDP && udp_queue::telltale(sock).is_none();
+            passing((!saved).then(|| "datagrams waiting that cannot be saved".to_string()))
         }
-        _ => None,
+        _ => AtFreeze::Other,
     }
 }
 

@@ -55,9 +55,13 @@ impl Drop for PeekState<'_> {
 }
 
 /// Whether `sock` asks for ancillary data with each datagram that a
-/// datagram delivered again could not carry ([`TELLTALE`]).
-pub(super) fn telltale(sock: &OwnedFd) -> bool {
-    TELLTALE.iter().any(|(level, name, _)| fd_socket::getsockopt_int(sock, *level, *name).is_ok_and(|v| v != 0))
+/// datagram delivered again could not carry ([`TELLTALE`]):
+/// The first such option it has on, by name.
+pub(super) fn telltale(sock: &OwnedFd) -> Option<&'static str> {
+    TELLTALE
+        .iter()
+        .find(|(level, name, _)| fd_socket::getsockopt_int(sock, *level, *name).is_ok_and(|v| v != 0))
+        .map(|(_, _, label)| *label)
 }
 
 /// The sender of a datagram, from its raw sockaddr (an IPv4 sender of an
@@ -104,13 +108,11 @@ fn ip_of(b: &[u8]) -> Option<IpAddr> {
 /// The datagrams waiting in `sock` (of `family`), and their payloads back
 /// to back. `what` names the socket in messages.
 pub(super) fn peek_all(sock: &OwnedFd, family: i32, what: &str) -> Result<(Vec<pb::UdpDatagram>, Vec<u8>), String> {
-    for (level, name, label) in TELLTALE {
-        if fd_socket::getsockopt_int(sock, *level, *name).is_ok_and(|v| v != 0) {
-            return Err(format!(
-                "{what} has datagrams waiting to be read, and it asks for {label} with each one: a datagram \
-                 delivered again could not carry the same; queued datagrams of such a socket cannot be checkpointed"
-            ));
-        }
+    if let Some(label) = telltale(sock) {
+        return Err(format!(
+            "{what} has datagrams waiting to be read, and it asks for {label} with each one: a datagram \
+             delivered again could not carry the same; queued datagrams of such a socket cannot be checkpointed"
+        ));
     }
     let peek_off = fd_socket::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF)
         .map_err(|e| format!("{what}: cannot read SO_PEEK_OFF ({e})"))?;
